@@ -1,0 +1,211 @@
+"""Where images come from: ImageFolder splits on disk, or Hugging Face datasets (hub id or ``save_to_disk`` folder).
+
+A :class:`Split` is a list of items (a stable id, an integer label) plus a way to open item ``i`` as a PIL image,
+and an ``identity`` that changes whenever the data changes (file list with sizes and mtimes, or the dataset
+fingerprint). Folder rule: one sub-folder per class; hidden files and folders (leading ``.``) and files whose
+extension is not in :data:`IMAGE_EXTENSIONS` are ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+TEST_SPLIT_CANDIDATES = ("val", "validation", "test")
+DEMO_DATA = Path(__file__).parent / "demo_data" / "imagenette-mini"
+
+
+@dataclass
+class Split:
+    """One split of a dataset: ``ids[i]`` (relative path or row number) has label ``labels[i]``."""
+
+    name: str
+    ids: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    identity: dict
+    source: str
+    _root: Path | None = None
+    _hf: Any = None
+    _image_column: str | None = None
+    _extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def open(self, index: int) -> Image.Image:
+        """Open item ``index`` as a PIL image (not yet decoded for files; raises on unreadable data)."""
+        if self._root is not None:
+            return Image.open(self._root / self.ids[index])  # lazy: draft() can still shrink a big JPEG
+        value = self._hf[index][self._image_column]
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+            return Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+        raise DataError(f"row {index} of {self.source}: column {self._image_column!r} holds no image")
+
+
+@dataclass
+class Dataset:
+    """The splits lowshot needs: ``train`` for the labelled shots and ``test`` for evaluation."""
+
+    source: str
+    train: Split
+    test: Split
+
+    def splits(self) -> list[Split]:
+        return [self.train, self.test]
+
+
+def open_dataset(
+    data: str | os.PathLike | None = None,
+    *,
+    train_split: str = "train",
+    test_split: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> Dataset:
+    """Resolve ``data`` (folder of ImageFolder splits, HF ``save_to_disk`` folder, or HF hub id; ``None`` = the
+    bundled demo sample) into train and test splits with the same classes."""
+    data = str(data) if data is not None else str(DEMO_DATA)
+    path = Path(data).expanduser()
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+            splits = _hf_splits(path, from_disk=True)
+            dataset = _hf_dataset(str(path), splits, train_split, test_split, image_column, label_column)
+        else:
+            dataset = _folder_dataset(path, train_split, test_split)
+    elif "/" in data and not data.startswith((".", "/", "~")) and not path.exists():
+        splits = _hf_splits(data, from_disk=False)
+        dataset = _hf_dataset(data, splits, train_split, test_split, image_column, label_column)
+    else:
+        raise DataError(f"--data {data!r}: no such folder (expected a folder with train/ and val/ sub-folders, "
+                        "a datasets.save_to_disk folder, or a Hugging Face dataset id like 'user/name')")
+    _check_same_classes(dataset)
+    return dataset
+
+
+def _pick_test_split(available: Sequence[str], test_split: str | None, source: str) -> str:
+    if test_split is not None:
+        if test_split not in available:
+            raise DataError(f"{source}: no split {test_split!r}; available: {', '.join(sorted(available)) or 'none'}")
+        return test_split
+    for name in TEST_SPLIT_CANDIDATES:
+        if name in available:
+            return name
+    raise DataError(f"{source}: no test split (looked for {', '.join(TEST_SPLIT_CANDIDATES)}); available: "
+                    f"{', '.join(sorted(available)) or 'none'}; name one with --test-split")
+
+
+def _folder_dataset(root: Path, train_split: str, test_split: str | None) -> Dataset:
+    available = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if train_split not in available:
+        raise DataError(f"{root}: no split {train_split!r}; available: {', '.join(sorted(available)) or 'none'} "
+                        "(expected one sub-folder per split, each with one sub-folder per class)")
+    test_name = _pick_test_split(available, test_split, str(root))
+    return Dataset(str(root), image_folder(root / train_split, name=train_split),
+                   image_folder(root / test_name, name=test_name))
+
+
+def image_folder(root: Path, *, name: str) -> Split:
+    """An ImageFolder split: classes are the sorted sub-folder names, items the image files under each."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders (an ImageFolder has one sub-folder per class)")
+    ids: list[str] = []
+    labels: list[int] = []
+    digest = hashlib.sha256()
+    for label, cls in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fname in sorted(filenames):
+                if fname.startswith(".") or Path(fname).suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                full = Path(dirpath) / fname
+                rel = full.relative_to(root).as_posix()
+                stat = full.stat()
+                digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                ids.append(rel)
+                labels.append(label)
+    if not ids:
+        raise DataError(f"{root}: split {name!r} has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    identity = {"kind": "folder", "files": len(ids), "listing_sha256": digest.hexdigest()}
+    return Split(name, ids, np.asarray(labels, dtype=np.int64), classes, identity, str(root), _root=root)
+
+
+def _hf_splits(data: str | Path, *, from_disk: bool) -> dict:
+    try:
+        import datasets as hfds
+    except ImportError as exc:  # pragma: no cover - datasets is a dependency
+        raise DataError("the 'datasets' package is needed for Hugging Face datasets") from exc
+    try:
+        loaded = hfds.load_from_disk(str(data)) if from_disk else hfds.load_dataset(str(data))
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; one clear line is what matters
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        hint = "" if from_disk else " (offline? use a datasets.save_to_disk folder or an image folder instead)"
+        raise DataError(f"cannot load dataset {str(data)!r}: {reason}{hint}") from exc
+    return dict(loaded) if isinstance(loaded, hfds.DatasetDict) else {"train": loaded}
+
+
+def _hf_dataset(source, splits, train_split, test_split, image_column, label_column) -> Dataset:
+    if train_split not in splits:
+        raise DataError(f"{source}: no split {train_split!r}; available: {', '.join(sorted(splits))}")
+    test_name = _pick_test_split(list(splits), test_split, source)
+    return Dataset(source, _hf_split(source, splits[train_split], train_split, image_column, label_column),
+                   _hf_split(source, splits[test_name], test_name, image_column, label_column))
+
+
+def _hf_split(source: str, ds, name: str, image_column: str | None, label_column: str | None) -> Split:
+    import datasets as hfds
+
+    features = ds.features
+    image_column = image_column or next((c for c, f in features.items() if isinstance(f, hfds.Image)), None)
+    if image_column is None or image_column not in features:
+        raise DataError(f"{source} [{name}]: no image column (columns: {', '.join(features)}); use --image-column")
+    if label_column is None:
+        label_column = next((c for c, f in features.items() if isinstance(f, hfds.ClassLabel)), None)
+        label_column = label_column or next((c for c in ("label", "labels") if c in features), None)
+    if label_column is None or label_column not in features:
+        raise DataError(f"{source} [{name}]: no label column (columns: {', '.join(features)}); use --label-column")
+    raw = ds[label_column]
+    feature = features[label_column]
+    if isinstance(feature, hfds.ClassLabel):
+        classes = list(feature.names)
+        labels = np.asarray(raw, dtype=np.int64)
+    else:
+        classes = sorted({str(v) for v in raw})
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.asarray([index[str(v)] for v in raw], dtype=np.int64)
+    if len(labels) == 0:
+        raise DataError(f"{source}: split {name!r} is empty")
+    ids = [str(i) for i in range(len(labels))]
+    if "file_name" in features or "path" in features:
+        ids = [str(v) for v in ds["file_name" if "file_name" in features else "path"]]
+    identity = {"kind": "hf", "fingerprint": getattr(ds, "_fingerprint", None), "rows": len(labels),
+                "image_column": image_column, "label_column": label_column}
+    return Split(name, ids, labels, classes, identity, source, _hf=ds, _image_column=image_column)
+
+
+def _check_same_classes(dataset: Dataset) -> None:
+    train, test = dataset.train.classes, dataset.test.classes
+    if train != test:
+        only_train = sorted(set(train) - set(test))
+        only_test = sorted(set(test) - set(train))
+        detail = "; ".join(part for part in (
+            f"only in {dataset.train.name}: {', '.join(only_train[:5])}" if only_train else "",
+            f"only in {dataset.test.name}: {', '.join(only_test[:5])}" if only_test else "",
+        ) if part) or "same names in a different order"
+        raise DataError(f"{dataset.source}: train and test classes differ ({detail})")

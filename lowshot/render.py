@@ -1,0 +1,97 @@
+"""Terminal rendering with rich: progress bars, result and cache tables. Only the CLI imports this module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from .results import Results
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. ``83.1 img/s``."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"– {self.unit}/s", style="cyan")
+
+
+@contextmanager
+def progress_callback(console: Console, unit: str = "img") -> Iterator:
+    """A ``progress(task, done, total)`` callback for the core, drawn as rich bars with rate and ETA."""
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                    RateColumn(unit), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=console, transient=False)
+    tasks: dict[str, int] = {}
+
+    def update(task: str, done: int, total: int) -> None:
+        if task not in tasks:
+            tasks[task] = bars.add_task(task, total=total, completed=done)
+            # A resumed run starts part-way: reset the clock so the rate counts only this run's work.
+            bars.reset(tasks[task], total=total, completed=done)
+        else:
+            bars.update(tasks[task], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+def results_table(results: Results) -> Table:
+    meta = results.meta
+    table = Table(title=f"{_short(meta.get('model'))} · top-1 % on {meta.get('test_split')} (n={meta.get('n_test')})",
+                  title_justify="left")
+    for column, justify in (("split", "left"), ("top-1 %", "right"), ("seeds", "right"),
+                            ("train imgs", "right"), ("λ", "right")):
+        table.add_column(column, justify=justify)
+    for s in results.summary:
+        lam = "/".join(f"{v:g}" for v in s["lambda"]) if isinstance(s["lambda"], list) else f"{s['lambda']:g}"
+        table.add_row(s["split"], f"{s['mean']:.1f} ± {s['std']:.1f}", str(s["n_seeds"]), f"{s['n_train']:g}", lam)
+    probe = meta.get("probe", {})
+    table.caption = (f"feature {meta.get('feature')} · {meta.get('dtype')} · transform "
+                     f"{(meta.get('transform') or {}).get('name')} · λ {probe.get('lambda')} · "
+                     f"std over seeds (n−1)")
+    return table
+
+
+def cache_table(manifests: list[dict]) -> Table:
+    table = Table(title="lowshot feature cache", title_justify="left")
+    for column in ("key", "model", "data", "split", "n", "dim", "dtype", "size", "created"):
+        table.add_column(column, justify="right" if column in ("n", "dim", "size") else "left",
+                         overflow="fold")
+    for m in manifests:
+        table.add_row(m.get("key", "?")[:12], _short(m.get("model")), _short(m.get("data")), str(m.get("split")),
+                      f"{m.get('n', 0):,}", str(m.get("dim")), str(m.get("dtype")),
+                      human_size(m.get("size_bytes", 0)), str(m.get("created", ""))[:16].replace("T", " "))
+    return table
+
+
+def _short(path: object) -> str:
+    """The last two components of a path (hub ids stay whole)."""
+    parts = str(path).rstrip("/").split("/")
+    return "/".join(parts[-2:])
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"

@@ -1,0 +1,130 @@
+"""Labelled subsets of the train split: k images per class, a percentage of the labels, or published split files.
+
+Sampling is nested and deterministic: for a seed, each class's images (sorted by id) are shuffled once by a
+generator seeded with ``(seed, crc32(class name))``, and every subset takes a prefix of that order. So the 1-shot
+set is inside the 2-shot set, inside the 5-shot set, inside the 1% set when it is larger -- and the draw depends
+only on the seed, the class names and the item ids, never on the order of the features or the machine.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from .errors import BadInputError, SplitError
+
+
+@dataclass(frozen=True)
+class Subset:
+    """One labelled training subset: ``indices`` into the train features."""
+
+    split: str  # row label: "5-shot", "1%", or a split file's label
+    seed: int
+    indices: np.ndarray
+    shots: int | None = None
+    percent: float | None = None
+    source: str | None = None  # split file path
+    missing: int = 0  # listed names absent from the data
+
+
+def class_orders(ids: Sequence[str], labels: np.ndarray, classes: Sequence[str], seed: int) -> list[np.ndarray]:
+    """For each class, its item indices in the seed's shuffled order."""
+    labels = np.asarray(labels)
+    id_array = np.asarray(ids, dtype=object)
+    orders = []
+    for label, name in enumerate(classes):
+        members = np.flatnonzero(labels == label)
+        members = members[np.argsort(id_array[members], kind="stable")]
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(name.encode())])))
+        orders.append(members[rng.permutation(len(members))])
+    return orders
+
+
+def k_shot(orders: list[np.ndarray], classes: Sequence[str], k: int, *, allow_fewer: bool = False) -> np.ndarray:
+    """The first ``k`` of each class's order (fewer only if ``allow_fewer``; a class with none is an error)."""
+    if k < 1:
+        raise BadInputError(f"--shots {k}: must be a positive number of images per class")
+    short = [(classes[c], len(o)) for c, o in enumerate(orders) if len(o) < k]
+    if short and not allow_fewer:
+        names = ", ".join(f"{name} ({n})" for name, n in short[:5]) + (" …" if len(short) > 5 else "")
+        raise SplitError(f"{k}-shot: {len(short)} class(es) have fewer than {k} train images: {names}; "
+                         "lower --shots or pass --allow-fewer to use all images of such classes")
+    empty = [classes[c] for c, o in enumerate(orders) if len(o) == 0]
+    if empty:
+        raise SplitError(f"class {empty[0]} has no train images")
+    return np.sort(np.concatenate([o[:k] for o in orders]))
+
+
+def percent_count(class_size: int, percent: float) -> int:
+    """Images taken from a class of ``class_size`` for ``percent``: round half up, at least one."""
+    return max(1, min(class_size, math.floor(class_size * percent / 100.0 + 0.5)))
+
+
+def percent_subset(orders: list[np.ndarray], classes: Sequence[str], percent: float) -> np.ndarray:
+    """A stratified ``percent`` of the labels: ``percent_count`` images from each class."""
+    if not 0 < percent <= 100:
+        raise BadInputError(f"--percent {percent:g}: must be in (0, 100]")
+    empty = [classes[c] for c, o in enumerate(orders) if len(o) == 0]
+    if empty:
+        raise SplitError(f"class {empty[0]} has no train images")
+    return np.sort(np.concatenate([o[:percent_count(len(o), percent)] for o in orders]))
+
+
+def read_split_file(path: str | Path) -> list[str]:
+    """One file name (or relative path) per line; blank lines and ``#`` comments ignored."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise SplitError(f"--split-file {path}: cannot read ({exc.strerror})") from exc
+    names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise SplitError(f"--split-file {path}: no file names in it")
+    return names
+
+
+def match_split_file(names: Sequence[str], ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Indices of the listed names among ``ids`` (matched by relative path, else by file name) and the names
+    that are absent. A name that matches several items (same file name in two folders) is an error."""
+    by_path = {item: i for i, item in enumerate(ids)}
+    by_name: dict[str, list[int]] = {}
+    for i, item in enumerate(ids):
+        by_name.setdefault(PurePosixPath(item).name, []).append(i)
+    found, missing = [], []
+    for name in names:
+        if name in by_path:
+            found.append(by_path[name])
+            continue
+        hits = by_name.get(PurePosixPath(name).name, [])
+        if len(hits) > 1:
+            raise SplitError(f"split file entry {name!r} matches {len(hits)} train images; list relative paths")
+        (found.append(hits[0]) if hits else missing.append(name))
+    return np.unique(np.asarray(found, dtype=np.int64)), missing
+
+
+def split_file_label(path: str | Path, names: Sequence[str]) -> tuple[str, int | None]:
+    """A row label for a split file from its content: every class (by ImageNet-style ``wnid_`` prefix or folder)
+    exactly k times -> ``k-shot``; else the file name (``1percent.txt`` -> ``1percent``)."""
+    keys = [_class_of(name) for name in names]
+    counts = Counter(keys) if all(keys) else Counter()
+    if counts and len(set(counts.values())) == 1:
+        k = next(iter(counts.values()))
+        return f"{k}-shot", k
+    stem = Path(path).stem
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)percent", stem)
+    return (f"{match.group(1)}%" if match else stem), None
+
+
+def _class_of(name: str) -> str | None:
+    parts = PurePosixPath(name).parts
+    if len(parts) > 1:
+        return parts[-2]
+    match = re.match(r"(n\d{8})_", parts[-1])
+    return match.group(1) if match else None

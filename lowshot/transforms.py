@@ -1,0 +1,127 @@
+"""Image transforms: the MSN evaluation transform, and the model processor's own as a named alternative.
+
+MSN (`logistic_eval.py`): Resize(256) on the shorter side (bilinear), CenterCrop(224), ToTensor, Normalize with the
+ImageNet mean/std. We do this with PIL and numpy (there is no CPU torchvision here), reproducing torchvision's size
+and crop arithmetic exactly. Decoding returns uint8 HWC crops; normalisation happens batched on the torch side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision / MSN logistic_eval.py
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MSN_RESIZE = 256  # MSN logistic_eval.py: transforms.Resize(size=256)
+MSN_CROP = 224  # MSN logistic_eval.py: transforms.CenterCrop(size=224)
+BACKGROUND = (255, 255, 255)  # transparent pixels (RGBA, LA, palette with transparency) are composited on white
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize + crop + normalise. ``mode`` is ``"shorter-side"`` (resize the shorter side to ``resize``, then
+    center-crop ``crop``) or ``"square"`` (resize straight to ``crop`` x ``crop``, no crop: the HF processor way)."""
+
+    name: str = "msn"
+    mode: str = "shorter-side"
+    resize: int = MSN_RESIZE
+    crop: int = MSN_CROP
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    jpeg_draft: bool = True  # let libjpeg decode big JPEGs at 1/2, 1/4, 1/8 scale, never below the resize target
+
+    def key(self) -> dict:
+        """Everything that changes the pixels, for the cache key."""
+        return asdict(self)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """PIL image (any mode) -> uint8 array (crop, crop, 3)."""
+        image = to_rgb(image, draft_size=self.resize if self.mode == "shorter-side" else self.crop,
+                       draft=self.jpeg_draft)
+        resample = _RESAMPLE[self.interpolation]
+        if self.mode == "square":
+            image = image.resize((self.crop, self.crop), resample)
+        else:
+            image = image.resize(shorter_side_size(image.size, self.resize), resample)
+            image = center_crop(image, self.crop)
+        return np.asarray(image, dtype=np.uint8)
+
+    def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> normalised float (N, 3, H, W), as ToTensor + Normalize."""
+        mean = torch.tensor(self.mean, dtype=torch.float32).mul_(255.0).view(1, 3, 1, 1)
+        scale = (1.0 / (torch.tensor(self.std, dtype=torch.float32) * 255.0)).view(1, 3, 1, 1)
+        x = batch.permute(0, 3, 1, 2).to(torch.float32)
+        return ((x - mean) * scale).to(dtype).contiguous()
+
+
+def msn_transform() -> ImageTransform:
+    """The MSN protocol's transform (the default)."""
+    return ImageTransform()
+
+
+def processor_transform(model_dir: str | Path) -> ImageTransform:
+    """The model's own ``preprocessor_config.json`` (HF ViT processors resize straight to a square, no crop)."""
+    path = Path(model_dir) / "preprocessor_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    size = cfg.get("size", {"height": 224, "width": 224})
+    side = size.get("height", size.get("shortest_edge", 224)) if isinstance(size, dict) else int(size)
+    resample = {2: "bilinear", 3: "bicubic"}.get(cfg.get("resample", 2), "bilinear")
+    return ImageTransform(
+        name="processor", mode="square", resize=side, crop=side, interpolation=resample,
+        mean=tuple(cfg.get("image_mean", IMAGENET_MEAN)), std=tuple(cfg.get("image_std", IMAGENET_STD)),
+    )
+
+
+def shorter_side_size(size: tuple[int, int], target: int) -> tuple[int, int]:
+    """torchvision's Resize(int) arithmetic: shorter side -> target, longer side truncated proportionally."""
+    w, h = size
+    if w <= h:
+        return target, int(target * h / w)
+    return int(target * w / h), target
+
+
+def center_crop(image: Image.Image, crop: int) -> Image.Image:
+    """torchvision's CenterCrop arithmetic (round half to even on the offsets, as in torchvision)."""
+    w, h = image.size
+    if w < crop or h < crop:  # torchvision pads; after Resize(256) this only happens for resize < crop
+        image = ImageOps.pad(image, (max(w, crop), max(h, crop)), color=(0, 0, 0))
+        w, h = image.size
+    top = int(round((h - crop) / 2.0))
+    left = int(round((w - crop) / 2.0))
+    return image.crop((left, top, left + crop, top + crop))
+
+
+def to_rgb(image: Image.Image, *, draft_size: int | None = None, draft: bool = True) -> Image.Image:
+    """Any PIL image -> RGB: EXIF orientation applied, first frame of animations, alpha composited on
+    ``BACKGROUND``, 16-bit and float greyscale scaled to 8 bits, CMYK converted."""
+    if draft and draft_size and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+        w, h = image.size
+        scale = min(w, h) / draft_size
+        if scale >= 2:  # only worth it, and only safe, when libjpeg can halve without going below the target
+            image.draft(image.mode, (math.ceil(w / scale), math.ceil(h / scale)))
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the orientation is still applied
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).round().astype(np.uint8))
+    return image.convert("RGB") if image.mode != "RGB" else image

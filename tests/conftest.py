@@ -1,0 +1,65 @@
+"""Shared fixtures: small random ViTMSN models, small real-image datasets cut from ../shared/data, temp caches."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # the hub is unreachable here; every load must work from local files
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+IMAGENETTE = SHARED / "datasets" / "imagenette2-224"
+DEIT_TINY = SHARED / "models" / "deit-tiny-patch16-224"
+SPLITS = SHARED / "splits"
+
+
+def require_shared() -> None:
+    if not IMAGENETTE.is_dir():
+        pytest.fail(f"{IMAGENETTE} is missing: tests need ../shared beside the repo")
+
+
+def make_image_folder(root: Path, *, classes: int = 3, train: int = 6, test: int = 3, offset: int = 0) -> Path:
+    """Copy real Imagenette JPEGs into root/{train,val}/<wnid>/ (the first files by name of each class)."""
+    require_shared()
+    wnids = sorted(p.name for p in (IMAGENETTE / "train").iterdir())[:classes]
+    for split, n in (("train", train), ("val", test)):
+        for wnid in wnids:
+            (root / split / wnid).mkdir(parents=True, exist_ok=True)
+            for f in sorted((IMAGENETTE / split / wnid).glob("*.JPEG"))[offset:offset + n]:
+                shutil.copy2(f, root / split / wnid / f.name)
+    return root
+
+
+def save_random_msn(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, image_size: int = 224) -> Path:
+    import torch
+    from transformers import ViTMSNConfig, ViTMSNModel
+
+    torch.manual_seed(seed)
+    config = ViTMSNConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                          intermediate_size=2 * hidden, image_size=image_size, patch_size=16)
+    ViTMSNModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A small random ViTMSN (2 layers, 32 wide) saved as config.json + safetensors."""
+    return save_random_msn(tmp_path_factory.mktemp("models") / "tiny-msn")
+
+
+@pytest.fixture(scope="session")
+def image_data(tmp_path_factory) -> Path:
+    """3 classes x (6 train, 3 val) real Imagenette photos."""
+    return make_image_folder(tmp_path_factory.mktemp("data") / "mini")
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "cache"
+    monkeypatch.setenv("LOWSHOT_CACHE_DIR", str(path))
+    return path

@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+
+from lowshot.errors import BadInputError
+from lowshot.probe import (
+    DEFAULT_LAMBDA,
+    LogisticProbe,
+    objective,
+    preprocess,
+    select_lambda,
+    stratified_folds,
+)
+
+
+def blobs(n_classes=6, per_class=8, dim=24, seed=0, spread=1.0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim)) * 2
+    x = np.concatenate([centres[c] + spread * rng.normal(size=(per_class, dim)) for c in range(n_classes)])
+    y = np.repeat(np.arange(n_classes), per_class)
+    return x.astype(np.float32), y
+
+
+def test_preprocess_centres_each_row_and_scales_it_to_unit_norm():
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(5, 7))
+    p = preprocess(x).numpy()
+    np.testing.assert_allclose(p.mean(axis=1), 0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(p, axis=1), 1, atol=1e-6)
+    expected = (x - x.mean(1, keepdims=True)) / np.linalg.norm(x - x.mean(1, keepdims=True), axis=1, keepdims=True)
+    np.testing.assert_allclose(p, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.0025, 0.1, 1.0])
+def test_torch_solver_reaches_the_scikit_learn_objective(lam):
+    x, y = blobs()
+    ours = LogisticProbe(lam).fit(x, y)
+    ref = LogisticProbe(lam, backend="sklearn", tol=1e-10, max_iter=10000).fit(x, y)
+    assert ours.coef_.shape == (6, 24)
+    assert ours.objective_ <= ref.objective_ * (1 + 1e-4)
+    assert abs(ours.objective_ - ref.objective_) / ref.objective_ < 1e-3
+    assert np.mean(ours.predict(x) == ref.predict(x)) > 0.95
+
+
+def test_objective_is_summed_log_loss_plus_half_lambda_norm_with_sklearn_scaling():
+    x, y = blobs()
+    lam = 0.3
+    probe = LogisticProbe(lam, backend="sklearn", tol=1e-10, max_iter=10000).fit(x, y)
+    xt = preprocess(x)
+    w = torch.tensor(probe.coef_, dtype=torch.float64, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(xt.double() @ w.T, torch.tensor(y), reduction="sum") \
+        + 0.5 * lam * (w * w).sum()
+    loss.backward()
+    assert w.grad.abs().max() < 1e-3  # sklearn's optimum (C = 1/lam) is a stationary point of our objective
+    assert objective(probe.coef_, xt, y, lam) == pytest.approx(float(loss.detach()), rel=1e-6)
+
+
+def test_many_class_few_shot_problem_does_not_return_a_zero_model():
+    x, y = blobs(n_classes=200, per_class=1, dim=64, seed=3)
+    probe = LogisticProbe(DEFAULT_LAMBDA).fit(x, y)
+    assert np.abs(probe.coef_).max() > 0.1
+    assert probe.score(x, y) == 1.0
+
+
+def test_probe_has_no_intercept_and_is_sklearn_shaped():
+    x, y = blobs()
+    probe = LogisticProbe().fit(x, y + 10)
+    assert list(probe.classes_) == list(range(10, 16))
+    assert not hasattr(probe, "intercept_")
+    np.testing.assert_allclose(probe.decision_function(np.zeros((1, 24)) + 1.0), 0, atol=1e-6)  # constant row -> 0
+    assert 0.0 <= probe.score(x, y + 10) <= 1.0
+    with pytest.raises(BadInputError):
+        LogisticProbe(-1.0).fit(x, y)
+    with pytest.raises(BadInputError):
+        LogisticProbe(backend="nope").fit(x, y)
+
+
+def test_lambda_selection_uses_cv_inside_the_shots_and_falls_back_for_one_shot():
+    x, y = blobs(per_class=5, spread=3.0)
+    lam, scores = select_lambda(x, y, grid=(1e-3, 1e-1, 10.0))
+    assert scores is not None and lam in scores
+    one_x, one_y = blobs(per_class=1)
+    assert select_lambda(one_x, one_y) == (DEFAULT_LAMBDA, None)
+
+
+def test_stratified_folds_cover_each_item_once_and_balance_classes():
+    y = np.repeat(np.arange(4), 5)
+    folds = stratified_folds(y, 5, seed=0)
+    assert sorted(np.concatenate(folds)) == list(range(20))
+    assert all(np.bincount(y[f], minlength=4).tolist() == [1, 1, 1, 1] for f in folds)

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lowshot.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageTransform,
+    center_crop,
+    msn_transform,
+    processor_transform,
+    shorter_side_size,
+)
+
+from .conftest import DEIT_TINY, IMAGENETTE
+
+
+def gradient_image(w: int, h: int) -> Image.Image:
+    x = np.linspace(0, 255, w)[None, :, None]
+    y = np.linspace(0, 255, h)[:, None, None]
+    rgb = np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
+                          np.broadcast_to((x + y) / 2, (h, w, 1))], axis=2)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def test_shorter_side_resize_follows_torchvision_arithmetic():
+    assert shorter_side_size((500, 375), 256) == (341, 256)  # int(256 * 500 / 375) = 341
+    assert shorter_side_size((375, 500), 256) == (256, 341)
+    assert shorter_side_size((224, 224), 256) == (256, 256)
+
+
+def test_msn_transform_on_non_square_image_is_resize_256_then_center_crop_224():
+    image = gradient_image(500, 375)
+    out = msn_transform()(image)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    resized = image.resize((341, 256), Image.Resampling.BILINEAR)
+    left, top = int(round((341 - 224) / 2.0)), int(round((256 - 224) / 2.0))
+    expected = np.asarray(resized.crop((left, top, left + 224, top + 224)))
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_normalize_matches_to_tensor_then_imagenet_normalize():
+    crop = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    got = msn_transform().normalize(torch.from_numpy(crop))
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (torch.from_numpy(crop).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_processor_transform_reads_the_models_preprocessor_config():
+    tf = processor_transform(DEIT_TINY)
+    assert (tf.mode, tf.crop, tf.interpolation) == ("square", 224, "bicubic")
+    assert tf.key() != msn_transform().key()
+    assert tf(gradient_image(500, 375)).shape == (224, 224, 3)
+
+
+def test_center_crop_pads_images_smaller_than_the_crop():
+    assert center_crop(gradient_image(100, 300), 224).size == (224, 224)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "CMYK", "I;16", "I", "F", "1"])
+def test_odd_image_modes_become_rgb_crops(mode):
+    base = gradient_image(320, 240)
+    image = base.convert(mode) if mode not in ("I;16", "I", "F") else \
+        Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257).astype(np.uint16))
+    if mode in ("I", "F"):
+        image = image.convert(mode)
+    out = ImageTransform()(image)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    assert out.std() > 5  # a real picture came through, not a flat fill
+
+
+def test_transparent_pixels_are_composited_on_white():
+    image = Image.new("RGBA", (300, 300), (255, 0, 0, 0))
+    out = ImageTransform()(image)
+    assert (out == 255).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = gradient_image(400, 300)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    upright_path = tmp_path / "upright.jpg"
+    image.transpose(Image.Transpose.ROTATE_270).save(upright_path)  # what a viewer shows, stored without EXIF
+    upright = ImageTransform(jpeg_draft=False)(Image.open(upright_path))
+    got = ImageTransform(jpeg_draft=False)(Image.open(path))
+    assert got.shape == (224, 224, 3)
+    assert np.abs(got.astype(int) - upright.astype(int)).mean() < 2
+
+
+def test_jpeg_draft_keeps_big_photos_close_to_a_full_decode(tmp_path):
+    photo = Image.open(sorted((IMAGENETTE / "train" / "n01440764").glob("*.JPEG"))[0]).convert("RGB")
+    big = photo.resize((1200, 900), Image.Resampling.BICUBIC)
+    path = tmp_path / "big.jpg"
+    big.save(path, quality=95)
+    fast = ImageTransform(jpeg_draft=True)(Image.open(path)).astype(float)
+    full = ImageTransform(jpeg_draft=False)(Image.open(path)).astype(float)
+    assert np.abs(fast - full).mean() < 3.0

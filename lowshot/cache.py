@@ -268,10 +268,15 @@ class ShardStore:
             existing = json.loads(meta_path.read_text()) if meta_path.is_file() else None
         except ValueError:
             existing = None
-        if existing != meta:  # different shard geometry (or none yet): start this partial entry afresh
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(meta_path, meta)
+        try:
+            if existing != meta:  # different shard geometry (or none yet): start this partial entry afresh
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(meta_path, meta)
+            for stale in folder.glob(".*.tmp"):  # left by a process killed mid-write; never read as a shard
+                stale.unlink(missing_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot write to the cache in {folder.parent} ({exc.strerror or exc})") from exc
 
     @property
     def n_shards(self) -> int:
@@ -294,8 +299,13 @@ class ShardStore:
         start, stop = self.bounds(shard)
         if features.shape != (stop - start, self.dim):
             raise CacheError(f"shard {shard}: expected {(stop - start, self.dim)} features, got {features.shape}")
-        save_npy_atomic(array, np.ascontiguousarray(features, dtype=np.float32))
-        write_json_atomic(info, {"failed": {str(k): v for k, v in failed.items()}})  # written last: marks done
+        try:
+            save_npy_atomic(array, np.ascontiguousarray(features, dtype=np.float32))
+            write_json_atomic(info, {"failed": {str(k): v for k, v in failed.items()}})  # written last: marks done
+        except OSError as exc:
+            array.unlink(missing_ok=True)
+            raise CacheError(f"cannot write shard {shard} to {self.folder} ({exc.strerror or exc}); finished "
+                             "shards are kept: free space or pick another --cache-dir, then rerun to resume") from exc
 
     def read(self, shard: int) -> tuple[np.ndarray, dict[int, str]]:
         array, info = self._paths(shard)

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from .backbones import DEFAULT_MODEL, FEATURE_PRENORM
 from .errors import BadInputError, LowshotError
+from .extract import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
     name="lowshot",
@@ -45,6 +46,12 @@ def _friendly(command):
                 raise
             err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # an I/O failure the core did not anticipate: still one line, never a traceback
+            if _state["debug"]:
+                raise
+            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            err.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted: finished shards are kept in the cache; rerun the same command to resume")
             raise typer.Exit(130) from None
@@ -94,6 +101,9 @@ def extract(
              "float16.")] = "auto",
     strict: Annotated[bool, typer.Option(
         help="Fail on the first unreadable image instead of skipping and reporting it.")] = False,
+    max_pixels: Annotated[int, typer.Option(
+        help="Refuse (skip and report) images with more pixels than this: a guard against decompression "
+             "bombs.")] = DEFAULT_MAX_PIXELS,
     cache_dir: CacheDir = None,
 ) -> None:
     """Run every train and test image through the backbone once and store the CLS features in the cache.
@@ -108,7 +118,7 @@ def extract(
         run = extract_features(model, data, revision=revision, train_split=train_split, test_split=test_split,
                                image_column=image_column, label_column=label_column, transform=transform,
                                feature=feature, batch_size=batch_size, device=device, dtype=dtype,
-                               cache_dir=cache_dir, strict=strict, progress=progress)
+                               cache_dir=cache_dir, strict=strict, max_pixels=max_pixels, progress=progress)
     s = run.settings
     err.print(f"model {run.model} · {s['feature']} · {s['dtype']} ({s['dtype_reason']}) · {s['device']} · "
               f"transform {s['transform']['name']}", highlight=False)

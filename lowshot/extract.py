@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,8 @@ from .errors import BadInputError, DataError
 from .transforms import ImageTransform, msn_transform, processor_transform
 
 TRANSFORMS = ("msn", "processor")
-SHARD_TARGET = 1024  # items per resumable shard (rounded to whole batches)
+SHARD_TARGET = 1024  # items per resumable shard, whatever the batch size (a rerun with another batch size resumes)
+DEFAULT_MAX_PIXELS = 2 * 89_478_485  # images above this are refused as decompression bombs (PIL's own error level)
 
 Progress = Callable[[str, int, int], None]
 """``progress(task, done, total)``: called as images finish; the CLI draws it, the library stays silent."""
@@ -133,15 +135,19 @@ def extract_features(
     cache_dir: str | os.PathLike | None = None,
     strict: bool = False,
     workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Progress | None = None,
 ) -> Extraction:
     """Extract CLS features of the train and test splits of ``data`` with ``model`` into the cache.
 
     Each split is looked up first: a cache hit loads the stored features without decoding an image or loading
-    the model. Unreadable images are skipped and reported (``strict=True`` makes them an error).
+    the model. Unreadable images, and images over ``max_pixels``, are skipped and reported (``strict=True``
+    makes them an error). Interrupted runs resume from the last finished shard.
     """
     if batch_size < 1:
         raise BadInputError(f"--batch-size {batch_size}: must be at least 1")
+    if max_pixels < 1:
+        raise BadInputError(f"--max-pixels {max_pixels}: must be positive")
     cache = FeatureCache(cache_dir)
     cache.ensure_writable()
     plan = plan_extraction(model, data, revision=revision, train_split=train_split, test_split=test_split,
@@ -160,7 +166,7 @@ def extract_features(
                         backbone = load_backbone(plan.ref, device=device, dtype=dtype, feature=feature)
                     results[split.name] = _extract_split(
                         backbone, split, plan, key, cache, batch_size=batch_size, strict=strict,
-                        workers=workers, progress=progress)
+                        workers=workers, max_pixels=max_pixels, progress=progress)
                     continue
         results[split.name] = SplitFeatures(split.name, found, cached=True,
                                             skipped=found.manifest.get("skipped", {}))
@@ -204,24 +210,31 @@ def load_features(
     return train, test, run
 
 
-def _decode(split: Split, transform: ImageTransform, index: int) -> tuple[np.ndarray | None, str | None]:
+def _decode(split: Split, transform: ImageTransform, index: int, max_pixels: int
+            ) -> tuple[np.ndarray | None, str | None]:
     """(uint8 crop, None) or (None, why it could not be read): one bad file never stops the run."""
     try:
-        with split.open(index) as image:
-            return transform(image), None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
+            with split.open(index) as image:
+                pixels = image.size[0] * image.size[1]
+                if pixels > max_pixels:
+                    return None, (f"refused: {image.size[0]}x{image.size[1]} = {pixels:,} pixels is over the "
+                                  f"decompression-bomb limit of {max_pixels:,} (raise it with --max-pixels)")
+                return transform(image), None
     except Image.DecompressionBombError as exc:
         return None, f"refused: {exc} (raise the limit with --max-pixels)"
     except (OSError, ValueError, SyntaxError, TypeError, EOFError, DataError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _batched_decode(split: Split, transform: ImageTransform, chunks: list[range], workers: int
+def _batched_decode(split: Split, transform: ImageTransform, chunks: list[range], workers: int, max_pixels: int
                     ) -> Iterator[list[tuple[np.ndarray | None, str | None]]]:
     """Decode chunk after chunk on a thread pool, keeping two chunks in flight ahead of the model."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowshot-decode") as pool:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append([pool.submit(_decode, split, transform, i) for i in chunk])
+            pending.append([pool.submit(_decode, split, transform, i, max_pixels) for i in chunk])
             if len(pending) > 2:
                 yield [f.result() for f in pending.popleft()]
         while pending:
@@ -229,11 +242,11 @@ def _batched_decode(split: Split, transform: ImageTransform, chunks: list[range]
 
 
 def _extract_split(backbone: Backbone, split: Split, plan: Plan, key: str, cache: FeatureCache, *,
-                   batch_size: int, strict: bool, workers: int | None, progress: Progress | None) -> SplitFeatures:
+                   batch_size: int, strict: bool, workers: int | None, max_pixels: int,
+                   progress: Progress | None) -> SplitFeatures:
     started = time.perf_counter()
     task = f"{split.name} ({len(split):,} images)"
-    shard_size = batch_size * max(1, SHARD_TARGET // batch_size)
-    store = ShardStore(cache.partial_dir(key), n_items=len(split), shard_size=shard_size, dim=backbone.dim)
+    store = ShardStore(cache.partial_dir(key), n_items=len(split), shard_size=SHARD_TARGET, dim=backbone.dim)
     todo = [s for s in range(store.n_shards) if not store.done(s)]
     done = len(split) - sum(len(range(*store.bounds(s))) for s in todo)
     if progress:
@@ -241,7 +254,7 @@ def _extract_split(backbone: Backbone, split: Split, plan: Plan, key: str, cache
     workers = workers or max(2, min(8, os.cpu_count() or 2))
     chunks = [range(lo, min(lo + batch_size, hi)) for s in todo for lo, hi in [store.bounds(s)]
               for lo in range(lo, hi, batch_size)]
-    decoded = _batched_decode(split, plan.transform, chunks, workers)
+    decoded = _batched_decode(split, plan.transform, chunks, workers, max_pixels)
     embedded = 0
     for shard in todo:
         start, stop = store.bounds(shard)

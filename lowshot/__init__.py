@@ -4,13 +4,22 @@
     >>> run = lowshot.extract_features("path/to/model", "path/to/data")
     >>> results = lowshot.run_probe(run.train.features, run.test.features, shots=(1, 2, 5))
     >>> print(results.to_markdown())
+
+Names are imported on first use, so ``import lowshot`` (and ``lowshot --help``) does not load torch.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .experiment import run_probe  # noqa: E402
-from .extract import extract_features, load_features  # noqa: E402
-from .probe import LogisticProbe  # noqa: E402
-from .results import Results  # noqa: E402
+_EXPORTS = {
+    "extract_features": "extract", "load_features": "extract", "run_probe": "experiment",
+    "LogisticProbe": "probe", "Results": "results", "FeatureCache": "cache",
+}
+__all__ = ["__version__", *_EXPORTS]
 
-__all__ = ["__version__", "extract_features", "load_features", "run_probe", "LogisticProbe", "Results"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'lowshot' has no attribute {name!r}")

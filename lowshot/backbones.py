@@ -16,12 +16,9 @@ from pathlib import Path
 
 import torch
 
+from .config import DEFAULT_MODEL, FEATURE_POSTNORM, FEATURE_PRENORM, FEATURES  # noqa: F401 (re-exported)
 from .errors import BadInputError, ModelLoadError
 
-DEFAULT_MODEL = "facebook/vit-msn-small"
-FEATURE_PRENORM = "cls-prenorm"
-FEATURE_POSTNORM = "cls-postnorm"
-FEATURES = (FEATURE_PRENORM, FEATURE_POSTNORM)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

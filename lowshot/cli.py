@@ -11,9 +11,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .backbones import DEFAULT_MODEL, FEATURE_PRENORM
+from .config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, FEATURE_PRENORM
 from .errors import BadInputError, LowshotError
-from .extract import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
     name="lowshot",
@@ -111,17 +110,22 @@ def extract(
     A rerun with the same model, data and settings is a cache hit: no image is decoded, no model is loaded.
     An interrupted run resumes from its last finished shard.
     """
+    from .distributed import launched_rank
     from .extract import extract_features
     from .render import progress_callback
 
-    with progress_callback(err) as progress:
+    main_rank = launched_rank() == 0  # under torchrun / accelerate, only rank 0 draws and reports
+    with progress_callback(err if main_rank else Console(quiet=True)) as progress:
         run = extract_features(model, data, revision=revision, train_split=train_split, test_split=test_split,
                                image_column=image_column, label_column=label_column, transform=transform,
                                feature=feature, batch_size=batch_size, device=device, dtype=dtype,
                                cache_dir=cache_dir, strict=strict, max_pixels=max_pixels, progress=progress)
+    if not main_rank:
+        return
     s = run.settings
+    ranks = f" · {s['world_size']} processes" if s.get("world_size", 1) > 1 else ""
     err.print(f"model {run.model} · {s['feature']} · {s['dtype']} ({s['dtype_reason']}) · {s['device']} · "
-              f"transform {s['transform']['name']}", highlight=False)
+              f"transform {s['transform']['name']}{ranks}", highlight=False)
     for split in run.splits():
         f = split.features
         if split.cached:
@@ -158,8 +162,9 @@ def probe(
              "0 skips.")] = "1",
     seeds: Annotated[int, typer.Option(help="Number of seeds (0 … N−1) for k-shot and percent subsets.")] = 3,
     lam: Annotated[str, typer.Option(
-        "--lambda", help="L2 penalty λ (objective: summed log-loss + λ/2‖W‖², as MSN), or 'auto': "
-                         "cross-validation inside the labelled shots only (1-shot: the default λ).")] = "0.0025",
+        "--lambda", help="L2 penalty λ (objective: summed log-loss + λ/2‖W‖², as MSN; default from MSN's README), "
+                         "or 'auto': cross-validation inside the labelled shots only (1-shot: the default λ).",
+    )] = str(DEFAULT_LAMBDA),
     split_file: Annotated[list[Path] | None, typer.Option(
         "--split-file", help="A published split file (one image name per line), repeatable; files with the "
                              "same content label (e.g. 5-shot) become seeds of one row.")] = None,

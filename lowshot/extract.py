@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__
+from . import __version__, distributed
 from .backbones import (
     DEFAULT_MODEL,
     FEATURE_PRENORM,
@@ -31,13 +31,15 @@ from .backbones import (
     resolve_model,
 )
 from .cache import FeatureCache, Features, ShardStore, now_iso, write_json_atomic
+from .config import DEFAULT_MAX_PIXELS
 from .datasets import Dataset, Split, open_dataset
-from .errors import BadInputError, DataError
+from .errors import BadInputError, CacheError, DataError
 from .transforms import ImageTransform, msn_transform, processor_transform
 
 TRANSFORMS = ("msn", "processor")
-SHARD_TARGET = 1024  # items per resumable shard, whatever the batch size (a rerun with another batch size resumes)
-DEFAULT_MAX_PIXELS = 2 * 89_478_485  # images above this are refused as decompression bombs (PIL's own error level)
+# Items per resumable shard, whatever the batch size or the number of ranks (so any rerun resumes). Also the unit of
+# work split between torchrun ranks; LOWSHOT_SHARD_SIZE overrides it (smaller shards balance small splits better).
+SHARD_TARGET = int(os.environ.get("LOWSHOT_SHARD_SIZE", "1024"))
 
 Progress = Callable[[str, int, int], None]
 """``progress(task, done, total)``: called as images finish; the CLI draws it, the library stays silent."""
@@ -150,31 +152,43 @@ def extract_features(
         raise BadInputError(f"--max-pixels {max_pixels}: must be positive")
     cache = FeatureCache(cache_dir)
     cache.ensure_writable()
-    plan = plan_extraction(model, data, revision=revision, train_split=train_split, test_split=test_split,
-                           image_column=image_column, label_column=label_column, transform=transform,
-                           feature=feature, device=device, dtype=dtype, cache=cache)
-    results: dict[str, SplitFeatures] = {}
-    backbone: Backbone | None = None
-    for split in plan.dataset.splits():
-        key = plan.keys[split.name]
-        found = cache.load(key)
-        if found is None:
-            with cache.lock(key):
-                found = cache.load(key)  # another process may have finished it while we waited
-                if found is None:
-                    if backbone is None:
-                        backbone = load_backbone(plan.ref, device=device, dtype=dtype, feature=feature)
-                    results[split.name] = _extract_split(
-                        backbone, split, plan, key, cache, batch_size=batch_size, strict=strict,
-                        workers=workers, max_pixels=max_pixels, progress=progress)
+    dist, device = distributed.setup(device)
+    try:
+        plan = plan_extraction(model, data, revision=revision, train_split=train_split, test_split=test_split,
+                               image_column=image_column, label_column=label_column, transform=transform,
+                               feature=feature, device=device, dtype=dtype, cache=cache)
+        results: dict[str, SplitFeatures] = {}
+        backbone: Backbone | None = None
+        options = {"batch_size": batch_size, "strict": strict, "workers": workers, "max_pixels": max_pixels,
+                   "progress": progress if dist.is_main else None}
+        for split in plan.dataset.splits():
+            key = plan.keys[split.name]
+            found = cache.load(key)
+            if dist.broadcast(found is None):  # rank 0 decides, so every rank takes the same path
+                if backbone is None:
+                    backbone = load_backbone(plan.ref, device=device, dtype=dtype, feature=feature)
+                if dist.active:
+                    results[split.name] = _extract_split_distributed(backbone, split, plan, key, cache, dist,
+                                                                     **options)
                     continue
-        results[split.name] = SplitFeatures(split.name, found, cached=True,
-                                            skipped=found.manifest.get("skipped", {}))
-    train, test = results[plan.dataset.train.name], results[plan.dataset.test.name]
-    cache.record_run({"model": model, "data": plan.dataset.source, "train_key": train.features.key,
-                      "test_key": test.features.key, "train_split": train.split, "test_split": test.split,
-                      "settings": plan.settings, "created": now_iso()})
-    return Extraction(model, plan.dataset.source, train, test, plan.settings)
+                with cache.lock(key):
+                    found = cache.load(key)  # another process may have finished it while we waited
+                    if found is None:
+                        results[split.name] = _extract_split(backbone, split, plan, key, cache, **options)
+                        continue
+            if found is None:
+                found = cache.load(key)
+            results[split.name] = SplitFeatures(split.name, found, cached=True,
+                                                skipped=found.manifest.get("skipped", {}))
+        train, test = results[plan.dataset.train.name], results[plan.dataset.test.name]
+        settings = {**plan.settings, "world_size": dist.world_size}
+        if dist.is_main:
+            cache.record_run({"model": model, "data": plan.dataset.source, "train_key": train.features.key,
+                              "test_key": test.features.key, "train_split": train.split, "test_split": test.split,
+                              "settings": settings, "created": now_iso()})
+        return Extraction(model, plan.dataset.source, train, test, settings)
+    finally:
+        dist.close()
 
 
 def load_features(
@@ -242,21 +256,63 @@ def _batched_decode(split: Split, transform: ImageTransform, chunks: list[range]
 
 
 def _extract_split(backbone: Backbone, split: Split, plan: Plan, key: str, cache: FeatureCache, *,
-                   batch_size: int, strict: bool, workers: int | None, max_pixels: int,
-                   progress: Progress | None) -> SplitFeatures:
+                   progress: Progress | None, **options) -> SplitFeatures:
+    """Single process: compute every unfinished shard, then assemble the entry."""
     started = time.perf_counter()
-    task = f"{split.name} ({len(split):,} images)"
     store = ShardStore(cache.partial_dir(key), n_items=len(split), shard_size=SHARD_TARGET, dim=backbone.dim)
     todo = [s for s in range(store.n_shards) if not store.done(s)]
-    done = len(split) - sum(len(range(*store.bounds(s))) for s in todo)
+    embedded = _compute_shards(backbone, split, plan, store, todo, progress=progress, **options)
+    return _assemble(split, plan, key, cache, store, backbone.dim, embedded, started)
+
+
+def _extract_split_distributed(backbone: Backbone, split: Split, plan: Plan, key: str, cache: FeatureCache,
+                               dist, *, progress: Progress | None, **options) -> SplitFeatures:
+    """One rank of several: rank 0 opens the shard store and lists the unfinished shards, each rank computes
+    every ``world_size``-th of them, and rank 0 assembles the entry once all have finished."""
+    started = time.perf_counter()
+    geometry = {"n_items": len(split), "shard_size": SHARD_TARGET, "dim": backbone.dim}
+    todo = None
+    if dist.is_main:
+        store = ShardStore(cache.partial_dir(key), **geometry)
+        todo = [s for s in range(store.n_shards) if not store.done(s)]
+    todo = dist.broadcast(todo)
+    if not dist.is_main:
+        store = ShardStore(cache.partial_dir(key), **geometry)  # rank 0 wrote meta.json: nothing is reset
+    mine = todo[dist.rank::dist.world_size]
+    embedded = _compute_shards(backbone, split, plan, store, mine, progress=progress,
+                               progress_scale=dist.world_size, **options)
+    embedded = dist.total(embedded)  # also the barrier: every rank has written its shards
+    result = None
+    if dist.is_main:
+        with cache.lock(key):
+            result = _assemble(split, plan, key, cache, store, backbone.dim, embedded, started)
+    dist.barrier()
+    if result is None:
+        found = cache.load(key)
+        if found is None:
+            raise CacheError(f"rank {dist.rank}: rank 0 did not write cache entry {key} (see its error)")
+        result = SplitFeatures(split.name, found, cached=False, seconds=time.perf_counter() - started,
+                               images=embedded, skipped=found.manifest.get("skipped", {}))
+    return result
+
+
+def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardStore, shards: list[int], *,
+                    batch_size: int, strict: bool, workers: int | None, max_pixels: int,
+                    progress: Progress | None, progress_scale: int = 1) -> int:
+    """Embed the items of ``shards`` and write each shard as it finishes; returns the images embedded.
+    ``progress_scale``: with N ranks, rank 0 reports its own count x N as the global estimate."""
+    task = f"{split.name} ({len(split):,} images)"
+    pending = sum(len(range(*store.bounds(s))) for s in range(store.n_shards) if not store.done(s))
+    initial = len(split) - pending
+    local = 0
     if progress:
-        progress(task, done, len(split))
+        progress(task, initial, len(split))
     workers = workers or max(2, min(8, os.cpu_count() or 2))
-    chunks = [range(lo, min(lo + batch_size, hi)) for s in todo for lo, hi in [store.bounds(s)]
+    chunks = [range(lo, min(lo + batch_size, hi)) for s in shards for lo, hi in [store.bounds(s)]
               for lo in range(lo, hi, batch_size)]
     decoded = _batched_decode(split, plan.transform, chunks, workers, max_pixels)
     embedded = 0
-    for shard in todo:
+    for shard in shards:
         start, stop = store.bounds(shard)
         shard_features = np.zeros((stop - start, backbone.dim), dtype=np.float32)
         failed: dict[int, str] = {}
@@ -266,7 +322,7 @@ def _extract_split(backbone: Backbone, split: Split, plan: Plan, key: str, cache
             for j, (_, reason) in enumerate(batch):
                 if reason is not None:
                     if strict:
-                        raise DataError(f"{split.source}/{split.name}/{split.ids[lo + j]}: unreadable image "
+                        raise DataError(f"{split.source}/{split.ids[lo + j]}: unreadable image "
                                         f"({reason}); drop --strict to skip and report such files")
                     failed[lo + j] = reason
             if ok:
@@ -278,10 +334,18 @@ def _extract_split(backbone: Backbone, split: Split, plan: Plan, key: str, cache
                                     f"dtype {plan.settings['dtype']}; try --dtype float32")
                 shard_features[np.asarray(ok) + (lo - start)] = feats
                 embedded += len(ok)
+            local += len(batch)
             if progress:
-                done += len(batch)
-                progress(task, done, len(split))
+                progress(task, min(len(split), initial + local * progress_scale), len(split))
         store.write(shard, shard_features, failed)
+    if progress:
+        progress(task, initial + local if progress_scale == 1 else len(split), len(split))
+    return embedded
+
+
+def _assemble(split: Split, plan: Plan, key: str, cache: FeatureCache, store: ShardStore, dim: int,
+              embedded: int, started: float) -> SplitFeatures:
+    """Concatenate the finished shards, drop unreadable items, commit the entry, discard the shards."""
     features, failed = store.assemble()
     keep = np.ones(len(split), dtype=bool)
     keep[list(failed)] = False
@@ -292,7 +356,7 @@ def _extract_split(backbone: Backbone, split: Split, plan: Plan, key: str, cache
     manifest = {
         "ids": ids, "classes": split.classes, "split": split.name, "data": split.source,
         "data_identity": split.identity, "model": plan.ref.name, "model_identity": plan.ref.identity,
-        "model_info": plan.ref.info, **plan.settings, "n": int(keep.sum()), "dim": backbone.dim,
+        "model_info": plan.ref.info, **plan.settings, "n": int(keep.sum()), "dim": dim,
         "skipped": skipped, "created": now_iso(),
         "versions": {"lowshot": __version__, "torch": torch.__version__, "transformers": _version("transformers")},
     }

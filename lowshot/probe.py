@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .config import DEFAULT_LAMBDA
 from .errors import BadInputError
 
-DEFAULT_LAMBDA = 0.0025  # MSN README, logistic_eval.py example for 5 images per class
 LAMBDA_GRID = tuple(float(f"{v:.6g}") for v in 10.0 ** np.arange(-4.0, 0.01, 0.5))  # 1e-4 … 1, for lam="auto"
 MAX_FOLDS = 5
 BACKENDS = ("torch", "sklearn")

@@ -86,7 +86,7 @@ def test_kill_9_mid_extraction_then_rerun_resumes_and_matches_an_uninterrupted_r
     done = worker(tiny_model, data, tmp_path / "ref-cache", "--shard", 8, "--out", reference)
     assert done.wait(120) == 0, done.stderr.read()
     cache_dir = tmp_path / "cache"
-    proc = worker(tiny_model, data, cache_dir, "--shard", 8, "--sleep", 0.4)
+    proc = worker(tiny_model, data, cache_dir, "--shard", 8, "--sleep", 0.2)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(cache_dir.glob("partial/*/shard-*.json"))) < 2:
         time.sleep(0.05)

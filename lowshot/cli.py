@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .backbones import DEFAULT_MODEL, FEATURE_PRENORM
 from .errors import BadInputError, LowshotError
@@ -45,7 +46,7 @@ def _friendly(command):
         except LowshotError as exc:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted: finished shards are kept in the cache; rerun the same command to resume")

@@ -154,7 +154,7 @@ def run_probe(
             intervals[key] = {"ci_low": low, "ci_high": high}
     info = {
         "lowshot_version": __version__, "date": now_iso(),
-        "model": train.manifest.get("model"), "data": train.manifest.get("data"),
+        "model": train.manifest.get("model"), "data": _dataset_of(train),
         "train_split": train.manifest.get("split"), "test_split": test.manifest.get("split"),
         "n_train_pool": len(train), "n_test": len(test), "n_classes": len(train.classes), "dim": train.dim,
         "feature": train.manifest.get("feature"), "dtype": train.manifest.get("dtype"),
@@ -189,6 +189,14 @@ def fingerprint(features: Features) -> str:
     return digest({"classes": list(features.classes),
                    "items": sorted(f"{features.classes[int(c)]}/{i}" for i, c in zip(features.ids, labels,
                                                                                       strict=True))})[:16]
+
+
+def _dataset_of(features: Features) -> str | None:
+    """The dataset a split came from: an ImageFolder split's manifest names its split folder (``…/data/train``)."""
+    data, split = features.manifest.get("data"), features.manifest.get("split")
+    if data and split and Path(str(data)).name == split:
+        return str(Path(str(data)).parent)
+    return data
 
 
 def _ci_seed(seed: int, classifier: str, split: str, *rest: int) -> list[int]:

@@ -17,7 +17,8 @@ def features(split: str, per_class: int, seed: int) -> Features:
     x, y = blobs(n_classes=4, per_class=per_class, dim=16, seed=0, spread=1.5)
     x = x + np.random.default_rng(seed).normal(scale=0.5, size=x.shape).astype(np.float32)  # same centres, new noise
     ids = [f"c{label}/{split}{i}.jpg" for i, label in enumerate(y)]
-    return Features(f"key-{split}", x, y, ids, ["c0", "c1", "c2", "c3"], {"split": split, "feature": "cls-prenorm"})
+    return Features(f"key-{split}", x, y, ids, ["c0", "c1", "c2", "c3"], {"split": split, "feature": "cls-prenorm",
+                                                                        "data": f"/data/nette/{split}"})
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,7 @@ def test_run_probe_with_baselines_and_ci_labels_rows_and_groups_the_summary(trai
     for s in results.summary:
         assert s["ci_low"] <= s["mean"] <= s["ci_high"] and s["mean"] > 60  # chance is 25
     assert {r["k"] for r in results.rows if r["classifier"] == "knn" and r["split"] == "1-shot"} == {1}
+    assert results.meta["data"] == "/data/nette"  # the dataset, not its train/ folder
     assert results.meta["ci"]["n_boot"] == 200 and results.meta["classifiers"] == ["logistic", "knn", "ncm"]
     again = run_probe(train, test, shots=(1, 5), percents=(), seeds=2, classifiers=("logistic", "knn", "ncm"),
                       ci=True, n_boot=200)

@@ -4,6 +4,7 @@
     >>> run = lowshot.extract_features("path/to/model", "path/to/data")
     >>> results = lowshot.run_probe(run.train.features, run.test.features, shots=(1, 2, 5))
     >>> print(results.to_markdown())
+    >>> print(lowshot.compare([results, other], labels=["a", "b"]).to_markdown())
 
 Names are imported on first use, so ``import lowshot`` (and ``lowshot --help``) does not load torch.
 """
@@ -14,7 +15,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "extract_features": "extract", "load_features": "extract", "run_probe": "experiment",
-    "LogisticProbe": "probe", "Results": "results", "FeatureCache": "cache",
+    "LogisticProbe": "probe", "KNNClassifier": "baselines", "NearestClassMean": "baselines",
+    "Results": "results", "FeatureCache": "cache", "compare": "report", "gate": "report",
+    "build_report": "report", "plot_comparison": "plot", "load_config": "bench", "run_bench": "bench",
 }
 __all__ = ["__version__", *_EXPORTS]
 

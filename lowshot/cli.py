@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, FEATURE_PRENORM
 from .errors import BadInputError, LowshotError
@@ -18,7 +19,9 @@ app = typer.Typer(
     name="lowshot",
     help="Low-shot evaluation of frozen vision backbones (MSN protocol).\n\n"
          "1. lowshot extract --model facebook/vit-msn-small --data DIR   (features into the cache, once)\n\n"
-         "2. lowshot probe --shots 1,2,5 --percent 1                      (mean ± std top-1 tables)",
+         "2. lowshot probe --shots 1,2,5 --percent 1                      (mean ± std top-1 tables)\n\n"
+         "3. lowshot report A.json B.json --baseline BASE.json           (comparison, regression gate, plot)\n\n"
+         "   lowshot bench benchmarks/CONFIG.toml                         (all of it from one config file, for CI)",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich",
 )
 cache_app = typer.Typer(help="Inspect, check and clean the feature cache.", no_args_is_help=True)
@@ -43,7 +46,7 @@ def _friendly(command):
         except LowshotError as exc:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:  # an I/O failure the core did not anticipate: still one line, never a traceback
             if _state["debug"]:
@@ -178,6 +181,15 @@ def probe(
     dtype: Annotated[str, typer.Option(help="With --model/--data: the extraction's --dtype.")] = "auto",
     device: Annotated[str, typer.Option(help="With --model/--data: the extraction's --device.")] = "auto",
     backend: Annotated[str, typer.Option(help="Solver: torch (full-batch L-BFGS) or sklearn (reference).")] = "torch",
+    classifier: Annotated[str, typer.Option(
+        "--classifier", help="Comma-separated: logistic (the MSN probe), knn (cosine k-NN, k by leave-one-out on "
+                             "the labelled shots), ncm (nearest class mean). Baselines show what the probe "
+                             "adds.")] = "logistic",
+    ci: Annotated[bool, typer.Option(
+        "--ci", help="Add seeded bootstrap 95% confidence intervals over the test images to rows and "
+                     "summary.")] = False,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap replicates for --ci.")] = 1000,
+    ci_seed: Annotated[int, typer.Option("--ci-seed", help="Seed of the bootstrap for --ci.")] = 0,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, json, csv or markdown (to stdout).")] = "table",
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Also write the results: .json (full: meta, rows, summary), .csv or .md.")] = None,
@@ -201,6 +213,7 @@ def probe(
             lam_value = float(lam)
         except ValueError:
             raise BadInputError(f"--lambda {lam!r}: expected a positive number or 'auto'") from None
+    classifiers = [c for c in classifier.replace(" ", "").split(",") if c]
     if not shot_list and not percent_list and not split_file:
         raise BadInputError("nothing to probe: give --shots, --percent or --split-file")
     options = {}
@@ -213,6 +226,7 @@ def probe(
     with progress_callback(err, unit="fit") as progress:
         results = run_probe(train, test, shots=shot_list, percents=percent_list, seeds=seeds, lam=lam_value,
                             split_files=split_file or (), allow_fewer=allow_fewer, backend=backend,
+                            classifiers=classifiers, ci=ci, n_boot=n_boot, ci_seed=ci_seed,
                             meta={"model": run["model"], "data": run["data"]}, progress=progress)
     for row in results.rows:
         if row.get("missing"):
@@ -228,6 +242,122 @@ def probe(
         out.print(results_table(results))
     else:
         sys.stdout.write(results.render(fmt))
+
+
+@app.command()
+@_friendly
+def report(
+    results: Annotated[list[Path], typer.Argument(
+        help="Results JSON files (lowshot probe --output X.json): different models or checkpoints.",
+        show_default=False)],
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", help="table, markdown (pastes into a job summary or PR comment), csv or json.")] = "table",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Also write the report: .md, .csv or .json.")] = None,
+    label: Annotated[list[str] | None, typer.Option(
+        "--label", help="Row name for each results file, in order (repeatable) [default: meta label or the "
+                        "model folder's name].")] = None,
+    published: Annotated[bool, typer.Option(
+        "--published", help="Add the MSN paper's rows (Tables 1 and 2; ImageNet-1k, labelled as published) as a "
+                            "reference.")] = False,
+    baseline: Annotated[Path | None, typer.Option(
+        "--baseline", help="Regression gate: a results JSON to compare each RESULTS file against.")] = None,
+    max_drop: Annotated[float, typer.Option(
+        "--max-drop", help="With --baseline: fail (exit 1) when a split's mean top-1 is more than this many "
+                           "points below the baseline.")] = 1.0,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Compare results measured under different protocols (test set, feature, transform, λ, "
+                        "seeds …) instead of refusing.")] = False,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Save accuracy vs labels per class (log x, ± std bands) as a PNG (needs "
+                       "'lowshot[plot]').")] = None,
+) -> None:
+    """Compare results files in one table (rows = models, columns = splits, best per column marked), gate them
+    against a baseline, and plot them.
+
+    Exit status: 0, or 1 when a split dropped more than --max-drop points below --baseline, or 2 when the
+    protocols differ (without --force) or an input is bad.
+    """
+    from .render import comparison_table
+    from .report import REPORT_FORMATS, build_report, load_all
+    from .results import Results
+
+    if fmt not in REPORT_FORMATS:
+        raise BadInputError(f"--format {fmt!r}: expected one of {', '.join(REPORT_FORMATS)}")
+    if plot is not None:
+        from .plot import require_matplotlib
+
+        require_matplotlib()
+    loaded = load_all(results)
+    base = Results.load(baseline) if baseline is not None else None
+    comparison = build_report(loaded, labels=label, sources=[str(p) for p in results], published=published,
+                              baseline=base, baseline_name=str(baseline), max_drop=max_drop, force=force)
+    if output is not None:
+        comparison.save(output)
+        err.print(f"wrote {output}", highlight=False)
+    if plot is not None:
+        from .plot import plot_comparison
+
+        plot_comparison(comparison, plot)
+        err.print(f"wrote {plot}", highlight=False)
+    if fmt == "table":
+        out.print(comparison_table(comparison))
+        for note in comparison.notes:
+            out.print(f"note: {note}", highlight=False)
+    else:
+        sys.stdout.write(comparison.render(fmt))
+    _gate_verdict(comparison)
+
+
+def _gate_verdict(comparison) -> None:
+    """Say what the regression gate found (stderr) and exit 1 when it failed."""
+    from .errors import RegressionError
+
+    for result in comparison.gates:
+        for text in result.differences:
+            err.print(f"protocol differs (compared anyway, --force): {text}", highlight=False)
+        if result.passed:
+            err.print(f"gate passed: {result.summary()}", highlight=False)
+    failed = comparison.failed
+    if failed:
+        raise RegressionError("; ".join(g.summary() for g in failed))
+
+
+@app.command()
+@_friendly
+def bench(
+    config: Annotated[Path, typer.Argument(help="Benchmark config (TOML): models, data, splits, seeds, λ, "
+                                                "classifiers, baselines; paths relative to it.",
+                                           show_default=False)],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Output folder [default: the config's 'output', else out/<config name> beside "
+                               "it].")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Gate against a baseline measured under a different protocol instead of refusing.")] = False,
+    update_baseline: Annotated[bool, typer.Option(
+        "--update-baseline", help="Write this run's results over the models' baseline files instead of "
+                                  "gating.")] = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Run a benchmark from a config file: extract (cached) and probe each model, write <model>.json,
+    report.md (comparison + regression gate, for a CI job summary) and plot.png, then gate.
+
+    Exit status: 0, or 1 when a model dropped more than max_drop points below its baseline, or 2 when a
+    baseline's protocol differs (without --force) or the config is bad.
+    """
+    from .bench import load_config, run_bench
+    from .render import comparison_table, progress_callback
+
+    cfg = load_config(config)
+    with progress_callback(err, unit="it") as progress:
+        outcome = run_bench(cfg, cache_dir=cache_dir, output=output, force=force, update_baseline=update_baseline,
+                            progress=progress, log=lambda message: err.print(message, highlight=False))
+    for path in outcome.written:
+        err.print(f"wrote {path}", highlight=False)
+    out.print(comparison_table(outcome.comparison))
+    for note in outcome.comparison.notes:
+        out.print(f"note: {note}", highlight=False)
+    _gate_verdict(outcome.comparison)
 
 
 @cache_app.command("list")

@@ -29,3 +29,17 @@ class CacheError(LowshotError):
 
 class SplitError(LowshotError):
     """A labelled subset cannot be drawn (too few images in a class, a split file that matches nothing)."""
+
+
+class MissingDependencyError(LowshotError):
+    """An optional extra is needed for this feature and is not installed (names the pip command)."""
+
+
+class ProtocolMismatchError(LowshotError):
+    """Results measured under different protocol settings were asked to be compared (refused unless forced)."""
+
+    exit_code = 2
+
+
+class RegressionError(LowshotError):
+    """The regression gate failed: a split's mean top-1 dropped by more than the allowed points."""

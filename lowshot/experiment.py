@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .cache import Features, now_iso
+from .baselines import KNN_K_GRID, KNNClassifier, NearestClassMean
+from .cache import Features, digest, now_iso
 from .errors import BadInputError, DataError, SplitError
 from .probe import DEFAULT_LAMBDA, LAMBDA_GRID, LogisticProbe, preprocess, select_lambda
-from .results import Results
+from .results import Results, interval_key
 from .splits import (
     Subset,
     class_orders,
@@ -22,8 +24,10 @@ from .splits import (
     read_split_file,
     split_file_label,
 )
+from .stats import CI_LEVEL, DEFAULT_N_BOOT, bootstrap_ci
 
 Progress = Callable[[str, int, int], None]
+CLASSIFIERS = ("logistic", "knn", "ncm")  # the MSN probe, then the baselines (lowshot.baselines)
 
 
 def draw_subsets(train: Features, *, shots: Sequence[int] = (1, 2, 5), percents: Sequence[float] = (1.0,),
@@ -71,55 +75,93 @@ def run_probe(
     split_files: Sequence[str | Path] = (),
     allow_fewer: bool = False,
     backend: str = "torch",
+    classifiers: Sequence[str] = ("logistic",),
+    ci: bool = False,
+    n_boot: int = DEFAULT_N_BOOT,
+    ci_seed: int = 0,
     meta: dict | None = None,
     progress: Progress | None = None,
 ) -> Results:
-    """Fit the MSN probe on every subset and score it on the whole test split.
+    """Fit the MSN probe (and any baselines in ``classifiers``: ``knn``, ``ncm``) on every subset and score it
+    on the whole test split.
 
     ``lam`` is a number, or ``"auto"``: cross-validation inside each labelled subset over ``LAMBDA_GRID``
-    (1-shot subsets, where CV is impossible, use ``DEFAULT_LAMBDA``)."""
+    (1-shot subsets, where CV is impossible, use ``DEFAULT_LAMBDA``). ``ci=True`` adds a percentile bootstrap
+    95% interval over test images (``n_boot`` replicates, seeded by ``ci_seed``) to every row and summary entry."""
     _check_compatible(train, test)
     if lam != "auto" and not (isinstance(lam, int | float) and lam > 0):
         raise BadInputError(f"--lambda {lam!r}: expected a positive number or 'auto'")
+    classifiers = list(dict.fromkeys(classifiers))
+    unknown = [c for c in classifiers if c not in CLASSIFIERS]
+    if unknown or not classifiers:
+        raise BadInputError(f"--classifier {','.join(unknown) or '(none)'!r}: expected some of "
+                            f"{', '.join(CLASSIFIERS)}")
+    if ci and n_boot < 1:
+        raise BadInputError(f"--n-boot {n_boot}: need at least one bootstrap replicate")
     subsets = draw_subsets(train, shots=shots, percents=percents, seeds=seeds, split_files=split_files,
                            allow_fewer=allow_fewer)
     x_train = preprocess(np.asarray(train.features))
     x_test = preprocess(np.asarray(test.features))
     y_train, y_test = np.asarray(train.labels), np.asarray(test.labels)
     rows = []
+    correct: dict[str, list[np.ndarray]] = {}  # interval_key -> per-seed correctness on the test images
     warm: dict[int, np.ndarray] = {}
-    task = f"probe ({len(subsets)} fits)"
+    task = f"probe ({len(subsets) * len(classifiers)} fits)"
     for i, subset in enumerate(subsets):
-        if progress:
-            progress(task, i, len(subsets))
-        started = time.perf_counter()
         x, y = x_train[subset.indices], y_train[subset.indices]
-        if lam == "auto":
-            chosen, scores = select_lambda(x, y, backend=backend, seed=subset.seed)
-            source = "cv" if scores is not None else "default (CV needs 2+ images per class)"
-        else:
-            chosen, source = float(lam), "fixed"
-        probe = LogisticProbe(chosen, backend=backend, preprocess=False)
-        probe.fit(x, y, coef_init=warm.get(subset.seed))  # nested subsets of a seed: warm start from the last
-        if len(probe.classes_) == len(train.classes):
-            warm[subset.seed] = probe.coef_
-        row = {"split": subset.split, "shots": subset.shots, "percent": subset.percent, "seed": subset.seed,
-               "top1": round(100.0 * probe.score(x_test, y_test), 4), "n_train": int(len(subset.indices)),
-               "n_test": int(len(y_test)), "lambda": chosen, "lambda_source": source, "n_iter": probe.n_iter_,
-               "seconds": round(time.perf_counter() - started, 3)}
-        if subset.source:
-            row.update(split_file=subset.source, missing=subset.missing)
-        rows.append(row)
+        for j, classifier in enumerate(classifiers):
+            if progress:
+                progress(task, i * len(classifiers) + j, len(subsets) * len(classifiers))
+            started = time.perf_counter()
+            row = {"split": subset.split, "shots": subset.shots, "percent": subset.percent, "seed": subset.seed,
+                   "classifier": classifier}
+            if classifier == "logistic":
+                if lam == "auto":
+                    chosen, scores = select_lambda(x, y, backend=backend, seed=subset.seed)
+                    source = "cv" if scores is not None else "default (CV needs 2+ images per class)"
+                else:
+                    chosen, source = float(lam), "fixed"
+                model = LogisticProbe(chosen, backend=backend, preprocess=False)
+                model.fit(x, y, coef_init=warm.get(subset.seed))  # nested subsets of a seed: warm start
+                if len(model.classes_) == len(train.classes):
+                    warm[subset.seed] = model.coef_
+                fitted = {"lambda": chosen, "lambda_source": source, "n_iter": model.n_iter_}
+            elif classifier == "knn":
+                model = KNNClassifier(preprocess=False).fit(x, y)
+                fitted = {"lambda": None, "k": model.k_,
+                          "k_source": "leave-one-out" if model.loo_scores_ is not None else "1 (one image per class)"}
+            else:
+                model = NearestClassMean(preprocess=False).fit(x, y)
+                fitted = {"lambda": None}
+            hit = model.predict(x_test) == y_test
+            correct.setdefault(interval_key(classifier, subset.split), []).append(hit)
+            row.update({"top1": round(100.0 * float(hit.mean()), 4), "n_train": int(len(subset.indices)),
+                        "n_test": int(len(y_test)), **fitted})
+            if ci:
+                low, high = bootstrap_ci(hit, n_boot=n_boot, seed=_ci_seed(ci_seed, classifier, subset.split,
+                                                                            subset.seed))
+                row.update(ci_low=low, ci_high=high)
+            row["seconds"] = round(time.perf_counter() - started, 3)
+            if subset.source:
+                row.update(split_file=subset.source, missing=subset.missing)
+            rows.append(row)
     if progress:
-        progress(task, len(subsets), len(subsets))
+        progress(task, len(subsets) * len(classifiers), len(subsets) * len(classifiers))
+    intervals = {}
+    if ci:
+        for key, hits in correct.items():  # paired over seeds: one resample of the test images for all of them
+            low, high = bootstrap_ci(np.stack(hits), n_boot=n_boot, seed=_ci_seed(ci_seed, *key.split("/", 1)))
+            intervals[key] = {"ci_low": low, "ci_high": high}
     info = {
         "lowshot_version": __version__, "date": now_iso(),
-        "model": train.manifest.get("model"), "data": train.manifest.get("data"),
+        "model": train.manifest.get("model"), "data": _dataset_of(train),
         "train_split": train.manifest.get("split"), "test_split": test.manifest.get("split"),
         "n_train_pool": len(train), "n_test": len(test), "n_classes": len(train.classes), "dim": train.dim,
         "feature": train.manifest.get("feature"), "dtype": train.manifest.get("dtype"),
         "device": train.manifest.get("device"), "transform": train.manifest.get("transform"),
         "cache_keys": {"train": train.key, "test": test.key},
+        "train_fingerprint": fingerprint(train), "test_fingerprint": fingerprint(test),
+        "classifiers": classifiers,
         "probe": {"classifier": "logistic", "backend": backend, "preprocess": "row-centre + L2",
                   "objective": "sum log-loss + lambda/2 ||W||^2, no intercept",
                   "lambda": lam if lam == "auto" else float(lam),
@@ -128,7 +170,38 @@ def run_probe(
                      "split_files": [str(p) for p in split_files], "allow_fewer": allow_fewer},
         **(meta or {}),
     }
-    return Results(info, rows)
+    if "knn" in classifiers:
+        info["knn"] = {"similarity": "cosine (row-centred + L2)", "vote": "majority, ties by summed similarity",
+                       "k": "leave-one-out on the labelled subset; 1 with one image per class",
+                       "k_grid": list(KNN_K_GRID)}
+    if "ncm" in classifiers:
+        info["ncm"] = {"similarity": "cosine to the L2-normalised class mean (row-centred + L2 features)"}
+    if ci:
+        info["ci"] = {"method": "percentile bootstrap over test images (paired across seeds in the summary)",
+                      "level": CI_LEVEL, "n_boot": n_boot, "seed": ci_seed}
+    return Results(info, rows, intervals)
+
+
+def fingerprint(features: Features) -> str:
+    """sha256 of a split's item ids and class names: the same images under the same labels give the same value
+    on any machine and in any folder (unlike the cache key, which sees paths' sizes and mtimes)."""
+    labels = np.asarray(features.labels)
+    return digest({"classes": list(features.classes),
+                   "items": sorted(f"{features.classes[int(c)]}/{i}" for i, c in zip(features.ids, labels,
+                                                                                      strict=True))})[:16]
+
+
+def _dataset_of(features: Features) -> str | None:
+    """The dataset a split came from: an ImageFolder split's manifest names its split folder (``…/data/train``)."""
+    data, split = features.manifest.get("data"), features.manifest.get("split")
+    if data and split and Path(str(data)).name == split:
+        return str(Path(str(data)).parent)
+    return data
+
+
+def _ci_seed(seed: int, classifier: str, split: str, *rest: int) -> list[int]:
+    """A bootstrap seed per (classifier, split[, seed]) that does not depend on the order of the rows."""
+    return [seed, zlib.crc32(f"{classifier}/{split}".encode()), *rest]
 
 
 def _check_compatible(train: Features, test: Features) -> None:

@@ -19,7 +19,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .results import Results
+from .report import PUBLISHED_SOURCE, PUBLISHED_TAG, Comparison
+from .results import Results, format_ci, setting
 
 
 class RateColumn(ProgressColumn):
@@ -56,18 +57,52 @@ def progress_callback(console: Console, unit: str = "img") -> Iterator:
 
 def results_table(results: Results) -> Table:
     meta = results.meta
+    summary = results.summary
+    several = len(results.classifiers) > 1
+    has_ci = any("ci_low" in s for s in summary)
     table = Table(title=f"{_short(meta.get('model'))} · top-1 % on {meta.get('test_split')} (n={meta.get('n_test')})",
                   title_justify="left")
-    for column, justify in (("split", "left"), ("top-1 %", "right"), ("seeds", "right"),
-                            ("train imgs", "right"), ("λ", "right")):
-        table.add_column(column, justify=justify)
-    for s in results.summary:
-        lam = "/".join(f"{v:g}" for v in s["lambda"]) if isinstance(s["lambda"], list) else f"{s['lambda']:g}"
-        table.add_row(s["split"], f"{s['mean']:.1f} ± {s['std']:.1f}", str(s["n_seeds"]), f"{s['n_train']:g}", lam)
+    columns = ([("classifier", "left")] if several else []) + [("split", "left"), ("top-1 %", "right")] \
+        + ([("95% CI", "right")] if has_ci else []) \
+        + [("seeds", "right"), ("train imgs", "right"), ("λ / k" if several else "λ", "right")]
+    for column, justify in columns:
+        table.add_column(column, justify=justify, min_width=12 if column == "95% CI" else None)
+    for s in summary:
+        cells = ([s["classifier"]] if several else []) + [s["split"], f"{s['mean']:.1f} ± {s['std']:.1f}"] \
+            + ([format_ci(s)] if has_ci else []) + [str(s["n_seeds"]), f"{s['n_train']:g}", setting(s)]
+        table.add_row(*cells)
     probe = meta.get("probe", {})
     table.caption = (f"feature {meta.get('feature')} · {meta.get('dtype')} · transform "
                      f"{(meta.get('transform') or {}).get('name')} · λ {probe.get('lambda')} · "
-                     f"std over seeds (n−1)")
+                     f"std over seeds (n−1)" + (" · CI: bootstrap over test images" if has_ci else ""))
+    return table
+
+
+def comparison_table(comparison: Comparison) -> Table:
+    """Rows = models (x classifier), columns = splits; the best measured value per column in bold."""
+    table = Table(title=comparison.caption().replace("**bold**", "bold").replace("`", ""), title_justify="left")
+    table.add_column("model", justify="left")
+    if comparison.show_classifier:
+        table.add_column("classifier", justify="left")
+    for column in comparison.columns:
+        table.add_column(column, justify="right")
+    for row in comparison.rows:
+        published = row.kind == "published"
+        cells: list[Text | str] = [Text(f"{row.label} †" if published else row.label,
+                                        style="dim" if published else "")]
+        if comparison.show_classifier:
+            cells.append(row.classifier or "–")
+        for column in comparison.columns:
+            cell = row.cells.get(column)
+            if cell is None:
+                cells.append("–")
+                continue
+            best = not published and cell.mean == comparison.best(column)
+            text = cell.text().replace(" [", "\n[")  # the CI on a line of its own
+            cells.append(Text(text, style="bold green" if best else ("dim" if published else "")))
+        table.add_row(*cells)
+    if any(r.kind == "published" for r in comparison.rows):
+        table.caption = f"† {PUBLISHED_TAG} ({PUBLISHED_SOURCE}): a reference, not comparable with this test set"
     return table
 
 

@@ -1,4 +1,5 @@
-"""Result rows (one per split x seed), mean ± std per split, and the JSON / CSV / Markdown writers."""
+"""Result rows (one per split x seed x classifier), mean ± std per classifier and split, and the JSON / CSV /
+Markdown writers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 from .errors import BadInputError
 
 ROW_FIELDS = ("split", "shots", "percent", "seed", "top1", "n_train", "n_test", "lambda", "lambda_source",
-              "n_iter", "seconds")
+              "n_iter", "seconds", "classifier", "k", "ci_low", "ci_high")
+DEFAULT_CLASSIFIER = "logistic"  # rows written before baselines existed have no "classifier" field
 FORMATS = ("table", "json", "csv", "markdown")
 
 
@@ -24,30 +26,50 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def classifier_of(row: dict) -> str:
+    return row.get("classifier") or DEFAULT_CLASSIFIER
+
+
+def interval_key(classifier: str, split: str) -> str:
+    return f"{classifier}/{split}"
+
+
 @dataclass
 class Results:
-    """``meta`` (versions, model, data, protocol settings, cache keys, date) and ``rows`` (split x seed)."""
+    """``meta`` (versions, model, data, protocol settings, cache keys, date) and ``rows`` (split x seed x
+    classifier). ``intervals`` holds the bootstrap CI of each summary entry (``interval_key`` -> low/high), when
+    one was computed: it needs the per-image correctness, which rows do not keep."""
 
     meta: dict
     rows: list[dict] = field(default_factory=list)
+    intervals: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def classifiers(self) -> list[str]:
+        """The classifiers in the rows, in the order they first appear."""
+        return list(dict.fromkeys(classifier_of(r) for r in self.rows))
 
     @property
     def summary(self) -> list[dict]:
-        """One entry per split, in the order the splits first appear: mean and std of top-1 over seeds."""
-        order: list[str] = []
-        by_split: dict[str, list[dict]] = {}
+        """One entry per classifier x split (classifiers, then splits, in the order they first appear): mean and
+        std of top-1 over seeds, and the bootstrap CI when there is one."""
+        groups: dict[tuple[str, str], list[dict]] = {}
         for row in self.rows:
-            if row["split"] not in by_split:
-                order.append(row["split"])
-            by_split.setdefault(row["split"], []).append(row)
+            groups.setdefault((classifier_of(row), row["split"]), []).append(row)
+        order = sorted(groups, key=lambda key: self.classifiers.index(key[0]))  # stable: splits keep their order
         out = []
-        for name in order:
-            rows = by_split[name]
+        for classifier, name in order:
+            rows = groups[(classifier, name)]
             mean, std = mean_std([r["top1"] for r in rows])
-            lambdas = sorted({r["lambda"] for r in rows})
-            out.append({"split": name, "mean": round(mean, 4), "std": round(std, 4), "n_seeds": len(rows),
-                        "n_train": round(sum(r["n_train"] for r in rows) / len(rows), 1),
-                        "lambda": lambdas[0] if len(lambdas) == 1 else lambdas})
+            lambdas = sorted({r["lambda"] for r in rows if r.get("lambda") is not None})
+            entry = {"split": name, "classifier": classifier, "mean": round(mean, 4), "std": round(std, 4),
+                     "n_seeds": len(rows), "n_train": round(sum(r["n_train"] for r in rows) / len(rows), 1),
+                     "lambda": (lambdas[0] if len(lambdas) == 1 else lambdas) if lambdas else None}
+            ks = sorted({r["k"] for r in rows if r.get("k") is not None})
+            if ks:
+                entry["k"] = ks[0] if len(ks) == 1 else ks
+            entry.update(self.intervals.get(interval_key(classifier, name), {}))
+            out.append(entry)
         return out
 
     def to_dict(self) -> dict:
@@ -64,17 +86,25 @@ class Results:
         return buffer.getvalue()
 
     def to_markdown(self) -> str:
-        """A GitHub-flavoured table that pastes into a paper draft, a PR comment or a CI job summary."""
+        """A GitHub-flavoured table that pastes into a paper draft, a PR comment or a CI job summary. The
+        classifier column appears when there is more than one, the CI column when intervals were computed."""
         model = self.meta.get("model", "?")
-        lines = [f"Top-1 (%) of a logistic probe on frozen {self.meta.get('feature', 'CLS')} features of `{model}`, "
+        summary = self.summary
+        several = len(self.classifiers) > 1
+        has_ci = any("ci_low" in s for s in summary)
+        what = "a logistic probe" if not several else "each classifier"
+        header = (["classifier"] if several else []) + ["split", "top-1 (%)"] + (["95% CI"] if has_ci else []) \
+            + ["seeds", "train images", "λ / k" if several else "λ"]
+        lines = [f"Top-1 (%) of {what} on frozen {self.meta.get('feature', 'CLS')} features of `{model}`, "
                  f"test split `{self.meta.get('test_split', '?')}` (n={self.meta.get('n_test', '?')}); "
-                 f"mean ± std over seeds.", "",
-                 "| split | top-1 (%) | seeds | train images | λ |", "| --- | --- | --- | --- | --- |"]
-        for s in self.summary:
-            lam = s["lambda"] if not isinstance(s["lambda"], list) else "/".join(f"{v:g}" for v in s["lambda"])
-            lam = f"{lam:g}" if isinstance(lam, float) else lam
-            lines.append(f"| {s['split']} | {s['mean']:.1f} ± {s['std']:.1f} | {s['n_seeds']} | "
-                         f"{s['n_train']:g} | {lam} |")
+                 f"mean ± std over seeds" + ("; 95% CI: bootstrap over test images." if has_ci else "."), "",
+                 "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        for s in summary:
+            cells = ([s["classifier"]] if several else []) + [s["split"], f"{s['mean']:.1f} ± {s['std']:.1f}"]
+            if has_ci:
+                cells.append(format_ci(s))
+            cells += [str(s["n_seeds"]), f"{s['n_train']:g}", setting(s)]
+            lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
     def render(self, fmt: str) -> str:
@@ -100,4 +130,26 @@ class Results:
             raise BadInputError(f"{path}: not a lowshot results JSON ({exc})") from exc
         if not isinstance(data, dict) or "rows" not in data or "meta" not in data:
             raise BadInputError(f"{path}: not a lowshot results JSON (no 'meta' and 'rows')")
-        return cls(data["meta"], data["rows"])
+        intervals = {interval_key(s.get("classifier") or DEFAULT_CLASSIFIER, s["split"]):
+                     {"ci_low": s["ci_low"], "ci_high": s["ci_high"]}
+                     for s in data.get("summary", []) if isinstance(s, dict) and "ci_low" in s and "split" in s}
+        return cls(data["meta"], data["rows"], intervals)
+
+
+def format_ci(entry: dict) -> str:
+    """``[83.2, 85.8]`` from an entry with ``ci_low``/``ci_high`` (``–`` without)."""
+    if entry.get("ci_low") is None:
+        return "–"
+    return f"[{entry['ci_low']:.1f}, {entry['ci_high']:.1f}]"
+
+
+def setting(entry: dict) -> str:
+    """The classifier's hyper-parameter for a summary entry: λ for the probe, k for k-NN, – for NCM."""
+    def join(value) -> str:
+        return "/".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+
+    if entry.get("lambda") is not None:
+        return join(entry["lambda"])
+    if entry.get("k") is not None:
+        return f"k={join(entry['k'])}"
+    return "–"

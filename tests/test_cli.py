@@ -29,8 +29,13 @@ def test_help_teaches_the_two_steps_and_the_protocol_options():
     for words in ("--model", "--data", "--transform", "shorter side 256", "cls-prenorm", "--dtype", "--cache-dir"):
         assert words in ex
     pr = invoke("probe", "--help").output
-    for words in ("--shots", "--percent", "--seeds", "--lambda", "--split-file", "auto", "--format"):
+    for words in ("--shots", "--percent", "--seeds", "--lambda", "--split-file", "auto", "--format", "--classifier",
+                  "--ci"):
         assert words in pr
+    assert "lowshot report" in top.output and "lowshot bench" in top.output
+    rep = invoke("report", "--help").output
+    for words in ("--baseline", "--max-drop", "--plot", "--published", "--force"):
+        assert words in rep
 
 
 def test_full_extract_then_probe_writes_json_with_meta_rows_and_summary(extracted, tmp_path):
@@ -63,6 +68,14 @@ def test_probe_formats(extracted, fmt, needle):
     assert needle in result.stdout
 
 
+def test_probe_with_baselines_and_ci_shows_classifier_and_interval_columns(extracted):
+    result = invoke("probe", "--shots", "1,2", "--percent", "0", "--seeds", "2", "--classifier", "logistic,knn,ncm",
+                    "--ci", "--n-boot", "100", "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    assert "| classifier | split | top-1 (%) | 95% CI | seeds | train images | λ / k |" in result.stdout
+    assert "| knn | 1-shot |" in result.stdout and "| ncm | 2-shot |" in result.stdout
+
+
 def test_probe_with_a_split_file_reports_missing_names(extracted, image_data, tmp_path):
     listing = tmp_path / "2imgs_class.txt"
     by_class = {}
@@ -86,6 +99,8 @@ def test_probe_with_a_split_file_reports_missing_names(extracted, image_data, tm
     (["--lambda", "-2"], "--lambda"),
     (["--lambda", "big"], "--lambda 'big'"),
     (["--format", "xml"], "--format 'xml'"),
+    (["--classifier", "svm"], "--classifier 'svm'"),
+    (["--ci", "--n-boot", "0"], "--n-boot 0"),
 ])
 def test_bad_probe_options_are_one_clear_line_and_non_zero(extracted, args, message):
     result = invoke("probe", *args)

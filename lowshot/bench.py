@@ -1,0 +1,269 @@
+"""``lowshot bench CONFIG.toml``: a benchmark as a file, for CI and for papers.
+
+The config names the models, the data and the protocol; a run extracts features (cached), probes every model,
+writes one results JSON per model, a Markdown report (comparison table + regression gate) and a plot, and gates
+each model that has a baseline. Paths in the config are relative to the config file. Example::
+
+    title = "DeiT-Tiny on Imagenette"
+    data = "../../shared/data/datasets/imagenette2-224"
+    shots = [1, 2, 5]
+    percents = [1]
+    seeds = 3
+    lambda = 0.0025
+    classifiers = ["logistic", "knn", "ncm"]
+    max_drop = 1.0
+
+    [extract]
+    dtype = "float32"
+
+    [[models]]
+    name = "deit-tiny"
+    path = "../../shared/data/models/deit-tiny-patch16-224"
+    baseline = "baseline/imagenette-deit-tiny.json"
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BadInputError, DataError, MissingDependencyError
+from .experiment import CLASSIFIERS, Progress, run_probe
+from .extract import extract_features
+from .probe import DEFAULT_LAMBDA
+from .report import DEFAULT_MAX_DROP, Comparison, build_report, gate
+from .results import Results
+from .stats import DEFAULT_N_BOOT
+
+REPORT_NAME = "report.md"
+PLOT_NAME = "plot.png"
+EXTRACT_KEYS = {"transform": str, "feature": str, "dtype": str, "device": str, "batch_size": int}
+MODEL_KEYS = {"name": str, "path": str, "baseline": str, "revision": str}
+TOP_KEYS = {"title": str, "data": str, "output": str, "shots": list, "percents": list, "seeds": int,
+            "lambda": (float, int, str), "classifiers": list, "ci": bool, "n_boot": int, "backend": str,
+            "max_drop": (float, int), "plot": bool, "published": bool, "allow_fewer": bool, "train_split": str,
+            "test_split": str, "extract": dict, "models": list}
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    path: str  # a folder (resolved) or a hub id
+    baseline: Path | None = None
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A benchmark read from TOML: everything ``lowshot bench`` runs, with paths resolved."""
+
+    source: Path
+    data: str
+    models: tuple[BenchModel, ...]
+    output: Path
+    title: str = "lowshot benchmark"
+    shots: tuple[int, ...] = (1, 2, 5)
+    percents: tuple[float, ...] = (1.0,)
+    seeds: int = 3
+    lam: float | str = DEFAULT_LAMBDA
+    classifiers: tuple[str, ...] = ("logistic",)
+    ci: bool = False
+    n_boot: int = DEFAULT_N_BOOT
+    backend: str = "torch"
+    max_drop: float = DEFAULT_MAX_DROP
+    plot: bool = True
+    published: bool = False
+    allow_fewer: bool = False
+    train_split: str = "train"
+    test_split: str | None = None
+    extract: dict = field(default_factory=dict)
+
+
+@dataclass
+class BenchOutcome:
+    config: BenchConfig
+    results: dict[str, Results]
+    comparison: Comparison
+    written: list[Path]
+
+
+def load_config(path: str | os.PathLike) -> BenchConfig:
+    """Read and check a benchmark config; an unknown key or a wrong type is an error naming it."""
+    path = Path(path)
+    data = _read_toml(path)
+    where = path.name
+    _check_keys(data, TOP_KEYS, where)
+    _check_keys(data.get("extract", {}), EXTRACT_KEYS, f"{where} [extract]")
+    base = path.resolve().parent
+    if "data" not in data:
+        raise BadInputError(f"{where}: 'data' is missing (an ImageFolder path relative to the config, or a dataset id)")
+    models = data.get("models") or []
+    if not models:
+        raise BadInputError(f"{where}: no [[models]] (each needs name and path)")
+    parsed = []
+    for i, m in enumerate(models):
+        if not isinstance(m, dict):
+            raise BadInputError(f"{where}: models[{i}] must be a table with name and path")
+        _check_keys(m, MODEL_KEYS, f"{where} models[{i}]")
+        if "name" not in m or "path" not in m:
+            raise BadInputError(f"{where}: models[{i}] needs both 'name' and 'path'")
+        if not m["name"] or any(c in m["name"] for c in "/\\"):
+            raise BadInputError(f"{where}: model name {m['name']!r} must be non-empty and have no slashes "
+                                "(it names the results file)")
+        parsed.append(BenchModel(m["name"], _resolve(base, m["path"], f"{where} models[{i}].path"),
+                                 base / m["baseline"] if "baseline" in m else None, m.get("revision")))
+    names = [m.name for m in parsed]
+    if len(set(names)) != len(names):
+        raise BadInputError(f"{where}: model names must be unique ({', '.join(names)})")
+    classifiers = tuple(data.get("classifiers", ["logistic"]))
+    unknown = [c for c in classifiers if c not in CLASSIFIERS]
+    if unknown:
+        raise BadInputError(f"{where}: classifiers {unknown}: expected some of {', '.join(CLASSIFIERS)}")
+    lam = data.get("lambda", DEFAULT_LAMBDA)
+    if isinstance(lam, str) and lam != "auto":
+        raise BadInputError(f"{where}: lambda {lam!r}: expected a positive number or 'auto'")
+    return BenchConfig(
+        source=path.resolve(), data=_resolve(base, data["data"], f"{where} data"), models=tuple(parsed),
+        output=base / data.get("output", f"out/{path.stem}"), title=data.get("title", path.stem),
+        shots=tuple(_ints(data.get("shots", [1, 2, 5]), f"{where} shots")),
+        percents=tuple(float(p) for p in _numbers(data.get("percents", [1]), f"{where} percents")),
+        seeds=data.get("seeds", 3), lam=lam if isinstance(lam, str) else float(lam), classifiers=classifiers,
+        ci=data.get("ci", False), n_boot=data.get("n_boot", DEFAULT_N_BOOT), backend=data.get("backend", "torch"),
+        max_drop=float(data.get("max_drop", DEFAULT_MAX_DROP)), plot=data.get("plot", True),
+        published=data.get("published", False), allow_fewer=data.get("allow_fewer", False),
+        train_split=data.get("train_split", "train"), test_split=data.get("test_split"),
+        extract=dict(data.get("extract", {})))
+
+
+def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None, output: Path | None = None,
+              force: bool = False, update_baseline: bool = False, progress: Progress | None = None,
+              log: Callable[[str], None] | None = None) -> BenchOutcome:
+    """Extract (cached) and probe every model, write ``<name>.json`` per model, ``report.md`` and ``plot.png``
+    into the output folder, and gate each model that has a baseline (``Comparison.failed`` lists the failures;
+    a protocol mismatch raises unless ``force``). ``update_baseline`` writes the new results over the baselines
+    instead of gating."""
+    log = log or (lambda message: None)
+    output = Path(output) if output is not None else config.output
+    if config.plot:
+        from .plot import require_matplotlib
+
+        require_matplotlib()
+    baselines: dict[str, Results] = {}
+    if not update_baseline:
+        for model in config.models:
+            if model.baseline is not None:
+                if not model.baseline.is_file():
+                    raise BadInputError(f"{model.name}: baseline {model.baseline} does not exist; run "
+                                        "'lowshot bench CONFIG --update-baseline' once to create it")
+                baselines[model.name] = Results.load(model.baseline)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"output folder {output}: cannot create ({exc.strerror})") from None
+    results: dict[str, Results] = {}
+    written: list[Path] = []
+    for model in config.models:
+        run = extract_features(model.path, config.data, revision=model.revision, train_split=config.train_split,
+                               test_split=config.test_split, cache_dir=cache_dir, progress=progress,
+                               **config.extract)
+        state = "cache hit" if run.train.cached and run.test.cached else "extracted"
+        log(f"{model.name}: {len(run.train.features):,} train / {len(run.test.features):,} test features ({state})")
+        result = run_probe(run.train.features, run.test.features, shots=config.shots, percents=config.percents,
+                           seeds=config.seeds, lam=config.lam, allow_fewer=config.allow_fewer,
+                           backend=config.backend, classifiers=config.classifiers, ci=config.ci,
+                           n_boot=config.n_boot, progress=progress,
+                           meta={"model": model.path, "data": run.data, "label": model.name,
+                                 "bench": {"config": config.source.name, "title": config.title}})
+        results[model.name] = result
+        written.append(_write(result, output / f"{model.name}.json"))
+    names = list(results)
+    comparison = build_report(list(results.values()), labels=names, published=config.published, force=force)
+    if update_baseline:
+        for model in config.models:
+            if model.baseline is not None:
+                written.append(_write(results[model.name], model.baseline))
+                log(f"{model.name}: baseline updated ({model.baseline})")
+    else:
+        comparison.gates = [gate(results[name], base, max_drop=config.max_drop, force=force, label=name,
+                                 baseline_name=_relative(config.models, name, config.source.parent))
+                            for name, base in baselines.items()]
+    title = f"## {config.title}\n\n"
+    report = output / REPORT_NAME
+    try:
+        report.write_text(title + comparison.to_markdown())
+    except OSError as exc:
+        raise BadInputError(f"{report}: cannot write ({exc.strerror})") from None
+    written.append(report)
+    if config.plot:
+        from .plot import plot_comparison
+
+        written.append(plot_comparison(comparison, output / PLOT_NAME))
+    return BenchOutcome(config, results, comparison, written)
+
+
+def _write(results: Results, path: Path) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        results.save(path)
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot write ({exc.strerror})") from None
+    return path
+
+
+def _relative(models: tuple[BenchModel, ...], name: str, base: Path) -> str:
+    path = next(m.baseline for m in models if m.name == name)
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise MissingDependencyError("reading a TOML config on Python 3.10 needs tomli: pip install tomli") \
+                from None
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise BadInputError(f"config {path}: cannot read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInputError(f"config {path}: not valid TOML ({exc})") from None
+
+
+def _check_keys(table: dict, allowed: dict, where: str) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            raise BadInputError(f"{where}: unknown key {key!r} (known: {', '.join(allowed)})")
+        kind = allowed[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise BadInputError(f"{where}: {key} = {value!r} has the wrong type")
+
+
+def _ints(values: list, where: str) -> list[int]:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise BadInputError(f"{where} {values!r}: expected a list of integers")
+    return values
+
+
+def _numbers(values: list, where: str) -> list:
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise BadInputError(f"{where} {values!r}: expected a list of numbers")
+    return values
+
+
+def _resolve(base: Path, value: str, where: str) -> str:
+    """A path relative to the config file when it exists there; a value that looks like a hub id is kept."""
+    candidate = (base / value).resolve() if not Path(value).is_absolute() else Path(value)
+    if candidate.exists():
+        return str(candidate)
+    if value.startswith((".", "/", "~")) or value.count("/") != 1:
+        raise DataError(f"{where} {value!r}: {candidate} does not exist (paths are relative to the config file)")
+    return value  # a Hugging Face id such as facebook/vit-msn-small

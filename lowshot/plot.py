@@ -1,0 +1,86 @@
+"""Accuracy vs labelled images per class (log x), one line per model (x classifier), ± std over seeds as a band.
+
+matplotlib is an optional extra (``pip install 'lowshot[plot]'``), imported only when a plot is drawn. No pyplot
+and no global backend switch: a Figure rendered by the Agg canvas, so a notebook's own matplotlib set-up is left
+alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import BadInputError, MissingDependencyError
+from .report import Comparison
+
+INSTALL_HINT = "pip install 'lowshot[plot]'"
+LINESTYLES = {"logistic": "-", "knn": "--", "ncm": ":"}
+
+
+def require_matplotlib() -> None:
+    """Fail early, in one line, when matplotlib is missing (before any long run)."""
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(f"plots need matplotlib, which is not installed: {INSTALL_HINT}") from None
+
+
+def plot_comparison(comparison: Comparison, path: str | Path, *, dpi: int = 150) -> Path:
+    """Draw the measured rows of ``comparison`` (published rows are another dataset and are left out) and save a
+    PNG at ``path``. x is the mean number of labelled images per class of each split (1% of Imagenette is ~9.7)."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
+
+    path = Path(path)
+    rows = [r for r in comparison.rows if r.kind != "published"]
+    if not any(c.per_class for r in rows for c in r.cells.values()):
+        raise BadInputError("nothing to plot: the results have no splits with a known number of images per class")
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    by_model = len({r.label for r in rows}) > 1  # colour per model; with one model, per classifier
+    colours = _palette(len({r.label if by_model else r.classifier for r in rows}))
+    colour_of: dict[str, tuple] = {}
+    ticks: dict[float, str] = {}
+    for row in rows:
+        points = sorted((c.per_class, c.mean, c.std or 0.0, split) for split, c in row.cells.items() if c.per_class)
+        if not points:
+            continue
+        x = [p[0] for p in points]
+        mean = [p[1] for p in points]
+        std = [p[2] for p in points]
+        key = row.label if by_model else (row.classifier or "")
+        colour = colour_of.setdefault(key, colours[len(colour_of) % len(colours)])
+        label = row.label + (f" · {row.classifier}" if comparison.show_classifier else "")
+        ax.plot(x, mean, marker="o", color=colour, linestyle=LINESTYLES.get(row.classifier or "", "-"), label=label)
+        ax.fill_between(x, [m - s for m, s in zip(mean, std, strict=True)],
+                        [m + s for m, s in zip(mean, std, strict=True)], color=colour, alpha=0.12, linewidth=0)
+        for px, _, _, split in points:
+            ticks.setdefault(round(px, 2), f"{px:g}" if split.endswith("-shot") else f"{px:.3g}\n({split})")
+    n_classes = comparison.context.get("n_classes")
+    if n_classes:
+        ax.axhline(100.0 / n_classes, color="grey", linestyle=":", linewidth=1, label=f"chance (1/{n_classes})")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(sorted(ticks), [ticks[t] for t in sorted(ticks)])
+    ax.set_xlabel("labelled images per class (log scale)")
+    ax.set_ylabel("top-1 (%)")
+    ctx = comparison.context
+    ax.set_title(f"Low-shot top-1 on {ctx.get('data')} {ctx.get('test_split')} (n={ctx.get('n_test')}), "
+                 f"mean ± std over seeds", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    except OSError as exc:
+        raise BadInputError(f"--plot {path}: cannot write ({exc.strerror})") from None
+    return path
+
+
+def _palette(n: int) -> list:
+    from matplotlib import colormaps
+
+    return [colormaps["tab10"](i % 10) for i in range(max(n, 1))]

@@ -118,6 +118,7 @@ def test_extract_errors_are_one_clear_line(tiny_model, image_data, cache_dir, tm
     cases = [
         (["--model", tiny_model, "--data", tmp_path / "missing"], "no such folder"),
         (["--model", "facebook/vit-msn-small", "--data", image_data], "offline"),
+        (["--model", tiny_model, "--data", "someuser/some-dataset"], "cannot load dataset 'someuser/some-dataset'"),
         (["--model", tmp_path / "nomodel", "--data", image_data], "no such folder"),
         (["--model", tiny_model, "--data", image_data, "--test-split", "nope"], "available: train, val"),
         (["--model", tiny_model, "--data", image_data, "--dtype", "int3"], "--dtype 'int3'"),

@@ -186,15 +186,21 @@ class FeatureCache:
         assert loaded is not None  # just written
         return loaded
 
-    def manifests(self) -> list[dict]:
-        """Manifests of all finished entries, newest first."""
-        found = []
+    def _entries(self) -> Iterator[tuple[Path, dict | None]]:
+        """(folder, manifest or None when unreadable) of every finished entry, skipping temp folders."""
         for folder in sorted((self.root / "entries").glob("*")):
             if folder.name.startswith("."):
                 continue
             try:
-                manifest = json.loads((folder / "manifest.json").read_text())
+                yield folder, json.loads((folder / "manifest.json").read_text())
             except (OSError, ValueError):
+                yield folder, None
+
+    def manifests(self) -> list[dict]:
+        """Manifests of all finished entries, newest first."""
+        found = []
+        for folder, manifest in self._entries():
+            if manifest is None:
                 continue
             manifest["size_bytes"] = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
             found.append(manifest)
@@ -222,12 +228,8 @@ class FeatureCache:
     def verify(self) -> list[tuple[str, str]]:
         """Check every finished entry's files against the sha256 in its manifest: (key, problem) pairs."""
         problems = []
-        for folder in sorted((self.root / "entries").glob("*")):
-            if folder.name.startswith("."):
-                continue
-            try:
-                manifest = json.loads((folder / "manifest.json").read_text())
-            except (OSError, ValueError):
+        for folder, manifest in self._entries():
+            if manifest is None:
                 problems.append((folder.name, "manifest.json missing or unreadable"))
                 continue
             if manifest.get("cache_format") != CACHE_FORMAT:

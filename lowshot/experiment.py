@@ -83,7 +83,6 @@ def run_probe(
         raise BadInputError(f"--lambda {lam!r}: expected a positive number or 'auto'")
     subsets = draw_subsets(train, shots=shots, percents=percents, seeds=seeds, split_files=split_files,
                            allow_fewer=allow_fewer)
-    x_train = preprocess(np.asarray(train.features))
     x_test = preprocess(np.asarray(test.features))
     y_train, y_test = np.asarray(train.labels), np.asarray(test.labels)
     rows = []
@@ -93,7 +92,8 @@ def run_probe(
         if progress:
             progress(task, i, len(subsets))
         started = time.perf_counter()
-        x, y = x_train[subset.indices], y_train[subset.indices]
+        # row-wise preprocessing of the subset's rows only: the pool may be a memory-mapped ImageNet train split
+        x, y = preprocess(np.asarray(train.features[subset.indices])), y_train[subset.indices]
         if lam == "auto":
             chosen, scores = select_lambda(x, y, backend=backend, seed=subset.seed)
             source = "cv" if scores is not None else "default (CV needs 2+ images per class)"

@@ -94,6 +94,9 @@ def extract(
              "float16.")] = "auto",
     strict: Annotated[bool, typer.Option(
         help="Fail on the first unreadable image instead of skipping and reporting it.")] = False,
+    engine: Annotated[str, typer.Option(
+        help="auto: lowshot's fast forward where it covers the model (ViT, ViTMSN, DeiT), else the stock "
+             "transformers one; fast; stock. Same features up to float rounding (not in the cache key).")] = "auto",
     cache_dir: CacheDir = None,
 ) -> None:
     """Run every train and test image through the backbone once and store the CLS features in the cache.
@@ -108,10 +111,10 @@ def extract(
         run = extract_features(model, data, revision=revision, train_split=train_split, test_split=test_split,
                                image_column=image_column, label_column=label_column, transform=transform,
                                feature=feature, batch_size=batch_size, device=device, dtype=dtype,
-                               cache_dir=cache_dir, strict=strict, progress=progress)
+                               cache_dir=cache_dir, strict=strict, engine=engine, progress=progress)
     s = run.settings
     err.print(f"model {run.model} · {s['feature']} · {s['dtype']} ({s['dtype_reason']}) · {s['device']} · "
-              f"transform {s['transform']['name']}", highlight=False)
+              f"engine {s['engine']} ({s['engine_reason']}) · transform {s['transform']['name']}", highlight=False)
     for split in run.splits():
         f = split.features
         if split.cached:

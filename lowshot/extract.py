@@ -133,12 +133,15 @@ def extract_features(
     cache_dir: str | os.PathLike | None = None,
     strict: bool = False,
     workers: int | None = None,
+    engine: str = "auto",
     progress: Progress | None = None,
 ) -> Extraction:
     """Extract CLS features of the train and test splits of ``data`` with ``model`` into the cache.
 
     Each split is looked up first: a cache hit loads the stored features without decoding an image or loading
-    the model. Unreadable images are skipped and reported (``strict=True`` makes them an error).
+    the model. Unreadable images are skipped and reported (``strict=True`` makes them an error). ``engine``
+    (auto, fast, stock) picks the forward (see ``load_backbone``); it is recorded, not part of the cache key:
+    both compute the same features up to float rounding (tests/test_fastpath.py).
     """
     if batch_size < 1:
         raise BadInputError(f"--batch-size {batch_size}: must be at least 1")
@@ -157,7 +160,8 @@ def extract_features(
                 found = cache.load(key)  # another process may have finished it while we waited
                 if found is None:
                     if backbone is None:
-                        backbone = load_backbone(plan.ref, device=device, dtype=dtype, feature=feature)
+                        backbone = load_backbone(plan.ref, device=device, dtype=dtype, feature=feature,
+                                                 engine=engine)
                     results[split.name] = _extract_split(
                         backbone, split, plan, key, cache, batch_size=batch_size, strict=strict,
                         workers=workers, progress=progress)
@@ -165,6 +169,10 @@ def extract_features(
         results[split.name] = SplitFeatures(split.name, found, cached=True,
                                             skipped=found.manifest.get("skipped", {}))
     train, test = results[plan.dataset.train.name], results[plan.dataset.test.name]
+    if backbone is not None:
+        plan.settings.update(engine=backbone.engine, engine_reason=backbone.engine_reason)
+    else:  # all cache hits: say which engine computed the stored features
+        plan.settings.update(engine=train.features.manifest.get("engine", "stock"), engine_reason="cached")
     cache.record_run({"model": model, "data": plan.dataset.source, "train_key": train.features.key,
                       "test_key": test.features.key, "train_split": train.split, "test_split": test.split,
                       "settings": plan.settings, "created": now_iso()})
@@ -269,7 +277,7 @@ def _extract_split(backbone: Backbone, split: Split, plan: Plan, key: str, cache
                 done += len(batch)
                 progress(task, done, len(split))
         store.write(shard, shard_features, failed)
-    features, failed = store.assemble()
+    failed = store.failed()
     keep = np.ones(len(split), dtype=bool)
     keep[list(failed)] = False
     if not keep.any():
@@ -279,11 +287,14 @@ def _extract_split(backbone: Backbone, split: Split, plan: Plan, key: str, cache
     manifest = {
         "ids": ids, "classes": split.classes, "split": split.name, "data": split.source,
         "data_identity": split.identity, "model": plan.ref.name, "model_identity": plan.ref.identity,
-        "model_info": plan.ref.info, **plan.settings, "n": int(keep.sum()), "dim": backbone.dim,
+        "model_info": plan.ref.info, **plan.settings, "engine": backbone.engine,
+        "forward_batch": backbone.forward_batch, "n": int(keep.sum()), "dim": backbone.dim,
         "skipped": skipped, "created": now_iso(),
         "versions": {"lowshot": __version__, "torch": torch.__version__, "transformers": _version("transformers")},
     }
-    stored = cache.commit(key, features[keep], split.labels[keep], manifest)
+    assembled = cache.partial_dir(key) / "features.npy"
+    store.write_npy(assembled, keep)  # streamed shard by shard: peak memory does not grow with the split
+    stored = cache.commit(key, assembled, split.labels[keep], manifest)
     store.discard()
     return SplitFeatures(split.name, stored, cached=False, seconds=time.perf_counter() - started,
                          images=embedded, skipped=skipped)

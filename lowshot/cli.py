@@ -87,7 +87,9 @@ def extract(
     feature: Annotated[str, typer.Option(
         help="cls-prenorm: CLS of the last block before the final LayerNorm (MSN). "
              "cls-postnorm: last_hidden_state[:, 0].")] = FEATURE_PRENORM,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 64,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", "-b", help="Images decoded per batch; a forward pass takes at most this many (fewer on "
+                                   "the CPU and for large-token models, to stay in cache and memory).")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(
         help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, "

@@ -149,3 +149,17 @@ def test_large_token_models_get_a_bounded_forward_batch(tmp_path):
                                      stock=stock)
             width = 7 * hidden + inter + ((layers + 1) * hidden if stock else 0)
             assert n >= 1 and n * tokens * width * 4 <= backbones.MAX_ACTIVATION_BYTES
+
+
+def test_engine_is_recorded_and_a_rerun_with_the_other_engine_is_a_cache_hit(tiny_model, image_data, cache_dir):
+    import lowshot
+
+    def run(engine):
+        return lowshot.extract_features(str(tiny_model), str(image_data), cache_dir=cache_dir, device="cpu",
+                                        batch_size=4, engine=engine)
+
+    first = run("auto")
+    assert first.settings["engine"] == "fast" and first.train.features.manifest["engine"] == "fast"
+    again = run("stock")
+    assert again.train.cached and again.test.cached
+    assert again.settings["engine"] == "fast"  # the engine that computed the stored features

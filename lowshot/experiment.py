@@ -94,13 +94,17 @@ def run_probe(
         started = time.perf_counter()
         # row-wise preprocessing of the subset's rows only: the pool may be a memory-mapped ImageNet train split
         x, y = preprocess(np.asarray(train.features[subset.indices])), y_train[subset.indices]
+        start_from = warm.get(subset.seed)  # nested subsets of a seed: warm start from the last
         if lam == "auto":
-            chosen, scores = select_lambda(x, y, backend=backend, seed=subset.seed)
+            cv_coefs: dict[float, np.ndarray] = {}
+            chosen, scores = select_lambda(x, y, backend=backend, seed=subset.seed, coefs=cv_coefs)
             source = "cv" if scores is not None else "default (CV needs 2+ images per class)"
+            if chosen in cv_coefs and cv_coefs[chosen].shape[0] == len(train.classes):
+                start_from = cv_coefs[chosen]  # the folds' mean solution: half the iterations of the last subset's
         else:
             chosen, source = float(lam), "fixed"
         probe = LogisticProbe(chosen, backend=backend, preprocess=False)
-        probe.fit(x, y, coef_init=warm.get(subset.seed))  # nested subsets of a seed: warm start from the last
+        probe.fit(x, y, coef_init=start_from)
         if len(probe.classes_) == len(train.classes):
             warm[subset.seed] = probe.coef_
         row = {"split": subset.split, "shots": subset.shots, "percent": subset.percent, "seed": subset.seed,

@@ -228,12 +228,14 @@ def stratified_folds(codes: np.ndarray, n_folds: int, seed: int = 0) -> list[np.
 
 
 def select_lambda(x, y, *, grid: Sequence[float] = LAMBDA_GRID, backend: str = "torch", seed: int = 0,
-                  default: float = DEFAULT_LAMBDA, tol: float | None = None) -> tuple[float, dict[float, float] | None]:
+                  default: float = DEFAULT_LAMBDA, tol: float | None = None,
+                  coefs: dict[float, np.ndarray] | None = None) -> tuple[float, dict[float, float] | None]:
     """Choose lam by stratified cross-validation on the labelled training subset only (never the test labels).
 
     Folds: min(5, smallest class count). With a class of one image (1-shot) CV is impossible and ``default`` is
     returned with ``None`` scores. The highest mean CV accuracy wins; ties go to the larger lam. Each fold fits the
-    grid from strong to weak regularisation, warm-started along the path; ``tol`` defaults to ``CV_TOL``."""
+    grid from strong to weak regularisation, warm-started along the path; ``tol`` defaults to ``CV_TOL``. A dict
+    passed as ``coefs`` receives each lambda's solution averaged over the folds (a warm start for the final fit)."""
     xt = preprocess(x)
     codes = np.unique(np.asarray(y), return_inverse=True)[1]
     n_folds = min(MAX_FOLDS, int(np.bincount(codes).min()))
@@ -252,6 +254,8 @@ def select_lambda(x, y, *, grid: Sequence[float] = LAMBDA_GRID, backend: str = "
             probe.fit(x_train, y_train, coef_init=_extrapolate(path[:i], solutions, lam))
             solutions = solutions + [probe.coef_] if len(probe.classes_) == codes.max() + 1 else []
             scores[lam] += probe.score(xt[held], codes[held]) / n_folds
+            if coefs is not None and solutions:
+                coefs[lam] = coefs.get(lam, 0.0) + probe.coef_ / n_folds
     best = max(sorted(grid, reverse=True), key=lambda lam: scores[lam])  # max() keeps the first (largest) on ties
     return best, scores
 

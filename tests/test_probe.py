@@ -107,3 +107,13 @@ def test_stratified_folds_cover_each_item_once_and_balance_classes():
     folds = stratified_folds(y, 5, seed=0)
     assert sorted(np.concatenate(folds)) == list(range(20))
     assert all(np.bincount(y[f], minlength=4).tolist() == [1, 1, 1, 1] for f in folds)
+
+
+def test_lambda_selection_hands_back_each_lambdas_mean_fold_solution():
+    x, y = blobs(per_class=5, spread=3.0)
+    coefs = {}
+    _, scores = select_lambda(x, y, grid=(1e-3, 1e-1, 10.0), coefs=coefs)
+    assert set(coefs) == set(scores) and all(c.shape == (6, 24) for c in coefs.values())
+    final = LogisticProbe(1e-3).fit(x, y)
+    warm = LogisticProbe(1e-3).fit(x, y, coef_init=coefs[1e-3])
+    assert warm.n_iter_ < final.n_iter_ and warm.objective_ <= final.objective_ * (1 + 1e-6)

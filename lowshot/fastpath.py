@@ -64,7 +64,15 @@ def unsupported_reason(net: nn.Module) -> str | None:
 
 
 def _packable(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available()
+    """oneDNN's prepacked linear runs here (CPU builds without it, or without the op for this dtype, use F.linear)."""
+    if device.type != "cpu" or dtype not in PACKED_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype), 4)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(4, 8, dtype=dtype), w, None, "gelu", [], "none")
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return True
 
 
 class _Linear:

@@ -59,14 +59,14 @@ class Backbone:
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels (N, 3, H, W) -> float32 CLS features (N, dim) on the CPU."""
-        parts = [self._forward(part.to(self.device, self.dtype, non_blocking=True)).float().cpu()
+        parts = [self._forward(part.to(self.device, non_blocking=True)).float().cpu()
                  for part in pixels.split(self.forward_batch)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.fast is not None and self.fast.accepts(pixels):
+        if self.fast is not None and self.fast.accepts(pixels):  # takes float32 pixels (see FastViT)
             return self.fast(pixels, postnorm=self.feature == FEATURE_POSTNORM)
-        return self.stock_forward(pixels)
+        return self.stock_forward(pixels.to(self.dtype))
 
     @torch.inference_mode()
     def stock_forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -230,10 +230,12 @@ def load_backbone(
     if "pixel_values" not in inspect.signature(net.forward).parameters:
         raise ModelLoadError(f"--model {ref.name}: {type(net).__name__} does not take images (no pixel_values)")
     net.requires_grad_(False)
-    net.eval().to(torch_device, torch_dtype)
+    net.eval().to(torch_device)
     info = {**ref.info, "class": type(net).__name__}
     backbone = Backbone(net, ref.name, ref.folder, ref.identity, torch_device, torch_dtype, feature, reason, info)
-    return use_engine(backbone, engine)
+    use_engine(backbone, engine)  # from the float32 weights: the fast path keeps norms and residuals in float32
+    net.to(torch_dtype)
+    return backbone
 
 
 def use_engine(backbone: Backbone, engine: str = "auto") -> Backbone:
@@ -246,7 +248,7 @@ def use_engine(backbone: Backbone, engine: str = "auto") -> Backbone:
     backbone.forward_batch = choose_forward_batch(net, tokens=tokens, device=backbone.device, dtype=backbone.dtype,
                                            stock=why_not is not None)
     if why_not is None:
-        backbone.fast = FastViT(net, rows_hint=backbone.forward_batch * tokens)
+        backbone.fast = FastViT(net, dtype=backbone.dtype, rows_hint=backbone.forward_batch * tokens)
         backbone.engine, backbone.engine_reason = "fast", "lowshot.fastpath covers " + type(net).__name__
     else:
         backbone.fast = None

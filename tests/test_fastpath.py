@@ -85,13 +85,25 @@ def test_fast_path_equals_stock_on_real_deit_tiny_and_real_photos():
     assert_agree(fast.embed(pixels), stock.embed(pixels), atol=1e-4)
 
 
+# Imagenette photos whose DeiT-Tiny features move most when the pixels are rounded to bfloat16 (cosine 0.997 to
+# float32: found by benchmarks/fidelity.py-style scan of 1,300 photos); the fast path must keep float32 pixels.
+SENSITIVE = ("val/n02979186/n02979186_10402.JPEG", "train/n03445777/ILSVRC2012_val_00035918.JPEG",
+             "val/n03445777/ILSVRC2012_val_00025591.JPEG", "train/n03445777/ILSVRC2012_val_00007755.JPEG")
+
+
 @pytest.mark.slow
 def test_bfloat16_fast_path_stays_within_cosine_0999_of_float32_on_real_deit_tiny():
-    pixels = real_pixels(4)
+    require_shared()
+    tf = msn_transform()
+    crops = []
+    for name in SENSITIVE:
+        with Image.open(IMAGENETTE / name) as image:
+            crops.append(tf(image))
+    pixels = torch.cat([tf.normalize(torch.from_numpy(np.stack(crops))), real_pixels(4)])
     reference = load_backbone(str(DEIT_TINY), device="cpu", dtype="float32", engine="stock").embed(pixels)
     bf16 = load_backbone(str(DEIT_TINY), device="cpu", dtype="bfloat16")
     assert bf16.engine == "fast"
-    assert torch.nn.functional.cosine_similarity(bf16.embed(pixels), reference).min() >= 0.999
+    assert torch.nn.functional.cosine_similarity(bf16.embed(pixels), reference).min() >= 0.9995
 
 
 def test_unsupported_models_fall_back_to_the_stock_path(tmp_path):

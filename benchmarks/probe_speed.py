@@ -200,10 +200,10 @@ def render(p: dict) -> str:
             "",
             f"## The whole protocol: 1/2/5 shots x {f['seeds']} seeds + 1%, `--lambda auto`",
             "",
-            f"{f['n_train_pool']:,} train features (memory-mapped from the cache), {f['n_test']:,} test, 1,000 "
-            f"classes, dim 384: **{f['seconds']:.0f} s ({f['seconds'] / 60:.1f} min)** for "
-            f"{sum(s['fits'] for s in f['splits'].values())} subsets, each with 5-fold CV over 9 lambdas "
-            "(1-shot: the default lambda).",
+            f"{f['n_train_pool']:,} train features (a memory-mapped .npy, as the cache loads them), "
+            f"{f['n_test']:,} test, 1,000 classes, dim 384: **{f['seconds']:.0f} s ({f['seconds'] / 60:.1f} min)** "
+            f"for {sum(s['fits'] for s in f['splits'].values())} subsets, each choosing lambda by CV over 9 values "
+            "(min(5, images per class) folds; 1-shot: the default lambda), then one fit scored on all test features.",
             "",
             "| split | train images | seconds (all seeds) | lambda chosen | top-1 (%) |",
             "| --- | --- | --- | --- | --- |",

@@ -175,3 +175,13 @@ def test_engine_is_recorded_and_a_rerun_with_the_other_engine_is_a_cache_hit(tin
     again = run("stock")
     assert again.train.cached and again.test.cached
     assert again.settings["engine"] == "fast"  # the engine that computed the stored features
+
+
+def test_a_patch4_model_extracts_with_bounded_forward_batches(tmp_path, image_data, cache_dir):
+    import lowshot
+
+    patch4 = save_random_msn(tmp_path / "p4", hidden=32, layers=1, patch_size=4)
+    run = lowshot.extract_features(str(patch4), str(image_data), cache_dir=cache_dir, device="cpu", batch_size=8)
+    manifest = run.train.features.manifest
+    assert (manifest["engine"], manifest["forward_batch"]) == ("fast", 1)
+    assert run.train.features.features.shape == (18, 32) and np.isfinite(run.train.features.features).all()

@@ -309,7 +309,7 @@ def render(p: dict) -> str:
         lines.append(f"| {label} | {r['images_per_s']:.1f} ({r['median_images_per_s']:.1f}) | "
                      f"{100 * r['images_per_s'] / lim['images_per_s']:.0f}% | "
                      f"{r['images_per_s'] / rates['stock_fp32']['images_per_s']:.2f}x | "
-                     f"{'1 (reference)' if key == 'stock_fp32' else f'{cos[key]:.6f}'} |")
+                     f"{'1 (reference)' if key == 'stock_fp32' else f'{cos[key]:.7f}'} |")
     sweep = ", ".join(f"{fb}: {rate:.1f}" for fb, rate in model["forward_batch_sweep"].items())
     lines += [
         "",
@@ -337,7 +337,7 @@ def render(p: dict) -> str:
         f"{s['lowshot_vs_stock_fp32']:.2f}x stock fp32, {s['lowshot_vs_stock_bf16_autocast']:.2f}x stock bf16 autocast",
         f"- whole process: **{s['process_marginal_pct_of_model']:.0f}% of model-only** (target 85%); start-up "
         f"**{s['startup_seconds']:.1f} s** (target 10 s)",
-        f"- features: min cosine to stock fp32 **{s['cosine_min_lowshot_to_stock_fp32']:.6f}** (target 0.999)",
+        f"- features: min cosine to stock fp32 **{s['cosine_min_lowshot_to_stock_fp32']:.7f}** (target 0.999)",
     ]
     return "\n".join(lines)
 

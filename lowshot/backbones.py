@@ -18,9 +18,17 @@ import torch
 
 from .config import DEFAULT_MODEL, FEATURE_POSTNORM, FEATURE_PRENORM, FEATURES  # noqa: F401 (re-exported)
 from .errors import BadInputError, ModelLoadError
+from .fastpath import FastViT, unsupported_reason
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+ENGINES = ("auto", "fast", "stock")  # auto: the fast path where it covers the model, else the stock transformers one
+# Token rows per forward pass on the CPU (16 ViT-S/16 images). ViT-S/16 fp32 on a 2-core Xeon: with the cores
+# shared, 8-16 images per forward ran ~10% faster than 64 (smaller activations stay in cache); on a quiet machine
+# 8 to 64 were within noise (benchmarks/extract_speed.py, forward-batch sweep). It also bounds the memory of
+# large-token models (patch 4: 3,137 tokens -> one image per forward).
+CPU_ROWS_PER_FORWARD = 16 * 197
+MAX_ACTIVATION_BYTES = 2 << 30  # any device: the activations of one forward pass stay under this
 
 
 @dataclass
@@ -36,6 +44,10 @@ class Backbone:
     feature: str = FEATURE_PRENORM
     dtype_reason: str = ""
     info: dict = field(default_factory=dict)
+    engine: str = "stock"  # which forward runs: "fast" (lowshot.fastpath) or "stock" (the transformers model)
+    engine_reason: str = ""
+    fast: FastViT | None = None
+    forward_batch: int = 64  # at most this many images per forward pass (embed splits bigger batches)
 
     @property
     def dim(self) -> int:
@@ -44,13 +56,22 @@ class Backbone:
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels (N, 3, H, W) -> float32 CLS features (N, dim) on the CPU."""
-        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        parts = [self._forward(part.to(self.device, non_blocking=True)).float().cpu()
+                 for part in pixels.split(self.forward_batch)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.fast is not None and self.fast.accepts(pixels):  # takes float32 pixels (see FastViT)
+            return self.fast(pixels, postnorm=self.feature == FEATURE_POSTNORM)
+        return self.stock_forward(pixels.to(self.dtype))
+
+    @torch.inference_mode()
+    def stock_forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The reference: the transformers model's own forward, through its public outputs only."""
         if self.feature == FEATURE_PRENORM:
             out = self.model(pixel_values=pixels, output_hidden_states=True)
-            cls = out.hidden_states[-1][:, 0]
-        else:
-            cls = self.model(pixel_values=pixels).last_hidden_state[:, 0]
-        return cls.float().cpu()
+            return out.hidden_states[-1][:, 0]
+        return self.model(pixel_values=pixels).last_hidden_state[:, 0]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -175,10 +196,16 @@ def load_backbone(
     device: str = "auto",
     dtype: str = "auto",
     feature: str = FEATURE_PRENORM,
+    engine: str = "auto",
 ) -> Backbone:
-    """Load ``model`` frozen and in eval mode, ready for :meth:`Backbone.embed`."""
+    """Load ``model`` frozen and in eval mode, ready for :meth:`Backbone.embed`.
+
+    ``engine``: ``"fast"`` runs :mod:`lowshot.fastpath` (an error if it does not cover the model), ``"stock"`` the
+    transformers forward, ``"auto"`` the fast path where it covers the model and the stock one elsewhere."""
     if feature not in FEATURES:
         raise BadInputError(f"--feature {feature!r}: expected one of {', '.join(FEATURES)}")
+    if engine not in ENGINES:
+        raise BadInputError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
     torch_device = resolve_device(device)
     torch_dtype, reason = resolve_dtype(dtype, torch_device)
     ref = model if isinstance(model, ModelRef) else resolve_model(model, revision=revision)
@@ -200,6 +227,55 @@ def load_backbone(
     if "pixel_values" not in inspect.signature(net.forward).parameters:
         raise ModelLoadError(f"--model {ref.name}: {type(net).__name__} does not take images (no pixel_values)")
     net.requires_grad_(False)
-    net.eval().to(torch_device, torch_dtype)
+    net.eval().to(torch_device)
     info = {**ref.info, "class": type(net).__name__}
-    return Backbone(net, ref.name, ref.folder, ref.identity, torch_device, torch_dtype, feature, reason, info)
+    backbone = Backbone(net, ref.name, ref.folder, ref.identity, torch_device, torch_dtype, feature, reason, info)
+    use_engine(backbone, engine)  # from the float32 weights: the fast path keeps norms and residuals in float32
+    net.to(torch_dtype)
+    return backbone
+
+
+def use_engine(backbone: Backbone, engine: str = "auto") -> Backbone:
+    """Set up ``backbone`` to run on ``engine`` (see :func:`load_backbone`) with a forward batch that fits."""
+    net = backbone.model
+    why_not = unsupported_reason(net) if engine != "stock" else "stock engine requested"
+    if engine == "fast" and why_not is not None:
+        raise ModelLoadError(f"--engine fast: {backbone.name}: {why_not} (use --engine auto or stock)")
+    tokens = model_tokens(net)
+    backbone.forward_batch = choose_forward_batch(net, tokens=tokens, device=backbone.device, dtype=backbone.dtype,
+                                           stock=why_not is not None)
+    if why_not is None:
+        backbone.fast = FastViT(net, dtype=backbone.dtype, rows_hint=backbone.forward_batch * tokens)
+        backbone.engine, backbone.engine_reason = "fast", "lowshot.fastpath covers " + type(net).__name__
+    else:
+        backbone.fast = None
+        backbone.engine, backbone.engine_reason = "stock", why_not
+    return backbone
+
+
+def model_tokens(net: torch.nn.Module) -> int:
+    """Tokens per image (patches + CLS and any other prefix token) at the model's own image size."""
+    position = getattr(getattr(net, "embeddings", None), "position_embeddings", None)
+    if isinstance(position, torch.Tensor) and position.ndim == 3:
+        return int(position.shape[1])
+    config = net.config
+    size, patch = config.image_size, config.patch_size
+    size = size if isinstance(size, int) else size[0]
+    patch = patch if isinstance(patch, int) else patch[0]
+    return (size // patch) ** 2 + 1
+
+
+def choose_forward_batch(net: torch.nn.Module, *, tokens: int, device: torch.device, dtype: torch.dtype,
+                  stock: bool) -> int:
+    """Images per forward pass: on the CPU about ``CPU_ROWS_PER_FORWARD`` token rows, anywhere within
+    ``MAX_ACTIVATION_BYTES`` (so patch-4 and patch-7 models run with bounded memory)."""
+    config = net.config
+    hidden = int(config.hidden_size)
+    width = 7 * hidden + int(getattr(config, "intermediate_size", 4 * hidden))  # live activations per token
+    if stock:  # output_hidden_states keeps every layer's output until the forward returns
+        width += (int(getattr(config, "num_hidden_layers", 12)) + 1) * hidden
+    per_image = tokens * width * torch.finfo(dtype).bits // 8
+    n = max(1, MAX_ACTIVATION_BYTES // per_image)
+    if device.type == "cpu":
+        n = min(n, max(1, CPU_ROWS_PER_FORWARD // tokens))
+    return int(n)

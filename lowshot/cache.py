@@ -159,13 +159,17 @@ class FeatureCache:
             raise CacheError(f"cache entry {key} is damaged (array shapes disagree); run 'lowshot cache verify'")
         return Features(key, features, labels, list(manifest["ids"]), list(manifest["classes"]), manifest)
 
-    def commit(self, key: str, features: np.ndarray, labels: np.ndarray, manifest: dict) -> Features:
-        """Write a finished entry atomically: build it in a temp folder, then one rename."""
+    def commit(self, key: str, features: np.ndarray | Path, labels: np.ndarray, manifest: dict) -> Features:
+        """Write a finished entry atomically: build it in a temp folder, then one rename. ``features`` may be a
+        finished float32 ``.npy`` file in the cache (see :meth:`ShardStore.write_npy`): it is moved, not read."""
         final = self.entry_dir(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}."))
         try:
-            np.save(tmp / "features.npy", np.ascontiguousarray(features, dtype=np.float32))
+            if isinstance(features, Path):
+                os.replace(features, tmp / "features.npy")
+            else:
+                np.save(tmp / "features.npy", np.ascontiguousarray(features, dtype=np.float32))
             np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
             manifest = {**manifest, "cache_format": CACHE_FORMAT, "key": key,
                         "sha256": {name: file_sha256(tmp / name) for name in ("features.npy", "labels.npy")}}
@@ -313,6 +317,28 @@ class ShardStore:
         array, info = self._paths(shard)
         failed = json.loads(info.read_text())["failed"]
         return np.load(array), {int(k): v for k, v in failed.items()}
+
+    def failed(self) -> dict[int, str]:
+        """Items of all shards that could not be read (index -> reason)."""
+        failed: dict[int, str] = {}
+        for shard in range(self.n_shards):
+            info = json.loads(self._paths(shard)[1].read_text())["failed"]
+            failed.update({int(k): v for k, v in info.items()})
+        return failed
+
+    def write_npy(self, path: Path, keep: np.ndarray) -> None:
+        """Write the ``keep`` rows of all shards to one float32 ``.npy`` file, one shard in memory at a time (the
+        extraction's memory does not grow with the number of images)."""
+        shape = (int(keep.sum()), self.dim)
+        with open(path, "wb") as handle:
+            np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
+                                                          "fortran_order": False, "shape": shape})
+            for shard in range(self.n_shards):
+                start, stop = self.bounds(shard)
+                rows = np.load(self._paths(shard)[0])[keep[start:stop]]
+                handle.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def assemble(self) -> tuple[np.ndarray, dict[int, str]]:
         parts, failed = [], {}

@@ -96,7 +96,9 @@ def extract(
     feature: Annotated[str, typer.Option(
         help="cls-prenorm: CLS of the last block before the final LayerNorm (MSN). "
              "cls-postnorm: last_hidden_state[:, 0].")] = FEATURE_PRENORM,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 64,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", "-b", help="Images decoded per batch; a forward pass takes at most this many (fewer on "
+                                   "the CPU and for large-token models, to stay in cache and memory).")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(
         help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, "
@@ -106,6 +108,9 @@ def extract(
     max_pixels: Annotated[int, typer.Option(
         help="Refuse (skip and report) images with more pixels than this: a guard against decompression "
              "bombs.")] = DEFAULT_MAX_PIXELS,
+    engine: Annotated[str, typer.Option(
+        help="auto: lowshot's fast forward where it covers the model (ViT, ViTMSN, DeiT), else the stock "
+             "transformers one; fast; stock. Same features up to float rounding (not in the cache key).")] = "auto",
     cache_dir: CacheDir = None,
 ) -> None:
     """Run every train and test image through the backbone once and store the CLS features in the cache.
@@ -122,13 +127,15 @@ def extract(
         run = extract_features(model, data, revision=revision, train_split=train_split, test_split=test_split,
                                image_column=image_column, label_column=label_column, transform=transform,
                                feature=feature, batch_size=batch_size, device=device, dtype=dtype,
-                               cache_dir=cache_dir, strict=strict, max_pixels=max_pixels, progress=progress)
+                               cache_dir=cache_dir, strict=strict, max_pixels=max_pixels, engine=engine,
+                               progress=progress)
     if not main_rank:
         return
     s = run.settings
     ranks = f" · {s['world_size']} processes" if s.get("world_size", 1) > 1 else ""
     err.print(f"model {run.model} · {s['feature']} · {s['dtype']} ({s['dtype_reason']}) · {s['device']} · "
-              f"transform {s['transform']['name']}{ranks}", highlight=False)
+              f"engine {s['engine']} ({s['engine_reason']}) · transform {s['transform']['name']}{ranks}",
+              highlight=False)
     for split in run.splits():
         f = split.features
         if split.cached:

@@ -100,7 +100,6 @@ def run_probe(
         raise BadInputError(f"--n-boot {n_boot}: need at least one bootstrap replicate")
     subsets = draw_subsets(train, shots=shots, percents=percents, seeds=seeds, split_files=split_files,
                            allow_fewer=allow_fewer)
-    x_train = preprocess(np.asarray(train.features))
     x_test = preprocess(np.asarray(test.features))
     y_train, y_test = np.asarray(train.labels), np.asarray(test.labels)
     rows = []
@@ -108,7 +107,8 @@ def run_probe(
     warm: dict[int, np.ndarray] = {}
     task = f"probe ({len(subsets) * len(classifiers)} fits)"
     for i, subset in enumerate(subsets):
-        x, y = x_train[subset.indices], y_train[subset.indices]
+        # row-wise preprocessing of the subset's rows only: the pool may be a memory-mapped ImageNet train split
+        x, y = preprocess(np.asarray(train.features[subset.indices])), y_train[subset.indices]
         for j, classifier in enumerate(classifiers):
             if progress:
                 progress(task, i * len(classifiers) + j, len(subsets) * len(classifiers))
@@ -116,13 +116,17 @@ def run_probe(
             row = {"split": subset.split, "shots": subset.shots, "percent": subset.percent, "seed": subset.seed,
                    "classifier": classifier}
             if classifier == "logistic":
+                start_from = warm.get(subset.seed)  # nested subsets of a seed: warm start from the last
                 if lam == "auto":
-                    chosen, scores = select_lambda(x, y, backend=backend, seed=subset.seed)
+                    cv_coefs: dict[float, np.ndarray] = {}
+                    chosen, scores = select_lambda(x, y, backend=backend, seed=subset.seed, coefs=cv_coefs)
                     source = "cv" if scores is not None else "default (CV needs 2+ images per class)"
+                    if chosen in cv_coefs and cv_coefs[chosen].shape[0] == len(train.classes):
+                        start_from = cv_coefs[chosen]  # the folds' mean solution: about half the iterations
                 else:
                     chosen, source = float(lam), "fixed"
                 model = LogisticProbe(chosen, backend=backend, preprocess=False)
-                model.fit(x, y, coef_init=warm.get(subset.seed))  # nested subsets of a seed: warm start
+                model.fit(x, y, coef_init=start_from)
                 if len(model.classes_) == len(train.classes):
                     warm[subset.seed] = model.coef_
                 fitted = {"lambda": chosen, "lambda_source": source, "n_iter": model.n_iter_}

@@ -138,13 +138,16 @@ def extract_features(
     strict: bool = False,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    engine: str = "auto",
     progress: Progress | None = None,
 ) -> Extraction:
     """Extract CLS features of the train and test splits of ``data`` with ``model`` into the cache.
 
     Each split is looked up first: a cache hit loads the stored features without decoding an image or loading
     the model. Unreadable images, and images over ``max_pixels``, are skipped and reported (``strict=True``
-    makes them an error). Interrupted runs resume from the last finished shard.
+    makes them an error). Interrupted runs resume from the last finished shard. ``engine`` (auto, fast, stock)
+    picks the forward (see ``load_backbone``); it is recorded, not part of the cache key: both compute the same
+    features up to float rounding (tests/test_fastpath.py).
     """
     if batch_size < 1:
         raise BadInputError(f"--batch-size {batch_size}: must be at least 1")
@@ -166,7 +169,8 @@ def extract_features(
             found = cache.load(key)
             if dist.broadcast(found is None):  # rank 0 decides, so every rank takes the same path
                 if backbone is None:
-                    backbone = load_backbone(plan.ref, device=device, dtype=dtype, feature=feature)
+                    backbone = load_backbone(plan.ref, device=device, dtype=dtype, feature=feature,
+                                             engine=engine)
                 if dist.active:
                     results[split.name] = _extract_split_distributed(backbone, split, plan, key, cache, dist,
                                                                      **options)
@@ -181,7 +185,11 @@ def extract_features(
             results[split.name] = SplitFeatures(split.name, found, cached=True,
                                                 skipped=found.manifest.get("skipped", {}))
         train, test = results[plan.dataset.train.name], results[plan.dataset.test.name]
-        settings = {**plan.settings, "world_size": dist.world_size}
+        if backbone is not None:
+            engine_used = {"engine": backbone.engine, "engine_reason": backbone.engine_reason}
+        else:  # all cache hits: say which engine computed the stored features
+            engine_used = {"engine": train.features.manifest.get("engine", "stock"), "engine_reason": "cached"}
+        settings = {**plan.settings, **engine_used, "world_size": dist.world_size}
         if dist.is_main:
             cache.record_run({"model": model, "data": plan.dataset.source, "train_key": train.features.key,
                               "test_key": test.features.key, "train_split": train.split, "test_split": test.split,
@@ -262,7 +270,7 @@ def _extract_split(backbone: Backbone, split: Split, plan: Plan, key: str, cache
     store = ShardStore(cache.partial_dir(key), n_items=len(split), shard_size=SHARD_TARGET, dim=backbone.dim)
     todo = [s for s in range(store.n_shards) if not store.done(s)]
     embedded = _compute_shards(backbone, split, plan, store, todo, progress=progress, **options)
-    return _assemble(split, plan, key, cache, store, backbone.dim, embedded, started)
+    return _assemble(split, plan, key, cache, store, backbone, embedded, started)
 
 
 def _extract_split_distributed(backbone: Backbone, split: Split, plan: Plan, key: str, cache: FeatureCache,
@@ -285,7 +293,7 @@ def _extract_split_distributed(backbone: Backbone, split: Split, plan: Plan, key
     result = None
     if dist.is_main:
         with cache.lock(key):
-            result = _assemble(split, plan, key, cache, store, backbone.dim, embedded, started)
+            result = _assemble(split, plan, key, cache, store, backbone, embedded, started)
     dist.barrier()
     if result is None:
         found = cache.load(key)
@@ -343,10 +351,10 @@ def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardSt
     return embedded
 
 
-def _assemble(split: Split, plan: Plan, key: str, cache: FeatureCache, store: ShardStore, dim: int,
+def _assemble(split: Split, plan: Plan, key: str, cache: FeatureCache, store: ShardStore, backbone: Backbone,
               embedded: int, started: float) -> SplitFeatures:
-    """Concatenate the finished shards, drop unreadable items, commit the entry, discard the shards."""
-    features, failed = store.assemble()
+    """Join the finished shards (streamed), drop unreadable items, commit the entry, discard the shards."""
+    failed = store.failed()
     keep = np.ones(len(split), dtype=bool)
     keep[list(failed)] = False
     if not keep.any():
@@ -356,11 +364,14 @@ def _assemble(split: Split, plan: Plan, key: str, cache: FeatureCache, store: Sh
     manifest = {
         "ids": ids, "classes": split.classes, "split": split.name, "data": split.source,
         "data_identity": split.identity, "model": plan.ref.name, "model_identity": plan.ref.identity,
-        "model_info": plan.ref.info, **plan.settings, "n": int(keep.sum()), "dim": dim,
+        "model_info": plan.ref.info, **plan.settings, "engine": backbone.engine,
+        "forward_batch": backbone.forward_batch, "n": int(keep.sum()), "dim": backbone.dim,
         "skipped": skipped, "created": now_iso(),
         "versions": {"lowshot": __version__, "torch": torch.__version__, "transformers": _version("transformers")},
     }
-    stored = cache.commit(key, features[keep], split.labels[keep], manifest)
+    assembled = cache.partial_dir(key) / "features.npy"
+    store.write_npy(assembled, keep)  # streamed shard by shard: peak memory does not grow with the split
+    stored = cache.commit(key, assembled, split.labels[keep], manifest)
     store.discard()
     return SplitFeatures(split.name, stored, cached=False, seconds=time.perf_counter() - started,
                          images=embedded, skipped=skipped)

@@ -35,13 +35,14 @@ def make_image_folder(root: Path, *, classes: int = 3, train: int = 6, test: int
     return root
 
 
-def save_random_msn(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, image_size: int = 224) -> Path:
+def save_random_msn(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, image_size: int = 224,
+                    patch_size: int = 16) -> Path:
     import torch
     from transformers import ViTMSNConfig, ViTMSNModel
 
     torch.manual_seed(seed)
     config = ViTMSNConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                          intermediate_size=2 * hidden, image_size=image_size, patch_size=16)
+                          intermediate_size=2 * hidden, image_size=image_size, patch_size=patch_size)
     ViTMSNModel(config).save_pretrained(path)
     return path
 

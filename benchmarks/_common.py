@@ -1,0 +1,62 @@
+"""Shared helpers of the benchmarks: the machine's description, timing, and writing JSON + markdown results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+
+
+def machine() -> dict:
+    """CPU model and the flags that decide the kernels, core count, load, library versions."""
+    import torch
+
+    info = {"cpu": platform.processor() or "unknown", "cpu_model_number": None, "flags": [],
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average_at_start": os.getloadavg()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "model name" and info["cpu"] in ("unknown", "x86_64", ""):
+                info["cpu"] = value
+            elif key == "model" and info["cpu_model_number"] is None:
+                info["cpu_model_number"] = int(value)
+            elif key == "flags" and not info["flags"]:
+                present = set(value.split())
+                info["flags"] = [f for f in CPU_FLAGS_OF_INTEREST if f in present]
+    except OSError:
+        pass
+    return info
+
+
+def describe(info: dict) -> str:
+    return (f"{info['cpu']} (model {info['cpu_model_number']}), {info['cores']} cores, flags: "
+            f"{' '.join(info['flags']) or 'none of interest'}; torch {info['torch']}, "
+            f"{info['torch_threads']} threads; load average at start {info['load_average_at_start'][0]:.2f}")
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - start, out
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def write(name: str, payload: dict, markdown: str, *, out_dir: Path = RESULTS) -> tuple[Path, Path]:
+    """``<name>.json`` and ``<name>.md`` side by side."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    json_path.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n")
+    md_path.write_text(markdown.rstrip() + "\n")
+    return json_path, md_path

@@ -1,0 +1,213 @@
+"""A lean inference forward for Hugging Face ViT-layout backbones (ViT, ViTMSN, DeiT): same weights, same math.
+
+The stock forward is kept as the reference and the fallback (``engine="stock"``); this one differs only in how the
+work is scheduled, measured in ``benchmarks/extract_speed.py``:
+
+- one fused QKV GEMM per block instead of three, attention through ``scaled_dot_product_attention``;
+- on the CPU, oneDNN kernels with the weights pre-packed once, GELU fused into fc1 and the residual adds fused into
+  the attention output projection and fc2 (no separate passes over the activations);
+- in the last block only the CLS row goes through the query, attention output and MLP (every token still gives
+  keys and values): the feature reads nothing else;
+- in bfloat16/float16 only the blocks' linear layers and attention run in it; pixels, patch embedding, residual
+  stream and LayerNorms stay in float32, so the features keep a cosine >= 0.999 to float32;
+- no ``output_hidden_states`` bookkeeping.
+
+Anything else -- another architecture, an activation we do not fuse, a module layout this version of
+``transformers`` does not have -- is reported by :func:`unsupported_reason` and runs on the stock path instead.
+Agreement with the stock path is tested (``tests/test_fastpath.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_CLASSES = ("ViTModel", "ViTMSNModel", "DeiTModel")
+# transformers' activation names -> oneDNN's GELU algorithm ("none" is the exact erf GELU, as nn.GELU()).
+GELU_ALGORITHMS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
+PACKED_DTYPES = (torch.float32, torch.bfloat16)  # dtypes oneDNN's prepacked linear kernels take on the CPU
+
+
+def unsupported_reason(net: nn.Module) -> str | None:
+    """Why the fast path cannot run ``net`` exactly (None when it can). Checks the layout, not just the name."""
+    name = type(net).__name__
+    if name not in SUPPORTED_CLASSES:
+        return f"{name} is not one of {', '.join(SUPPORTED_CLASSES)}"
+    config = net.config
+    act = getattr(config, "hidden_act", None)
+    if not isinstance(act, str) or act not in GELU_ALGORITHMS:
+        return f"activation {act!r} is not one of {', '.join(GELU_ALGORITHMS)}"
+    emb = getattr(net, "embeddings", None)
+    proj = getattr(getattr(emb, "patch_embeddings", None), "projection", None)
+    if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.padding != (0, 0) \
+            or proj.groups != 1 or proj.dilation != (1, 1):
+        return "patch embedding is not a non-overlapping Conv2d"
+    if getattr(emb, "cls_token", None) is None or getattr(emb, "position_embeddings", None) is None:
+        return "no CLS token or position embeddings"
+    layers = getattr(net, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or not isinstance(getattr(net, "layernorm", None),
+                                                                                  nn.LayerNorm):
+        return "no 'layers' list and final 'layernorm' (a transformers version with another module layout)"
+    hidden = config.hidden_size
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "attention", None), getattr(layer, "mlp", None)
+        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(mlp, n, None) for n in ("fc1", "fc2")]
+        norms = [getattr(layer, n, None) for n in ("layernorm_before", "layernorm_after")]
+        if not all(isinstance(m, nn.Linear) for m in linears) or not all(isinstance(m, nn.LayerNorm) for m in norms):
+            return f"layer {i} does not have q/k/v/o_proj, fc1/fc2 and layernorm_before/after"
+        heads, head_dim = getattr(attn, "num_attention_heads", 0), getattr(attn, "head_dim", 0)
+        if heads * head_dim != linears[0].out_features or linears[3].out_features != hidden:
+            return f"layer {i}: attention shapes are not heads x head_dim"
+        if abs(getattr(attn, "scaling", head_dim ** -0.5) - head_dim ** -0.5) > 1e-12:
+            return f"layer {i}: attention scaling is not 1/sqrt(head_dim)"
+    return None
+
+
+def _packable(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN's prepacked linear runs here (CPU builds without it, or without the op for this dtype, use F.linear)."""
+    if device.type != "cpu" or dtype not in PACKED_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype), 4)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(4, 8, dtype=dtype), w, None, "gelu", [], "none")
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return True
+
+
+class _Linear:
+    """y = x W^T + b, optionally with GELU or a residual add fused in (oneDNN on the CPU, plain torch elsewhere)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, dtype: torch.dtype, packed: bool,
+                 rows_hint: int):
+        self.packed = packed
+        self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
+        weight = weight.detach().to(dtype).contiguous()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint) if packed else weight
+
+    def __call__(self, x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
+        if self.packed:
+            if gelu is None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], gelu)
+        y = F.linear(x, self.weight, self.bias)
+        return y if gelu is None else F.gelu(y, approximate=gelu)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + x W^T + b: fused when the residual has the compute dtype, else added in the residual's."""
+        if residual.dtype != x.dtype:
+            return residual + self(x)
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), self.weight, self.bias, "add")
+        return F.linear(x, self.weight, self.bias).add_(residual)
+
+
+def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
+    biases = [m.bias for m in linears]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b if b is not None else torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device)
+                      for b, m in zip(biases, linears, strict=True)])
+
+
+class _Norm:
+    """LayerNorm in the residual stream's dtype (float32 for reduced-precision compute), output in the compute dtype."""
+
+    def __init__(self, norm: nn.LayerNorm, *, stream: torch.dtype, compute: torch.dtype):
+        self.shape, self.eps, self.compute = norm.normalized_shape, norm.eps, compute
+        self.weight = None if norm.weight is None else norm.weight.detach().to(stream).clone()
+        self.bias = None if norm.bias is None else norm.bias.detach().to(stream).clone()
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(h, self.shape, self.weight, self.bias, self.eps).to(self.compute)
+
+
+class _Block:
+    def __init__(self, layer: nn.Module, *, stream: torch.dtype, compute: torch.dtype, packed: bool, rows_hint: int,
+                 last: bool):
+        attn, mlp = layer.attention, layer.mlp
+        self.heads, self.head_dim = attn.num_attention_heads, attn.head_dim
+        self.norm1 = _Norm(layer.layernorm_before, stream=stream, compute=compute)
+        self.norm2 = _Norm(layer.layernorm_after, stream=stream, compute=compute)
+        linear = {"dtype": compute, "packed": packed, "rows_hint": rows_hint}
+        q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+        if last:  # only the CLS row needs a query; every token needs a key and a value
+            self.q = _Linear(q.weight, q.bias, **linear)
+            self.kv = _Linear(torch.cat([k.weight, v.weight]), _cat_bias(k, v), **linear)
+        else:
+            self.qkv = _Linear(torch.cat([q.weight, k.weight, v.weight]), _cat_bias(q, k, v), **linear)
+        self.out = _Linear(attn.o_proj.weight, attn.o_proj.bias, **linear)
+        self.fc1 = _Linear(mlp.fc1.weight, mlp.fc1.bias, **linear)
+        self.fc2 = _Linear(mlp.fc2.weight, mlp.fc2.bias, **linear)
+        self.last = last
+
+    def __call__(self, h: torch.Tensor, gelu: str) -> torch.Tensor:
+        n, tokens, _ = h.shape
+        y = self.norm1(h)
+        if self.last:
+            kv = self.kv(y).view(n, tokens, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q = self.q(y[:, :1].contiguous()).view(n, 1, self.heads, self.head_dim).transpose(1, 2)
+            k, v = kv[0], kv[1]
+            h = h[:, :1]
+        else:
+            qkv = self.qkv(y).view(n, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, q.shape[2], -1)
+        h = self.out.add(a, h)
+        return self.fc2.add(self.fc1(self.norm2(h), gelu), h)
+
+
+class FastViT:
+    """Features of a ViT-layout ``net`` (see :func:`unsupported_reason`): ``(N, 3, H, W)`` -> CLS ``(N, hidden)``.
+
+    ``dtype`` (default: the net's) is the compute dtype of the blocks' linear layers and attention. With bfloat16
+    or float16 the pixels, the patch embedding (about 1% of the work), the residual stream, the LayerNorms and the
+    feature stay in float32: pixels rounded to bfloat16 alone moved DeiT-Tiny's CLS features to cosine 0.997 of
+    float32 on an Imagenette photo (as did stock bf16 autocast, which rounds them too). Build it from the float32
+    net to keep those parameters exact; pass float32 pixels.
+    ``rows_hint`` (images x tokens per forward) only tunes oneDNN's weight packing; any batch size works."""
+
+    def __init__(self, net: nn.Module, *, dtype: torch.dtype | None = None, rows_hint: int = 64 * 197):
+        reason = unsupported_reason(net)
+        if reason is not None:
+            raise ValueError(f"the fast path does not cover this model: {reason}")
+        emb = net.embeddings
+        conv = emb.patch_embeddings.projection
+        self.device = conv.weight.device
+        self.dtype = dtype or conv.weight.dtype
+        self.stream = torch.float32 if self.dtype in (torch.bfloat16, torch.float16) else self.dtype
+        self.packed = _packable(self.device, self.dtype)
+        self.patch_weight = conv.weight.detach().to(self.stream).clone()
+        self.patch_bias = None if conv.bias is None else conv.bias.detach().to(self.stream).clone()
+        self.patch_stride = conv.stride
+        self.image_size = tuple(emb.patch_embeddings.image_size)
+        prefix = [emb.cls_token]
+        if getattr(emb, "distillation_token", None) is not None:  # DeiT: CLS, distillation, patches
+            prefix.append(emb.distillation_token)
+        self.prefix = torch.cat(prefix, dim=1).detach().to(self.stream)
+        self.position = emb.position_embeddings.detach().to(self.stream).clone()
+        self.gelu = GELU_ALGORITHMS[net.config.hidden_act]
+        n_layers = len(net.layers)
+        self.blocks = [_Block(layer, stream=self.stream, compute=self.dtype, packed=self.packed, rows_hint=rows_hint,
+                              last=i == n_layers - 1) for i, layer in enumerate(net.layers)]
+        self.final_norm = _Norm(net.layernorm, stream=self.stream, compute=self.stream)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.position.shape[1])
+
+    def accepts(self, pixels: torch.Tensor) -> bool:
+        """Images of the size the position embeddings were trained for (anything else goes to the stock path)."""
+        return tuple(pixels.shape[-2:]) == self.image_size
+
+    def __call__(self, pixels: torch.Tensor, *, postnorm: bool = False) -> torch.Tensor:
+        n = pixels.shape[0]
+        h = F.conv2d(pixels.to(self.stream), self.patch_weight, self.patch_bias, stride=self.patch_stride)
+        h = h.flatten(2).transpose(1, 2)
+        h = torch.cat([self.prefix.expand(n, -1, -1), h], dim=1).add_(self.position)
+        for block in self.blocks:
+            h = block(h, self.gelu)
+        cls = h[:, 0]
+        return self.final_norm(cls) if postnorm else cls

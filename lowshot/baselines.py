@@ -15,30 +15,10 @@ import numpy as np
 import torch
 
 from .errors import BadInputError
-from .probe import preprocess
+from .probe import ScoreClassifier
 
 KNN_K_GRID = (1, 3, 5, 10, 20)  # candidates for leave-one-out; 20 is DINO's k-NN default with all labels
 _BATCH = 4096  # test rows per similarity block (4,096 x 13,000 float32 = 213 MB for ImageNet 1%)
-
-
-class _Base:
-    preprocess: bool
-
-    def _prepare(self, x) -> torch.Tensor:
-        return preprocess(x) if self.preprocess else torch.as_tensor(np.asarray(x), dtype=torch.float32)
-
-    def _labels(self, y) -> np.ndarray:
-        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
-        if len(self.classes_) < 2:
-            raise BadInputError("a classifier needs at least two classes in the training labels")
-        return codes
-
-    def predict(self, x) -> np.ndarray:
-        return self.classes_[self.decision_function(x).argmax(axis=1)]
-
-    def score(self, x, y) -> float:
-        """Top-1 accuracy (a fraction)."""
-        return float(np.mean(self.predict(x) == np.asarray(y)))
 
 
 def _votes(top_sim: torch.Tensor, top_codes: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -82,7 +62,7 @@ def leave_one_out_k(x: torch.Tensor, codes: np.ndarray, *, grid: Sequence[int] =
     return best, scores
 
 
-class KNNClassifier(_Base):
+class KNNClassifier(ScoreClassifier):
     """k nearest neighbours by cosine similarity, majority vote.
 
     ``k="auto"`` (default) picks k by leave-one-out on the training data given to ``fit`` (``k_``, with the
@@ -115,7 +95,7 @@ class KNNClassifier(_Base):
         return torch.cat(blocks).numpy()
 
 
-class NearestClassMean(_Base):
+class NearestClassMean(ScoreClassifier):
     """The class whose mean training feature is most cosine-similar (means re-normalised to unit length)."""
 
     def __init__(self, *, preprocess: bool = True):

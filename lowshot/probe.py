@@ -45,7 +45,34 @@ def preprocess(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-class LogisticProbe:
+class ScoreClassifier:
+    """What the probe and the baselines share, scikit-learn style: row preprocessing, labels -> class codes,
+    ``predict`` from ``decision_function``, and top-1 ``score``."""
+
+    preprocess: bool
+
+    def _prepare(self, x) -> torch.Tensor:
+        return preprocess(x) if self.preprocess else torch.as_tensor(np.asarray(x), dtype=torch.float32)
+
+    def _labels(self, y) -> np.ndarray:
+        """Set ``classes_`` and return each label's index into it (at least two classes are needed)."""
+        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
+        if len(self.classes_) < 2:
+            raise BadInputError(f"{type(self).__name__} needs at least two classes in the training labels")
+        return codes
+
+    def decision_function(self, x) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, x) -> np.ndarray:
+        return self.classes_[self.decision_function(x).argmax(axis=1)]
+
+    def score(self, x, y) -> float:
+        """Top-1 accuracy (a fraction)."""
+        return float(np.mean(self.predict(x) == np.asarray(y)))
+
+
+class LogisticProbe(ScoreClassifier):
     """Multinomial logistic regression without intercept, scikit-learn style.
 
     ``coef_`` has shape (n_classes, dim); ``classes_`` are the labels seen in ``fit``; ``objective_`` is the
@@ -63,19 +90,13 @@ class LogisticProbe:
         self.tol = tol
         self.preprocess = preprocess
 
-    def _prepare(self, x) -> torch.Tensor:
-        return preprocess(x) if self.preprocess else torch.as_tensor(np.asarray(x), dtype=torch.float32)
-
     def fit(self, x, y, *, coef_init: np.ndarray | None = None) -> LogisticProbe:
         if not self.lam > 0:
             raise BadInputError(f"--lambda {self.lam}: must be positive")
         if self.backend not in BACKENDS:
             raise BadInputError(f"backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
         xt = self._prepare(x)
-        y = np.asarray(y)
-        self.classes_, codes = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise BadInputError("the probe needs at least two classes in the training labels")
+        codes = self._labels(y)
         if self.backend == "sklearn":
             tol = SKLEARN_TOL if self.tol is None else self.tol
             coef, n_iter = _fit_sklearn(xt.numpy(), codes, self.lam, self.max_iter, tol)
@@ -90,13 +111,6 @@ class LogisticProbe:
 
     def decision_function(self, x) -> np.ndarray:
         return (self._prepare(x) @ torch.as_tensor(self.coef_).T).numpy()
-
-    def predict(self, x) -> np.ndarray:
-        return self.classes_[self.decision_function(x).argmax(axis=1)]
-
-    def score(self, x, y) -> float:
-        """Top-1 accuracy (a fraction)."""
-        return float(np.mean(self.predict(x) == np.asarray(y)))
 
 
 def objective(coef: np.ndarray, x: torch.Tensor, codes: np.ndarray, lam: float) -> float:

@@ -60,3 +60,10 @@ def write(name: str, payload: dict, markdown: str, *, out_dir: Path = RESULTS) -
     json_path.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n")
     md_path.write_text(markdown.rstrip() + "\n")
     return json_path, md_path
+
+
+def publish(name: str, payload: dict, markdown: str, *, out_dir: Path = RESULTS) -> None:
+    """Write ``<name>.json`` + ``.md`` and print the markdown and where it went."""
+    json_path, md_path = write(name, payload, markdown, out_dir=out_dir)
+    print(markdown)
+    print(f"wrote {json_path} and {md_path}")

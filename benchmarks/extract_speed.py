@@ -26,13 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, describe, machine, median, write  # noqa: E402
+from benchmarks._common import RESULTS, describe, machine, median, publish  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENETTE = REPO.parent / "shared" / "data" / "datasets" / "imagenette2-224"
@@ -110,18 +109,10 @@ def matmul_limit(reps: int) -> dict:
 
 # -- 2./3. the model alone ----------------------------------------------------------------------------------------
 def real_batch(n: int = BATCH) -> torch.Tensor:
-    from PIL import Image
-
     from lowshot.transforms import msn_transform
 
     files = sorted((IMAGENETTE / "val").glob("*/*.JPEG"))
-    files = files[:: max(1, len(files) // n)][:n]
-    tf = msn_transform()
-    crops = []
-    for f in files:
-        with Image.open(f) as image:
-            crops.append(tf(image))
-    return tf.normalize(torch.from_numpy(np.stack(crops)))
+    return msn_transform().load(files[:: max(1, len(files) // n)][:n])
 
 
 def model_rates(model_dir: Path, reps: int) -> dict:
@@ -266,9 +257,7 @@ def main() -> None:
     payload = {"machine": info, "limit": limit, "model": model, "process": process, "peak_rss": rss,
                "summary": summary, "seconds_total": time.perf_counter() - started,
                "command": "HF_HUB_OFFLINE=1 python benchmarks/extract_speed.py " + " ".join(sys.argv[1:])}
-    paths = write("extract_speed", payload, render(payload), out_dir=args.out or RESULTS)
-    print(render(payload))
-    print(f"wrote {paths[0]} and {paths[1]}")
+    publish("extract_speed", payload, render(payload), out_dir=args.out or RESULTS)
 
 
 def render(p: dict) -> str:

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, describe, machine, write  # noqa: E402
+from benchmarks._common import RESULTS, describe, machine, publish  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -86,9 +86,7 @@ def main() -> None:
     payload = {"machine": info, "variants": out, "n_train": len(data["train"][1]), "n_test": len(data["val"][1]),
                "seconds_total": time.perf_counter() - started,
                "command": "python benchmarks/fidelity.py " + " ".join(sys.argv[1:])}
-    paths = write("fidelity", payload, render(payload), out_dir=args.out)
-    print(render(payload))
-    print(f"wrote {paths[0]} and {paths[1]}")
+    publish("fidelity", payload, render(payload), out_dir=args.out)
 
 
 def render(p: dict) -> str:

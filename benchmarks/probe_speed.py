@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, describe, machine, median, write  # noqa: E402
+from benchmarks._common import RESULTS, describe, machine, median, publish  # noqa: E402
 from lowshot.probe import LogisticProbe, objective, preprocess  # noqa: E402
 
 LAMBDA = 0.0025  # MSN README, 5 images per class
@@ -160,9 +160,7 @@ def main() -> None:
     payload = {"machine": info, "solver": comparison, "protocol": full,
                "seconds_total": time.perf_counter() - started,
                "command": "python benchmarks/probe_speed.py " + " ".join(sys.argv[1:])}
-    paths = write("probe_speed", payload, render(payload), out_dir=args.out)
-    print(render(payload))
-    print(f"wrote {paths[0]} and {paths[1]}")
+    publish("probe_speed", payload, render(payload), out_dir=args.out)
 
 
 def render(p: dict) -> str:

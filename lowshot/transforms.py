@@ -56,6 +56,15 @@ class ImageTransform:
             image = center_crop(image, self.crop)
         return np.asarray(image, dtype=np.uint8)
 
+    def load(self, paths, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Image files -> the normalised batch (N, 3, crop, crop) that extraction feeds the model (for notebooks,
+        checks and benchmarks; extraction itself decodes on worker threads)."""
+        crops = []
+        for path in paths:
+            with Image.open(path) as image:
+                crops.append(self(image))
+        return self.normalize(torch.from_numpy(np.stack(crops)), dtype)
+
     def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> normalised float (N, 3, H, W), as ToTensor + Normalize."""
         scale = (1.0 / (torch.tensor(self.std, dtype=torch.float32) * 255.0)).view(1, 3, 1, 1)

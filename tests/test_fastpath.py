@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from lowshot import backbones
 from lowshot.backbones import FEATURE_POSTNORM, FEATURE_PRENORM, choose_forward_batch, load_backbone
@@ -36,13 +35,7 @@ def save_random(path, kind, **overrides):
 
 def real_pixels(n=6):
     require_shared()
-    files = sorted((IMAGENETTE / "val").glob("*/*.JPEG"))[:: 400][:n]
-    tf = msn_transform()
-    crops = []
-    for f in files:
-        with Image.open(f) as image:
-            crops.append(tf(image))
-    return tf.normalize(torch.from_numpy(np.stack(crops)))
+    return msn_transform().load(sorted((IMAGENETTE / "val").glob("*/*.JPEG"))[:: 400][:n])
 
 
 def both(path, feature, **kw):
@@ -94,12 +87,7 @@ SENSITIVE = ("val/n02979186/n02979186_10402.JPEG", "train/n03445777/ILSVRC2012_v
 @pytest.mark.slow
 def test_bfloat16_fast_path_stays_within_cosine_0999_of_float32_on_real_deit_tiny():
     require_shared()
-    tf = msn_transform()
-    crops = []
-    for name in SENSITIVE:
-        with Image.open(IMAGENETTE / name) as image:
-            crops.append(tf(image))
-    pixels = torch.cat([tf.normalize(torch.from_numpy(np.stack(crops))), real_pixels(4)])
+    pixels = torch.cat([msn_transform().load(IMAGENETTE / name for name in SENSITIVE), real_pixels(4)])
     reference = load_backbone(str(DEIT_TINY), device="cpu", dtype="float32", engine="stock").embed(pixels)
     bf16 = load_backbone(str(DEIT_TINY), device="cpu", dtype="bfloat16")
     assert bf16.engine == "fast"

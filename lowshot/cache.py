@@ -310,11 +310,6 @@ class ShardStore:
             raise CacheError(f"cannot write shard {shard} to {self.folder} ({exc.strerror or exc}); finished "
                              "shards are kept: free space or pick another --cache-dir, then rerun to resume") from exc
 
-    def read(self, shard: int) -> tuple[np.ndarray, dict[int, str]]:
-        array, info = self._paths(shard)
-        failed = json.loads(info.read_text())["failed"]
-        return np.load(array), {int(k): v for k, v in failed.items()}
-
     def failed(self) -> dict[int, str]:
         """Items of all shards that could not be read (index -> reason)."""
         failed: dict[int, str] = {}
@@ -336,14 +331,6 @@ class ShardStore:
                 handle.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
             handle.flush()
             os.fsync(handle.fileno())
-
-    def assemble(self) -> tuple[np.ndarray, dict[int, str]]:
-        parts, failed = [], {}
-        for shard in range(self.n_shards):
-            features, shard_failed = self.read(shard)
-            parts.append(features)
-            failed.update(shard_failed)
-        return (np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)), failed
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

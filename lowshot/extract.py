@@ -22,6 +22,7 @@ from PIL import Image
 from . import __version__, distributed
 from .backbones import (
     DEFAULT_MODEL,
+    ENGINES,
     FEATURE_PRENORM,
     Backbone,
     ModelRef,
@@ -153,6 +154,8 @@ def extract_features(
         raise BadInputError(f"--batch-size {batch_size}: must be at least 1")
     if max_pixels < 1:
         raise BadInputError(f"--max-pixels {max_pixels}: must be positive")
+    if engine not in ENGINES:  # checked up front: a cache hit never reaches load_backbone's own check
+        raise BadInputError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
     cache = FeatureCache(cache_dir)
     cache.ensure_writable()
     dist, device = distributed.setup(device)

@@ -124,6 +124,7 @@ def test_extract_errors_are_one_clear_line(tiny_model, image_data, cache_dir, tm
         (["--model", tiny_model, "--data", image_data, "--dtype", "int3"], "--dtype 'int3'"),
         (["--model", tiny_model, "--data", image_data, "--transform", "fancy"], "--transform 'fancy'"),
         (["--model", tiny_model, "--data", image_data, "--batch-size", "0"], "--batch-size 0"),
+        (["--model", tiny_model, "--data", image_data, "--engine", "warp"], "--engine 'warp'"),
     ]
     for args, message in cases:
         result = invoke("extract", *args)

@@ -47,7 +47,7 @@ def load_pixels(split: str, per_class: int) -> tuple[torch.Tensor, np.ndarray, l
 def main() -> None:
     from lowshot.backbones import load_backbone
     from lowshot.cache import Features
-    from lowshot.experiment import run_probe
+    from lowshot.protocol import run_probe
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-per-class", type=int, default=30)

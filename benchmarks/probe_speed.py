@@ -114,7 +114,7 @@ def imagenet_sized_features(root: Path):
 
 
 def protocol(root: Path, seeds: int) -> dict:
-    from lowshot.experiment import run_probe
+    from lowshot.protocol import run_probe
 
     started = time.perf_counter()
     cache, train, test = imagenet_sized_features(root)

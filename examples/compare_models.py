@@ -29,7 +29,7 @@ if not random_init.is_dir():
     make_random_model(deit, random_init, seed=0)
 models = {"deit-tiny": deit, "deit-tiny-random": random_init}
 
-# %% Features (cached) and the protocol, with the k-NN / nearest-class-mean baselines and bootstrap CIs
+# %% Features (cached) and the protocol, with the k-NN / nearest-class-mean classifiers and bootstrap CIs
 results = {}
 for name, path in models.items():
     run = lowshot.extract_features(str(path), str(data), dtype="float32")

@@ -14,8 +14,8 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "extract_features": "extract", "load_features": "extract", "run_probe": "experiment",
-    "LogisticProbe": "probe", "KNNClassifier": "baselines", "NearestClassMean": "baselines",
+    "extract_features": "extract", "load_features": "extract", "run_probe": "protocol",
+    "LogisticProbe": "probe", "KNNClassifier": "neighbors", "NearestClassMean": "neighbors",
     "Results": "results", "FeatureCache": "cache", "compare": "report", "gate": "report",
     "build_report": "report", "plot_comparison": "plot", "load_config": "bench", "run_bench": "bench",
 }

@@ -18,7 +18,7 @@ import torch
 
 from .config import DEFAULT_MODEL, FEATURE_POSTNORM, FEATURE_PRENORM, FEATURES  # noqa: F401 (re-exported)
 from .errors import BadInputError, ModelLoadError
-from .fastpath import FastViT, unsupported_reason
+from .fast_engine import FastViT, unsupported_reason
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -44,7 +44,7 @@ class Backbone:
     feature: str = FEATURE_PRENORM
     dtype_reason: str = ""
     info: dict = field(default_factory=dict)
-    engine: str = "stock"  # which forward runs: "fast" (lowshot.fastpath) or "stock" (the transformers model)
+    engine: str = "stock"  # which forward runs: "fast" (lowshot.fast_engine) or "stock" (the transformers model)
     engine_reason: str = ""
     fast: FastViT | None = None
     forward_batch: int = 64  # at most this many images per forward pass (embed splits bigger batches)
@@ -84,7 +84,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+ENV_CPU_FLAGS = "LOWSHOT_CPU_FLAGS"  # e.g. "avx512_bf16 amx_bf16" or "": pretend the CPU has exactly these flags
+
+
 def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo), or the ones ``LOWSHOT_CPU_FLAGS`` names when it is set, so that the
+    test suite (and a user reproducing another machine's choice) can force the detection either way."""
+    forced = os.environ.get(ENV_CPU_FLAGS)
+    if forced is not None:
+        return set(forced.replace(",", " ").split())
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -200,7 +208,7 @@ def load_backbone(
 ) -> Backbone:
     """Load ``model`` frozen and in eval mode, ready for :meth:`Backbone.embed`.
 
-    ``engine``: ``"fast"`` runs :mod:`lowshot.fastpath` (an error if it does not cover the model), ``"stock"`` the
+    ``engine``: ``"fast"`` runs :mod:`lowshot.fast_engine` (an error if it does not cover the model), ``"stock"`` the
     transformers forward, ``"auto"`` the fast path where it covers the model and the stock one elsewhere."""
     if feature not in FEATURES:
         raise BadInputError(f"--feature {feature!r}: expected one of {', '.join(FEATURES)}")
@@ -246,7 +254,7 @@ def use_engine(backbone: Backbone, engine: str = "auto") -> Backbone:
                                            stock=why_not is not None)
     if why_not is None:
         backbone.fast = FastViT(net, dtype=backbone.dtype, rows_hint=backbone.forward_batch * tokens)
-        backbone.engine, backbone.engine_reason = "fast", "lowshot.fastpath covers " + type(net).__name__
+        backbone.engine, backbone.engine_reason = "fast", "lowshot.fast_engine covers " + type(net).__name__
     else:
         backbone.fast = None
         backbone.engine, backbone.engine_reason = "stock", why_not

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInputError, DataError, MissingDependencyError
-from .experiment import CLASSIFIERS, Progress, run_probe
 from .extract import extract_features
 from .probe import DEFAULT_LAMBDA
+from .protocol import CLASSIFIERS, Progress, run_probe
 from .report import DEFAULT_MAX_DROP, Comparison, build_report, gate
 from .results import Results
 from .stats import DEFAULT_N_BOOT

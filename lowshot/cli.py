@@ -204,8 +204,8 @@ def probe(
 ) -> None:
     """Fit the MSN logistic probe on k-shot / percent subsets of the cached train features and report top-1 on
     the whole test split, mean ± std over seeds."""
-    from .experiment import run_probe
     from .extract import load_features
+    from .protocol import run_probe
     from .render import progress_callback, results_table
     from .results import FORMATS
 
@@ -334,7 +334,7 @@ def _gate_verdict(comparison) -> None:
 @_friendly
 def bench(
     config: Annotated[Path, typer.Argument(help="Benchmark config (TOML): models, data, splits, seeds, λ, "
-                                                "classifiers, baselines; paths relative to it.",
+                                                "classifiers, baseline results to gate against; paths relative to it.",
                                            show_default=False)],
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Output folder [default: the config's 'output', else out/<config name> beside "

@@ -148,7 +148,7 @@ def extract_features(
     the model. Unreadable images, and images over ``max_pixels``, are skipped and reported (``strict=True``
     makes them an error). Interrupted runs resume from the last finished shard. ``engine`` (auto, fast, stock)
     picks the forward (see ``load_backbone``); it is recorded, not part of the cache key: both compute the same
-    features up to float rounding (tests/test_fastpath.py).
+    features up to float rounding (tests/test_fast_engine.py).
     """
     if batch_size < 1:
         raise BadInputError(f"--batch-size {batch_size}: must be at least 1")

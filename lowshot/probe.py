@@ -46,7 +46,7 @@ def preprocess(x: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 class ScoreClassifier:
-    """What the probe and the baselines share, scikit-learn style: row preprocessing, labels -> class codes,
+    """What the probe and the neighbour classifiers share, scikit-learn style: row preprocessing, labels -> class codes,
     ``predict`` from ``decision_function``, and top-1 ``score``."""
 
     preprocess: bool

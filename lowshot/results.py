@@ -14,7 +14,7 @@ from .errors import BadInputError
 
 ROW_FIELDS = ("split", "shots", "percent", "seed", "top1", "n_train", "n_test", "lambda", "lambda_source",
               "n_iter", "seconds", "classifier", "k", "ci_low", "ci_high")
-DEFAULT_CLASSIFIER = "logistic"  # rows written before baselines existed have no "classifier" field
+DEFAULT_CLASSIFIER = "logistic"  # rows written before k-NN/NCM existed have no "classifier" field
 FORMATS = ("table", "json", "csv", "markdown")
 
 

@@ -67,6 +67,13 @@ def test_dtype_auto_uses_bfloat16_only_with_native_cpu_support(monkeypatch):
         resolve_dtype("int8", cpu)
 
 
+@pytest.mark.parametrize(("forced", "expected"), [("", torch.float32), ("avx512_bf16", torch.bfloat16),
+                                                  ("avx2,amx_bf16", torch.bfloat16), ("avx512f avx2", torch.float32)])
+def test_lowshot_cpu_flags_forces_the_detection_either_way(monkeypatch, forced, expected):
+    monkeypatch.setenv("LOWSHOT_CPU_FLAGS", forced)
+    assert resolve_dtype("auto", torch.device("cpu"))[0] == expected
+
+
 def test_bfloat16_features_stay_close_to_float32(tiny_model):
     pixels = torch.randn(4, 3, 224, 224)
     fp32 = load_backbone(str(tiny_model), device="cpu", dtype="float32").embed(pixels)

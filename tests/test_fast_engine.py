@@ -1,4 +1,4 @@
-"""The fast forward (lowshot.fastpath) against the stock transformers forward it replaces, and the fallback."""
+"""The fast forward (lowshot.fast_engine) against the stock transformers forward it replaces, and the fallback."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 from lowshot import backbones
 from lowshot.backbones import FEATURE_POSTNORM, FEATURE_PRENORM, choose_forward_batch, load_backbone
 from lowshot.errors import ModelLoadError
-from lowshot.fastpath import unsupported_reason
+from lowshot.fast_engine import unsupported_reason
 from lowshot.transforms import msn_transform
 
 from .conftest import DEIT_TINY, IMAGENETTE, require_shared, save_random_msn

@@ -1,4 +1,4 @@
-"""run_probe with baselines and bootstrap intervals, on synthetic cached features."""
+"""run_probe with k-NN, NCM and bootstrap intervals, on synthetic cached features."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 
 from lowshot.cache import Features
 from lowshot.errors import BadInputError
-from lowshot.experiment import run_probe
+from lowshot.protocol import run_probe
 from lowshot.results import Results
 
 from .test_probe import blobs

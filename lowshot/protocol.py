@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .baselines import KNN_K_GRID, KNNClassifier, NearestClassMean
 from .cache import Features, digest, now_iso
 from .errors import BadInputError, DataError, SplitError
+from .neighbors import KNN_K_GRID, KNNClassifier, NearestClassMean
 from .probe import DEFAULT_LAMBDA, LAMBDA_GRID, LogisticProbe, preprocess, select_lambda
 from .results import Results, interval_key
 from .splits import (
@@ -27,7 +27,7 @@ from .splits import (
 from .stats import CI_LEVEL, DEFAULT_N_BOOT, bootstrap_ci
 
 Progress = Callable[[str, int, int], None]
-CLASSIFIERS = ("logistic", "knn", "ncm")  # the MSN probe, then the baselines (lowshot.baselines)
+CLASSIFIERS = ("logistic", "knn", "ncm")  # the MSN probe, then the neighbour classifiers (lowshot.neighbors)
 
 
 def draw_subsets(train: Features, *, shots: Sequence[int] = (1, 2, 5), percents: Sequence[float] = (1.0,),
@@ -82,7 +82,8 @@ def run_probe(
     meta: dict | None = None,
     progress: Progress | None = None,
 ) -> Results:
-    """Fit the MSN probe (and any baselines in ``classifiers``: ``knn``, ``ncm``) on every subset and score it
+    """Fit the MSN probe (and any neighbour classifiers in ``classifiers``: ``knn``, ``ncm``) on every subset and
+    score it
     on the whole test split.
 
     ``lam`` is a number, or ``"auto"``: cross-validation inside each labelled subset over ``LAMBDA_GRID``

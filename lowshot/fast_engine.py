@@ -14,7 +14,7 @@ work is scheduled, measured in ``benchmarks/extract_speed.py``:
 
 Anything else -- another architecture, an activation we do not fuse, a module layout this version of
 ``transformers`` does not have -- is reported by :func:`unsupported_reason` and runs on the stock path instead.
-Agreement with the stock path is tested (``tests/test_fastpath.py``).
+Agreement with the stock path is tested (``tests/test_fast_engine.py``).
 """
 
 from __future__ import annotations

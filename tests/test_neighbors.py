@@ -1,15 +1,15 @@
 import numpy as np
 import pytest
 
-from lowshot.baselines import KNNClassifier, NearestClassMean, leave_one_out_k
 from lowshot.errors import BadInputError
+from lowshot.neighbors import KNNClassifier, NearestClassMean, leave_one_out_k
 from lowshot.probe import preprocess
 
 from .test_probe import blobs
 
 
 @pytest.mark.parametrize("make", [KNNClassifier, NearestClassMean])
-def test_baselines_classify_separable_blobs_well_and_are_sklearn_shaped(make):
+def test_neighbors_classify_separable_blobs_well_and_are_sklearn_shaped(make):
     x, y = blobs(n_classes=5, per_class=10, dim=32, spread=0.5)
     x_test, y_test = blobs(n_classes=5, per_class=20, dim=32, spread=0.5, seed=0)
     model = make().fit(x, y + 3)

@@ -83,8 +83,7 @@ def run_probe(
     progress: Progress | None = None,
 ) -> Results:
     """Fit the MSN probe (and any neighbour classifiers in ``classifiers``: ``knn``, ``ncm``) on every subset and
-    score it
-    on the whole test split.
+    score it on the whole test split.
 
     ``lam`` is a number, or ``"auto"``: cross-validation inside each labelled subset over ``LAMBDA_GRID``
     (1-shot subsets, where CV is impossible, use ``DEFAULT_LAMBDA``). ``ci=True`` adds a percentile bootstrap

@@ -34,6 +34,7 @@ from .backbones import (
 from .cache import FeatureCache, Features, ShardStore, now_iso, write_json_atomic
 from .config import DEFAULT_MAX_PIXELS
 from .datasets import Dataset, Split, open_dataset
+from .devices import Device
 from .errors import BadInputError, CacheError, DataError
 from .transforms import ImageTransform, msn_transform, processor_transform
 
@@ -322,6 +323,7 @@ def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardSt
     chunks = [range(lo, min(lo + batch_size, hi)) for s in shards for lo, hi in [store.bounds(s)]
               for lo in range(lo, hi, batch_size)]
     decoded = _batched_decode(split, plan.transform, chunks, workers, max_pixels)
+    feeder = Device.for_device(backbone.device)  # pinned uint8 batches, normalised on the device, on accelerators
     embedded = 0
     for shard in shards:
         start, stop = store.bounds(shard)
@@ -337,7 +339,7 @@ def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardSt
                                         f"({reason}); drop --strict to skip and report such files")
                     failed[lo + j] = reason
             if ok:
-                pixels = plan.transform.normalize(torch.from_numpy(np.stack([batch[j][0] for j in ok])))
+                pixels = feeder.stage([batch[j][0] for j in ok], plan.transform)
                 feats = backbone.embed(pixels).numpy()
                 if not np.isfinite(feats).all():
                     bad = [split.ids[lo + ok[j]] for j in np.flatnonzero(~np.isfinite(feats).all(1))[:3]]

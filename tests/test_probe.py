@@ -134,7 +134,7 @@ def test_compact_lbfgs_direction_equals_the_two_loop_recursion():
     hessian = a @ a.T + torch.eye(dim, dtype=torch.float64)
     points = [torch.randn(dim, dtype=torch.float64) for _ in range(8)]
     history, pairs = _History(dim, memory), []
-    for w, w_new in zip(points, points[1:]):  # 7 pairs through a history of 4: the ring buffer wraps
+    for w, w_new in zip(points[:-1], points[1:], strict=True):  # 7 pairs through a history of 4: the ring buffer wraps
         s, y = w_new - w, hessian @ (w_new - w)
         history.push(w_new.float(), w.float(), (hessian @ w_new).float(), (hessian @ w).float())
         pairs = (pairs + [(s, y)])[-memory:]

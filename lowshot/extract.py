@@ -239,7 +239,7 @@ def _ensure_split(split: Split, need: Need, plan: Plan, cache: FeatureCache, dis
         found = found if found is not None else cache.load(key)
         return SplitFeatures(split.name, found, cached=True, skipped=found.manifest.get("skipped", {}),
                              needed=_needed(split, need, found))
-    embedded = 0
+    embedded, grown = 0, False
     model = backbone()
     with contextlib.ExitStack() as stack:
         if not dist.active:
@@ -270,11 +270,13 @@ def _ensure_split(split: Split, need: Need, plan: Plan, cache: FeatureCache, dis
                     cache.grow(key, cache.load(key), store, ids=split.ids, labels=split.labels,
                                manifest=_manifest(split, plan, model, found))
                 store.discard()
+            grown = True
             dist.barrier()
     found = cache.load(key)
     if found is None:
         raise CacheError(f"rank {dist.rank}: cache entry {key} was not written (see rank 0's error)")
-    return SplitFeatures(split.name, found, cached=False, seconds=time.perf_counter() - started, images=embedded,
+    # not grown: another process encoded what we needed while we waited for the lock, and we reuse it
+    return SplitFeatures(split.name, found, cached=not grown, seconds=time.perf_counter() - started, images=embedded,
                          skipped=found.manifest.get("skipped", {}), needed=_needed(split, need, found))
 
 

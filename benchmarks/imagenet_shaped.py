@@ -1,6 +1,6 @@
 """The whole default protocol on an ImageNet-shaped folder, from an empty cache, timed end to end.
 
-    HF_HUB_OFFLINE=1 python benchmarks/imagenet_shaped.py [--tree /work/bench-tree] [--keep-tree]
+    HF_HUB_OFFLINE=1 python benchmarks/imagenet_shaped.py [--tree /work/bench-tree] [--keep-tree] [--plan-only]
 
 Builds an ImageFolder with ImageNet-1k's shape -- 1,000 classes, 1,281,167 train and 50,000 val entries -- out of hard
 links to the Imagenette photos in ../shared/data (so it costs directory entries, not disk), then:
@@ -12,6 +12,9 @@ links to the Imagenette photos in ../shared/data (so it costs directory entries,
    their rate (from its own report), the probe's fit time, and its peak memory;
 3. runs the same command again (everything cached) and times it;
 4. projects the time a full extraction (every train + val image) would take at the measured rate.
+
+``--plan-only`` stops after step 1 and counts the images the default protocol needs (no model, no decoding):
+benchmarks/results/imagenet_shaped_plan.{json,md}.
 
 Class c's images are links to the photos of Imagenette class c mod 10, so top-1 means nothing here (10 groups of
 100 look-alike classes): this measures time and counts, not accuracy. Writes
@@ -26,6 +29,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -82,21 +86,49 @@ def time_listing(tree: Path, memo: Path) -> dict:
     return out
 
 
-def run_probe_command(tree: Path, cache: Path, model: Path, output: Path, log: Path) -> dict:
+def run_probe_command(tree: Path, cache: Path, model: Path, output: Path, log: Path,
+                      limit_minutes: float | None = None) -> dict:
+    """Run the whole command; with ``limit_minutes``, interrupt it (Ctrl-C: finished shards are kept) when it runs
+    longer, and measure what it encoded from its shard files instead."""
     cmd = [sys.executable, "-m", "lowshot", "probe", "--model", str(model), "--data", str(tree),
            "--cache-dir", str(cache), "--output", str(output), "--format", "markdown"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "160"}
     started = time.perf_counter()
+    loads = []
     with open(log, "w") as handle:
-        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        deadline = started + limit_minutes * 60 if limit_minutes else None
+        while proc.poll() is None:
+            time.sleep(5)
+            loads.append(os.getloadavg()[0])
+            if deadline is not None and time.perf_counter() > deadline:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(120)
     seconds = time.perf_counter() - started
     text = log.read_text()
-    if done.returncode != 0:
-        raise SystemExit(f"lowshot probe failed ({done.returncode}); see {log}:\n{text[-2000:]}")
+    interrupted = deadline is not None and proc.returncode != 0 and "interrupted" in text
+    if proc.returncode != 0 and not interrupted:
+        raise SystemExit(f"lowshot probe failed ({proc.returncode}); see {log}:\n{text[-2000:]}")
     encoded = {m.group(1): {"images": int(m.group(2).replace(",", "")), "seconds": float(m.group(3)),
                             "img_per_s": float(m.group(4))} for m in EXTRACTED.finditer(text)}
-    return {"command": " ".join(cmd[1:]), "seconds": round(seconds, 1), "encoded": encoded,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+    out = {"command": " ".join(cmd[1:]), "seconds": round(seconds, 1), "encoded": encoded,
+           "interrupted": interrupted, "load_average_mean": round(sum(loads) / max(1, len(loads)), 2),
+           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+    if interrupted:
+        out["shards"] = shard_rate(cache)
+    return out
+
+
+def shard_rate(cache: Path) -> dict:
+    """Images in the finished shards of an interrupted run, and the steady rate between the first and last shard."""
+    shards = sorted((p.stat().st_mtime, len(json.loads(p.read_text())["rows"]))
+                    for p in cache.glob("partial/*/shard-*.json"))
+    images = sum(n for _, n in shards)
+    if len(shards) < 2:
+        return {"finished_shards": len(shards), "images": images, "img_per_s": None}
+    span = shards[-1][0] - shards[0][0]
+    return {"finished_shards": len(shards), "images": images, "steady_seconds": round(span, 1),
+            "img_per_s": round(sum(n for _, n in shards[1:]) / span, 2)}
 
 
 def main() -> None:
@@ -107,11 +139,15 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=IMAGENET_TRAIN)
     parser.add_argument("--val", type=int, default=IMAGENET_VAL)
     parser.add_argument("--keep-tree", action="store_true", help="keep the hard-link tree (and cache) afterwards")
-    parser.add_argument("--name", default="imagenet_shaped", help="results file name (benchmarks/results/NAME.*)")
+    parser.add_argument("--name", default=None, help="results file name (benchmarks/results/NAME.*)")
+    parser.add_argument("--plan-only", action="store_true", help="list and count the needed images; encode nothing")
+    parser.add_argument("--limit-minutes", type=float, default=None,
+                        help="interrupt the first run after this long and report the rate it measured instead")
     args = parser.parse_args()
+    args.name = args.name or ("imagenet_shaped_plan" if args.plan_only else "imagenet_shaped")
     info = machine()
     print(describe(info), flush=True)
-    tree, work = args.tree / "data", args.tree / "work"
+    tree, work = args.tree / "data", args.tree / ("work-plan" if args.plan_only else "work")
     shape = {"classes": args.classes, "train": args.train, "val": args.val}
     try:
         if (tree / ".complete").is_file() and json.loads((tree / ".complete").read_text()) == shape:
@@ -122,10 +158,15 @@ def main() -> None:
         print(f"tree: {tree} ({'reused' if built is None else f'built in {built} s'})", flush=True)
         listing = time_listing(tree, work / "listing-memo")
         print(f"listing the train split: {listing}", flush=True)
+        if args.plan_only:
+            return plan_only(args, info, tree, work, shape, built, listing)
         shutil.rmtree(work / "cache", ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
-        first = run_probe_command(tree, work / "cache", args.model, work / "results.json", work / "first.log")
+        first = run_probe_command(tree, work / "cache", args.model, work / "results.json", work / "first.log",
+                                  args.limit_minutes)
         print(f"first run: {first}", flush=True)
+        if first["interrupted"]:
+            return interrupted_report(args, info, tree, work, shape, built, listing, first)
         results = json.loads((work / "results.json").read_text())
         again = run_probe_command(tree, work / "cache", args.model, work / "results2.json", work / "again.log")
         print(f"second run: {again}", flush=True)
@@ -168,6 +209,76 @@ def main() -> None:
         f"| full extraction ({full:,} images) at the measured train rate, projected | "
         f"{full / train_rate / 3600:.1f} h |",
         "", "Top-1 is meaningless on this tree (classes are links to 10 Imagenette classes); the run measures time."])
+    publish(args.name, payload, md)
+
+
+def interrupted_report(args, info: dict, tree: Path, work: Path, shape: dict, built: float | None, listing: dict,
+                       first: dict) -> None:
+    """The run did not finish within --limit-minutes: what it encoded, at what steady rate, and projections."""
+    from lowshot.config import ProbeSettings
+    from lowshot.datasets import open_dataset
+    from lowshot.protocol import needed_indices
+    from lowshot.splits import Listing
+
+    train = open_dataset(tree, listing_cache=work / "cache" / "listings").train
+    needed = len(needed_indices(ProbeSettings(), Listing(train.ids, train.labels, train.classes))) + args.val
+    full = args.train + args.val
+    rate = first["shards"]["img_per_s"]
+    payload = {"machine": info, "shape": shape, "tree_build_seconds": built, "listing_seconds": listing,
+               "first_run": first, "protocol_images": needed, "full_extraction_images": full,
+               "protocol_encode_projected_minutes": round(needed / rate / 60, 1) if rate else None,
+               "full_extraction_projected_hours": round(full / rate / 3600, 1) if rate else None}
+    md = "\n".join([
+        "# ImageNet-shaped run, interrupted (`benchmarks/imagenet_shaped.py --limit-minutes "
+        f"{args.limit_minutes:g}`)", "",
+        f"Machine: {describe(info)}; mean load average during the run {first['load_average_mean']}.", "",
+        "| step | value |", "| --- | --- |",
+        f"| list + fingerprint the train split ({listing['files']:,} files), no listing memo | "
+        f"{listing['no_memo']} s |",
+        f"| same, first run writing the memo | {listing['memo_first_run']} s |",
+        f"| same, memo and nothing changed | {listing['memo_unchanged']} s |",
+        f"| `lowshot probe --model deit-tiny --data <tree>` from an empty cache, stopped after | "
+        f"{first['seconds'] / 60:.1f} min |",
+        f"| train images encoded by then (finished shards) | {first['shards']['images']:,} |",
+        f"| steady encoding rate (first to last shard) | {rate} img/s |",
+        f"| images the default protocol encodes (union of its subsets + all val) | {needed:,} of {full:,} |",
+        f"| their encoding at that rate, projected | {payload['protocol_encode_projected_minutes']} min |",
+        f"| a full extraction ({full:,} images) at that rate, projected | "
+        f"{payload['full_extraction_projected_hours']} h |"])
+    publish(args.name, payload, md)
+
+
+def plan_only(args, info: dict, tree: Path, work: Path, shape: dict, built: float | None, listing: dict) -> None:
+    """Count the images the default protocol encodes (the union of its subsets + the test split), timed."""
+    from lowshot.config import ProbeSettings
+    from lowshot.datasets import open_dataset
+    from lowshot.protocol import needed_indices
+    from lowshot.splits import Listing
+
+    started = time.perf_counter()
+    dataset = open_dataset(tree, listing_cache=work / "listing-memo")
+    listed = time.perf_counter() - started
+    train = dataset.train
+    started = time.perf_counter()
+    needed = needed_indices(ProbeSettings(), Listing(train.ids, train.labels, train.classes))
+    planned = time.perf_counter() - started
+    payload = {"machine": info, "shape": shape, "tree_build_seconds": built, "listing_seconds": listing,
+               "open_dataset_seconds": round(listed, 2), "plan_seconds": round(planned, 2),
+               "train_needed": int(len(needed)), "test": len(dataset.test),
+               "encoded": int(len(needed)) + len(dataset.test), "full": len(train) + len(dataset.test)}
+    md = "\n".join([
+        "# ImageNet-shaped tree: what the default protocol encodes (`benchmarks/imagenet_shaped.py --plan-only`)", "",
+        f"Machine: {describe(info)}.", "",
+        "| step | value |", "| --- | --- |",
+        f"| list + fingerprint the train split ({listing['files']:,} files), no listing memo | "
+        f"{listing['no_memo']} s |",
+        f"| same, first run writing the memo | {listing['memo_first_run']} s |",
+        f"| same, memo and nothing changed | {listing['memo_unchanged']} s |",
+        f"| open train + val with the memo | {payload['open_dataset_seconds']} s |",
+        f"| draw the default protocol's subsets (1, 2, 5 shots + 1% x 3 seeds) | {payload['plan_seconds']} s |",
+        f"| train images the protocol uses | {payload['train_needed']:,} of {len(train):,} |",
+        f"| images to encode (+ all {len(dataset.test):,} val) | {payload['encoded']:,} of {payload['full']:,} "
+        f"({100 * payload['encoded'] / payload['full']:.1f}%) |"])
     publish(args.name, payload, md)
 
 

@@ -19,7 +19,9 @@ FEATURE_POSTNORM = "cls-postnorm"  # last_hidden_state[:, 0]
 FEATURES = (FEATURE_PRENORM, FEATURE_POSTNORM)
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # images above this are refused as decompression bombs (PIL's own error level)
 DEFAULT_LAMBDA = 0.0025  # MSN README, logistic_eval.py example for 5 images per class
-TRANSFORMS = ("msn", "processor")  # msn: MSN logistic_eval.py; processor: the model's preprocessor_config.json
+# msn: MSN logistic_eval.py; msn-draft: the same with libjpeg's draft decode of big JPEGs (opt-in, faster);
+# processor: the model's preprocessor_config.json
+TRANSFORMS = ("msn", "msn-draft", "processor")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINES = ("auto", "fast", "stock")  # auto: the fast path where it covers the model, else the stock transformers one
 DEFAULT_BATCH_SIZE = 64

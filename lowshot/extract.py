@@ -38,7 +38,7 @@ from .datasets import Dataset, Split, open_dataset
 from .errors import BadInputError, CacheError, DataError
 from .protocol import needed_indices
 from .splits import Listing
-from .transforms import ImageTransform, msn_transform, processor_transform
+from .transforms import ImageTransform, named_transform
 
 # Items per resumable shard, whatever the batch size or the number of ranks (so any rerun resumes). Also the unit of
 # work split between torchrun ranks; LOWSHOT_SHARD_SIZE overrides it (smaller shards balance small splits better).
@@ -103,7 +103,7 @@ def plan_extraction(model: str, data: str | os.PathLike | None, settings: Extrac
         write_json_atomic(memo_path, memo)
     torch_device = resolve_device(settings.device)
     torch_dtype, dtype_reason = resolve_dtype(settings.dtype, torch_device)
-    tf = msn_transform() if settings.transform == "msn" else processor_transform(ref.folder)
+    tf = named_transform(settings.transform, ref.folder)
     resolved = {"feature": settings.feature, "dtype": str(torch_dtype).removeprefix("torch."),
                 "dtype_reason": dtype_reason, "device": torch_device.type, "transform": tf.key()}
     keys = {}

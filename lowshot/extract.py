@@ -33,7 +33,7 @@ from .backbones import (
     resolve_model,
 )
 from .cache import FeatureCache, Features, ShardStore, now_iso, write_json_atomic
-from .config import TRANSFORMS, ExtractSettings, ProbeSettings  # noqa: F401 (TRANSFORMS re-exported)
+from .config import ExtractSettings, ProbeSettings
 from .datasets import Dataset, Split, open_dataset
 from .errors import BadInputError, CacheError, DataError
 from .protocol import needed_indices

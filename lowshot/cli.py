@@ -229,7 +229,7 @@ def _report_extraction(run) -> None:
         listed = len(f.listing())
         held = f"{len(f):,} x {f.dim}" if len(f) + len(split.skipped) == listed else \
             f"{len(f):,} of {listed:,} images x {f.dim} (this protocol uses {split.needed:,})"
-        err.print(f"{split.split}: {held} features, {len(f.classes)} classes — {what} (key {f.key[:12]})",
+        err.print(f"{split.split}: {held} features, {len(f.classes)} classes — {what} [key {f.key[:12]}]",
                   highlight=False)
         if split.skipped:
             err.print(f"  skipped {len(split.skipped)} unreadable file(s) in {split.split}:", highlight=False)

@@ -14,7 +14,7 @@ from .cache import Features, digest, now_iso
 from .errors import BadInputError, DataError, SplitError
 from .neighbors import KNN_K_GRID, KNNClassifier, NearestClassMean
 from .probe import DEFAULT_LAMBDA, LAMBDA_GRID, LogisticProbe, preprocess, select_lambda
-from .results import Results, interval_key
+from .results import Predictions, Results, interval_key, row_key
 from .splits import (
     Subset,
     class_orders,
@@ -24,7 +24,7 @@ from .splits import (
     read_split_file,
     split_file_label,
 )
-from .stats import CI_LEVEL, DEFAULT_N_BOOT, bootstrap_ci
+from .stats import CI_LEVEL, DEFAULT_N_BOOT, METRICS, bootstrap_ci, metric_value, true_class_rank
 
 Progress = Callable[[str, int, int], None]
 CLASSIFIERS = ("logistic", "knn", "ncm")  # the MSN probe, then the neighbour classifiers (lowshot.neighbors)
@@ -105,6 +105,7 @@ def run_probe(
     rows = []
     correct: dict[str, list[np.ndarray]] = {}  # interval_key -> per-seed correctness on the test images
     warm: dict[int, np.ndarray] = {}
+    kept: list[tuple[str, np.ndarray, np.ndarray]] = []
     task = f"probe ({len(subsets) * len(classifiers)} fits)"
     for i, subset in enumerate(subsets):
         # row-wise preprocessing of the subset's rows only: the pool may be a memory-mapped ImageNet train split
@@ -137,10 +138,12 @@ def run_probe(
             else:
                 model = NearestClassMean(preprocess=False).fit(x, y)
                 fitted = {"lambda": None}
-            hit = model.predict(x_test) == y_test
+            predicted, rank = true_class_rank(model.decision_function(x_test), model.classes_, y_test)
+            kept.append((row_key(row), predicted, rank))  # per-image predictions: paired comparisons later
+            hit = rank == 0
             correct.setdefault(interval_key(classifier, subset.name), []).append(hit)
-            row.update({"top1": round(100.0 * float(hit.mean()), 4), "n_train": int(len(subset.indices)),
-                        "n_test": int(len(y_test)), **fitted})
+            row.update({field: round(metric_value(metric, rank, y_test), 4) for metric, field in METRICS.items()})
+            row.update({"n_train": int(len(subset.indices)), "n_test": int(len(y_test)), **fitted})
             if ci:
                 low, high = bootstrap_ci(hit, n_boot=n_boot, seed=_ci_seed(ci_seed, classifier, subset.name,
                                                                             subset.seed))
@@ -183,7 +186,14 @@ def run_probe(
     if ci:
         info["ci"] = {"method": "percentile bootstrap over test images (paired across seeds in the summary)",
                       "level": CI_LEVEL, "n_boot": n_boot, "seed": ci_seed}
-    return Results(info, rows, intervals)
+    predictions = Predictions(y_test, np.stack([p for _, p, _ in kept]), np.stack([r for _, _, r in kept]),
+                              [k for k, _, _ in kept], test_order(test))
+    return Results(info, rows, intervals, predictions)
+
+
+def test_order(features: Features) -> str:
+    """sha256 of the test ids in feature order: predictions of two files pair image by image only when equal."""
+    return digest(list(features.ids))[:16]
 
 
 def fingerprint(features: Features) -> str:

@@ -431,6 +431,30 @@ class Comparison:
             raise BadInputError(f"{path}: cannot write ({exc.strerror})") from None
 
 
+def render_comparisons(comparisons: Sequence[Comparison], fmt: str) -> str:
+    """Several metrics' comparisons as one document: Markdown sections one after the other, one long CSV (a
+    ``metric`` column), or JSON (one object for one metric, a list for several)."""
+    if fmt == "csv":
+        return "".join(c.to_csv(header=i == 0) for i, c in enumerate(comparisons))
+    if fmt == "json":
+        data = [c.to_dict() for c in comparisons]
+        return json.dumps(data[0] if len(data) == 1 else data, indent=2) + "\n"
+    if fmt == "markdown":
+        return "\n".join(c.to_markdown() for c in comparisons)
+    raise BadInputError(f"--format {fmt!r}: expected one of markdown, csv, json")
+
+
+def save_comparisons(comparisons: Sequence[Comparison], path: str | Path) -> None:
+    """Write by extension: .md, .csv, .json (anything else: Markdown)."""
+    path = Path(path)
+    fmt = {".csv": "csv", ".json": "json"}.get(path.suffix.lower(), "markdown")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_comparisons(comparisons, fmt))
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot write ({exc.strerror})") from None
+
+
 def gate_markdown(result: GateResult) -> list[str]:
     """The verdict in bold, then the per-subset table (folded away in a <details> block when it passed); the
     paired interval and p-value of each Δ when both files kept their predictions."""

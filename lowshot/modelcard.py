@@ -1,10 +1,14 @@
 """Hugging Face model cards: lowshot results as a ``model-index`` block, merged into a card's YAML front matter.
 
-One result per (classifier, subset, metric): ``task`` {type: image-classification, name: "5-shot logistic probe (MSN
-protocol)"}, ``dataset`` {type, name, split}, ``metrics`` [{type, value (%), name: "top-1 (%), mean of 3 seeds
-(std 0.3)"}], ``source`` {name: lowshot, url}. The YAML is produced and read back by ``huggingface_hub``
-(``ModelCard``, ``EvalResult``, ``model_index_to_eval_results``), so what we write is what the Hub parses; nothing
-here touches the network.
+One metric entry per (subset, classifier, metric): ``task`` {type: image-classification, name: "low-shot
+classification on frozen features (MSN protocol)"}, ``dataset`` {type, name, split}, ``metrics`` [{type, value (%),
+name: "5-shot logistic probe, top-1 (%), mean of 3 seeds (std 0.30)"}], ``source`` {name: lowshot, url}.
+
+Why the subset is in the metric name and not in the task name: ``huggingface_hub`` keys a result on (task type,
+dataset type, config, split, revision) and merges results that share them under the *first* one's task name
+(``eval_results_to_model_index``), so per-subset task names would be silently relabelled the next time any tool
+rewrites the card. The YAML is produced and read back by ``huggingface_hub`` (``ModelCard``, ``EvalResult``,
+``model_index_to_eval_results``), so what we write is what the Hub parses; nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -18,10 +22,15 @@ from .stats import METRIC_LABELS
 
 TASK_TYPE = "image-classification"
 SOURCE_NAME = "lowshot"
+# huggingface_hub requires a url with a source name. lowshot has no public home yet: set this once it has one, and
+# every card names lowshot as its source; until then ``source`` is written only with --source-url (e.g. a CI run).
+PROJECT_URL: str | None = None
 # The model-index metric "type" of each metric. top-1 and top-5 are both "accuracy" with a name telling them apart
 # (as ultralytics' cards do); mean-per-class is scikit-learn's "balanced_accuracy", another quantity.
 METRIC_TYPES = {"top1": "accuracy", "top5": "accuracy", "mean-per-class": "balanced_accuracy"}
-CLASSIFIER_TASKS = {"logistic": "logistic probe (MSN protocol)", "knn": "k-NN, cosine", "ncm": "nearest class mean"}
+MEAN_OF = ", mean of "  # what follows in a metric name (seeds, std) may change between runs of the same entry
+TASK_NAME = "low-shot classification on frozen features (MSN protocol)"
+CLASSIFIER_NAMES = {"logistic": "logistic probe", "knn": "k-NN (cosine)", "ncm": "nearest class mean"}
 
 
 def eval_results(results: Results, *, metrics: list[str], source_url: str | None = None) -> list:
@@ -35,13 +44,14 @@ def eval_results(results: Results, *, metrics: list[str], source_url: str | None
         summary = sorted(results.summary_of(metric), key=lambda s: split_order(s["subset"]))
         for s in sorted(summary, key=lambda s: results.classifiers.index(s["classifier"])):
             subset = s["subset"] if s["subset"].endswith("-shot") else f"{s['subset']} labels"
+            what = f"{subset} {CLASSIFIER_NAMES.get(s['classifier'], s['classifier'])}, {METRIC_LABELS[metric]} (%)"
             out.append(EvalResult(
-                task_type=TASK_TYPE, task_name=f"{subset} {CLASSIFIER_TASKS.get(s['classifier'], s['classifier'])}",
+                task_type=TASK_TYPE, task_name=TASK_NAME,
                 dataset_type=dataset, dataset_name=dataset, dataset_split=meta.get("test_split"),
                 metric_type=METRIC_TYPES[metric], metric_value=round(s["mean"], 2),
-                metric_name=f"{METRIC_LABELS[metric]} (%), mean of {s['n_seeds']} seed"
-                            f"{'s' if s['n_seeds'] != 1 else ''} (std {s['std']:.2f})",
-                source_name=SOURCE_NAME, source_url=source_url))
+                metric_name=f"{what}{MEAN_OF}{s['n_seeds']} seed{'s' if s['n_seeds'] != 1 else ''} "
+                            f"(std {s['std']:.2f})",
+                **({"source_name": SOURCE_NAME, "source_url": url} if (url := source_url or PROJECT_URL) else {})))
     return out
 
 
@@ -89,8 +99,10 @@ def merge_into_card(path: str | Path, results: Results, *, metrics: list[str], n
 
 
 def _identity(result) -> tuple:
-    return (result.source_name == SOURCE_NAME, result.task_type, result.task_name, result.dataset_type,
-            result.dataset_split, result.metric_type, (result.metric_name or "").split(",")[0])
+    """What makes two entries the same measurement (a rerun replaces it): the task, dataset, split, metric type and
+    the metric name up to ", mean of" (subset, classifier, metric)."""
+    return (result.task_type, result.task_name, result.dataset_type, result.dataset_split, result.metric_type,
+            (result.metric_name or "").split(MEAN_OF)[0])
 
 
 def _dataset_id(data: object) -> str:

@@ -35,9 +35,8 @@ from .cache import FeatureCache, Features, ShardStore, now_iso, write_json_atomi
 from .config import DEFAULT_MAX_PIXELS
 from .datasets import Dataset, Split, open_dataset
 from .errors import BadInputError, CacheError, DataError
-from .transforms import ImageTransform, msn_transform, processor_transform
+from .transforms import ImageTransform, named_transform
 
-TRANSFORMS = ("msn", "processor")
 # Items per resumable shard, whatever the batch size or the number of ranks (so any rerun resumes). Also the unit of
 # work split between torchrun ranks; LOWSHOT_SHARD_SIZE overrides it (smaller shards balance small splits better).
 SHARD_TARGET = int(os.environ.get("LOWSHOT_SHARD_SIZE", "1024"))
@@ -96,8 +95,6 @@ def plan_extraction(
     dtype: str = "auto",
     cache: FeatureCache,
 ) -> Plan:
-    if transform not in TRANSFORMS:
-        raise BadInputError(f"--transform {transform!r}: expected one of {', '.join(TRANSFORMS)}")
     dataset = open_dataset(data, train_split=train_split, test_split=test_split,
                            image_column=image_column, label_column=label_column)
     memo_path = cache.root / "weight-hashes.json"
@@ -110,7 +107,7 @@ def plan_extraction(
         write_json_atomic(memo_path, memo)
     torch_device = resolve_device(device)
     torch_dtype, dtype_reason = resolve_dtype(dtype, torch_device)
-    tf = msn_transform() if transform == "msn" else processor_transform(ref.folder)
+    tf = named_transform(transform, ref.folder)
     settings = {"feature": feature, "dtype": str(torch_dtype).removeprefix("torch."), "dtype_reason": dtype_reason,
                 "device": torch_device.type, "transform": tf.key()}
     keys = {}

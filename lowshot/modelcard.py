@@ -89,12 +89,9 @@ def merge_into_card(path: str | Path, results: Results, *, metrics: list[str], n
     kept = [r for r in card.data.eval_results or [] if _identity(r) not in mine]
     card.data.eval_results = kept + new
     card.data.model_name = card.data.model_name or name or label_of(results)
-    from .cache import _write_atomic
+    from .outputs import save_text
 
-    try:
-        _write_atomic(path, "w", lambda handle: handle.write(str(card)))
-    except OSError as exc:
-        raise BadInputError(f"--card {path}: cannot write ({exc.strerror})") from None
+    save_text(path, str(card), flag="--card")
     return len(new)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import BadInputError, MissingDependencyError
+from .outputs import save_with
 from .report import Comparison
 from .stats import METRIC_LABELS
 
@@ -45,12 +46,7 @@ def plot_comparison(comparison: Comparison | Sequence[Comparison], path: str | P
     FigureCanvasAgg(fig)
     for i, panel in enumerate(panels):
         _draw(fig.add_subplot(1, len(panels), i + 1), panel)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
-    except OSError as exc:
-        raise BadInputError(f"--plot {path}: cannot write ({exc.strerror})") from None
-    return path
+    return save_with(path, "wb", lambda handle: fig.savefig(handle, format="png", dpi=dpi), flag="--plot")
 
 
 def _draw(ax, comparison: Comparison) -> None:

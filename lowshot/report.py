@@ -420,15 +420,11 @@ class Comparison:
             return json.dumps(self.to_dict(), indent=2) + "\n"
         raise BadInputError(f"--format {fmt!r}: expected one of {', '.join(f for f in REPORT_FORMATS if f != 'table')}")
 
-    def save(self, path: str | Path) -> None:
-        """Write by extension: .md, .csv, .json (anything else: Markdown)."""
-        path = Path(path)
-        fmt = {".csv": "csv", ".json": "json"}.get(path.suffix.lower(), "markdown")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(self.render(fmt))
-        except OSError as exc:
-            raise BadInputError(f"{path}: cannot write ({exc.strerror})") from None
+    def save(self, path: str | Path, *, flag: str = "--output") -> Path:
+        """Write atomically, in the format the extension names (.md, .csv, .json; anything else is an error)."""
+        from .outputs import REPORT_SUFFIXES, output_format, save_text
+
+        return save_text(path, self.render(output_format(path, REPORT_SUFFIXES, flag=flag)), flag=flag)
 
 
 def render_comparisons(comparisons: Sequence[Comparison], fmt: str) -> str:
@@ -444,15 +440,12 @@ def render_comparisons(comparisons: Sequence[Comparison], fmt: str) -> str:
     raise BadInputError(f"--format {fmt!r}: expected one of markdown, csv, json")
 
 
-def save_comparisons(comparisons: Sequence[Comparison], path: str | Path) -> None:
-    """Write by extension: .md, .csv, .json (anything else: Markdown)."""
-    path = Path(path)
-    fmt = {".csv": "csv", ".json": "json"}.get(path.suffix.lower(), "markdown")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_comparisons(comparisons, fmt))
-    except OSError as exc:
-        raise BadInputError(f"{path}: cannot write ({exc.strerror})") from None
+def save_comparisons(comparisons: Sequence[Comparison], path: str | Path, *, flag: str = "--output") -> Path:
+    """Write atomically, in the format the extension names (.md, .csv, .json; anything else is an error)."""
+    from .outputs import REPORT_SUFFIXES, output_format, save_text
+
+    return save_text(path, render_comparisons(comparisons, output_format(path, REPORT_SUFFIXES, flag=flag)),
+                     flag=flag)
 
 
 def gate_markdown(result: GateResult) -> list[str]:

@@ -203,11 +203,11 @@ class Results:
             return self.to_markdown()
         raise BadInputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
-    def save(self, path: str | Path) -> None:
-        """Write by extension: .json, .csv, .md (anything else: JSON)."""
-        path = Path(path)
-        fmt = {".csv": "csv", ".md": "markdown"}.get(path.suffix.lower(), "json")
-        path.write_text(self.render(fmt))
+    def save(self, path: str | Path, *, flag: str = "--output") -> Path:
+        """Write atomically, in the format the extension names (.json, .csv, .md; anything else is an error)."""
+        from .outputs import RESULT_SUFFIXES, output_format, save_text
+
+        return save_text(path, self.render(output_format(path, RESULT_SUFFIXES, flag=flag)), flag=flag)
 
     @classmethod
     def load(cls, path: str | Path) -> Results:

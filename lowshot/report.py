@@ -326,6 +326,8 @@ class Comparison:
 
     def caption(self) -> str:
         c = self.context
+        if c.get("caption"):  # a suite over several datasets says what it holds itself
+            return c["caption"]
         seeds = c.get("seeds")
         text = (f"{METRIC_LABELS[self.metric].capitalize()} (%) on `{c.get('test_split')}` of {c.get('data')} "
                 f"(n={c.get('n_test')}, {c.get('n_classes')} classes), mean ± std over {seeds or 'the'} seeds")
@@ -553,6 +555,47 @@ def compare(results: Sequence[Results], *, labels: Sequence[str] | None = None, 
             else:
                 comparison.paired[label] = paired_differences(reference, other, metric=metric, n_boot=n_boot)
     return comparison
+
+
+SUITE_MEAN = "mean"  # the column group of the mean over datasets
+
+
+def suite_table(per_dataset: dict[str, Comparison]) -> Comparison:
+    """One table over several datasets: rows = model (x classifier), columns = dataset x subset, then ``mean``
+    x subset: the unweighted mean over the datasets of each dataset's mean over seeds (every dataset counts the
+    same, as VTAB and ELEVATER average their tasks), where the row has that subset on every dataset. Gates stay
+    those of each dataset (``Comparison.gates``, labelled by dataset)."""
+    if not per_dataset:
+        raise BadInputError("no datasets to put in one table")
+    rows: dict[tuple[str, str | None], Row] = {}
+    columns: list[str] = []
+    subsets: list[str] = []
+    for name, comparison in per_dataset.items():
+        columns += [f"{name} {c}" for c in comparison.columns]
+        subsets += [c for c in comparison.columns if c not in subsets]
+        for row in comparison.rows:
+            if row.kind == "published":
+                continue
+            target = rows.setdefault((row.label, row.classifier), Row(row.label, row.classifier, {}))
+            target.cells.update({f"{name} {c}": cell for c, cell in row.cells.items()})
+    for subset in sorted(subsets, key=split_order):
+        keys = [f"{name} {subset}" for name in per_dataset]
+        for row in rows.values():
+            if all(k in row.cells for k in keys):
+                row.cells[f"{SUITE_MEAN} {subset}"] = Cell(round(sum(row.cells[k].mean for k in keys) / len(keys), 4))
+        if any(f"{SUITE_MEAN} {subset}" in r.cells for r in rows.values()):
+            columns.append(f"{SUITE_MEAN} {subset}")
+    first = next(iter(per_dataset.values()))
+    seeds = first.context.get("seeds")
+    described = "; ".join(f"{name}: `{c.context.get('test_split')}`, n={c.context.get('n_test')}, "
+                          f"{c.context.get('n_classes')} classes" for name, c in per_dataset.items())
+    context = {"caption": f"{METRIC_LABELS[first.metric].capitalize()} (%) per dataset and subset, mean ± std over "
+                          f"{seeds or 'the'} seeds ({described}); {SUITE_MEAN}: unweighted mean over the "
+                          f"{len(per_dataset)} datasets; **bold**: best measured value per column.",
+               "seeds": seeds, "datasets": list(per_dataset)}
+    labels = list(dict.fromkeys(label for label, _ in rows))
+    gates = [g for c in per_dataset.values() for g in c.gates]
+    return Comparison(columns, list(rows.values()), context, labels, gates=gates, metric=first.metric)
 
 
 def build_report(results: Sequence[Results], *, labels: Sequence[str] | None = None, sources: Sequence[str] = (),

@@ -8,8 +8,8 @@ and a calibrated p-value falls below 0.05, in about 5% of such comparisons.
     python benchmarks/paired_calibration.py                    # 150 pairs x 2 subsets, 200 test images: ~3 min
     python benchmarks/paired_calibration.py --test-per-class 400
 
-Writes benchmarks/results/paired_calibration.json and .md. Not a speed benchmark: the numbers do not depend on
-the machine (every draw is seeded).
+Writes benchmarks/results/paired_calibration_n<test images>.json and .md. Not a speed benchmark: the numbers do
+not depend on the machine (every draw is seeded).
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def main() -> None:
     lines = ["| comparisons | n_test | 95% interval excludes 0 | p < 0.05 |", "| --- | --- | --- | --- |",
              f"| {n} | {result['n_test']} | {by_interval} ({100 * by_interval / n:.1f}%) | "
              f"{by_p} ({100 * by_p / n:.1f}%) |"]
-    publish("paired_calibration", {"machine": machine(), "result": result}, "\n".join(lines) + "\n")
+    publish(f"paired_calibration_n{result['n_test']}", {"machine": machine(), "result": result},
+            "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

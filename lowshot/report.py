@@ -31,6 +31,7 @@ from .stats import (
     mcnemar_exact,
     metric_hits,
     paired_bootstrap_ci,
+    seed_correlation,
     stouffer,
 )
 
@@ -105,7 +106,7 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 # -- paired differences -------------------------------------------------------------------------------------------
 PAIRED_METHOD = ("Δ = row − reference, mean over paired seeds; 95% CI: paired bootstrap over test images (one "
                  "resample for both files and every seed; stratified by class for mean-per-class); p: exact McNemar "
-                 "per seed, combined by Stouffer's signed Z (top-1, top-5)")
+                 "per seed, combined by Stouffer's signed Z corrected for the seeds' correlation (top-1, top-5)")
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,8 @@ def paired_differences(reference: Results, other: Results, *, metric: str = DEFA
                                         seed=[seed, zlib.crc32(f"{classifier}/{subset}/{metric}".encode())])
         tests = [mcnemar_exact(x, y) for x, y in zip(a_hits, b_hits, strict=True)]
         p_value = None if weights is not None else stouffer([t[0] for t in tests],
-                                                            [int(np.sign(t[1] - t[2])) for t in tests])
+                                                            [int(np.sign(t[1] - t[2])) for t in tests],
+                                                            correlation=seed_correlation(diff))
         out.append(PairedDelta(classifier, subset, metric, round(delta, 4), low, high, p_value, len(keys),
                                sum(t[1] for t in tests), sum(t[2] for t in tests)))
     return out

@@ -14,7 +14,7 @@ from lowshot.cli import app
 from lowshot.errors import BadInputError
 from lowshot.report import compare, gate, paired_differences
 from lowshot.results import Results
-from lowshot.stats import mcnemar_exact, paired_bootstrap_ci, stouffer
+from lowshot.stats import mcnemar_exact, paired_bootstrap_ci, seed_correlation, stouffer
 
 from .conftest import DEIT_TINY, make_image_folder
 from .synthetic import pair
@@ -36,6 +36,13 @@ def test_stouffer_lets_seeds_that_disagree_cancel_and_agreeing_seeds_add_up():
     assert stouffer([0.01, 0.01], [1, -1]) == pytest.approx(1.0)  # Fisher would call this p < 0.002
     assert stouffer([0.05, 0.05, 0.05], [1, 1, 1]) < 0.05 / 10
     assert stouffer([1.0], [0]) == 1.0
+    # Perfectly correlated seeds are one test seen three times: the combined p is that test's p, not smaller.
+    assert stouffer([0.05] * 3, [1] * 3, correlation=1.0) == pytest.approx(0.05)
+    rng = np.random.default_rng(0)
+    shared = rng.integers(-1, 2, size=500).astype(float)
+    assert seed_correlation(np.stack([shared, shared, shared])) == pytest.approx(1.0)
+    assert abs(seed_correlation(rng.integers(-1, 2, size=(3, 5000)))) < 0.05
+    assert seed_correlation(np.zeros((3, 10))) == 0.0
 
 
 def test_paired_bootstrap_of_no_difference_is_exactly_zero_and_stratified_keeps_classes():

@@ -187,11 +187,11 @@ def run_probe(
         info["ci"] = {"method": "percentile bootstrap over test images (paired across seeds in the summary)",
                       "level": CI_LEVEL, "n_boot": n_boot, "seed": ci_seed}
     predictions = Predictions(y_test, np.stack([p for _, p, _ in kept]), np.stack([r for _, _, r in kept]),
-                              [k for k, _, _ in kept], test_order(test))
+                              [k for k, _, _ in kept], order_fingerprint(test))
     return Results(info, rows, intervals, predictions)
 
 
-def test_order(features: Features) -> str:
+def order_fingerprint(features: Features) -> str:
     """sha256 of the test ids in feature order: predictions of two files pair image by image only when equal."""
     return digest(list(features.ids))[:16]
 

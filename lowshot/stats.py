@@ -47,6 +47,7 @@ METRICS = {"top1": "top1", "top5": "top5", "mean-per-class": "mean_per_class"}
 METRIC_LABELS = {"top1": "top-1", "top5": "top-5", "mean-per-class": "mean per-class"}
 DEFAULT_METRIC = "top1"
 _RANK_CHUNK = 4096
+_SMALLEST_P = 1e-300  # a p-value that underflows to 0 is reported as this, so Stouffer's z stays finite
 RANK_CAP = 255  # the rank of the true class is stored as uint8: 255 means "255th or worse" (top-k for k <= 255)
 
 
@@ -155,7 +156,8 @@ def mcnemar_exact(a_hit: np.ndarray, b_hit: np.ndarray) -> tuple[float, int, int
     n = b_only + a_only
     if n == 0:
         return 1.0, 0, 0
-    return min(1.0, 2.0 * float(binom.cdf(min(b_only, a_only), n, 0.5))), b_only, a_only
+    p = 2.0 * float(binom.cdf(min(b_only, a_only), n, 0.5))
+    return min(1.0, max(p, _SMALLEST_P)), b_only, a_only
 
 
 def stouffer(p_values: list[float], signs: list[int], *, correlation: float = 0.0) -> float:
@@ -175,7 +177,7 @@ def stouffer(p_values: list[float], signs: list[int], *, correlation: float = 0.
     s = len(p_values)
     r = min(max(float(correlation), 0.0), 1.0)
     z = sum(sign * float(norm.isf(p / 2.0)) for p, sign in zip(p_values, signs, strict=True))
-    return float(min(1.0, 2.0 * norm.sf(abs(z) / np.sqrt(s + s * (s - 1) * r))))
+    return float(min(1.0, max(2.0 * norm.sf(abs(z) / np.sqrt(s + s * (s - 1) * r)), _SMALLEST_P)))
 
 
 def seed_correlation(diff: np.ndarray) -> float:

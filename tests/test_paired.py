@@ -30,6 +30,8 @@ def test_mcnemar_exact_matches_scipy_binomtest_on_the_discordant_images():
     assert (b_only, a_only) == (int(np.sum(b & ~a)), int(np.sum(a & ~b)))
     assert p == pytest.approx(binomtest(b_only, b_only + a_only, 0.5).pvalue, rel=1e-9)
     assert mcnemar_exact(a, a) == (1.0, 0, 0)
+    p, b_only, a_only = mcnemar_exact(np.zeros(5000, bool), np.ones(5000, bool))  # 2^-4999 underflows
+    assert 0 < p < 1e-250 and (b_only, a_only) == (5000, 0) and 0 < stouffer([p, p], [1, 1]) < 1e-250
 
 
 def test_stouffer_lets_seeds_that_disagree_cancel_and_agreeing_seeds_add_up():

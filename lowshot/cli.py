@@ -315,8 +315,8 @@ def report(
     baseline: Annotated[Path | None, _option(
         "--baseline", help="Regression gate: a results JSON to compare each RESULTS file against.")] = None,
     max_drop: Annotated[float, _option(
-        "--max-drop", help="With --baseline: fail (exit 1) when a split's mean top-1 is more than this many "
-                           "points below the baseline.")] = 1.0,
+        "--max-drop", help="With --baseline: fail (exit 1) when a subset's mean (of each --metric) is more than "
+                           "this many points below the baseline.")] = 1.0,
     force: Annotated[bool, _option(
         "--force", help="Compare results measured under different protocols (test set, feature, transform, λ, "
                         "seeds …) instead of refusing.")] = False,

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .config import DEFAULT_LAMBDA
+from .config import BACKENDS, DEFAULT_LAMBDA
 from .errors import BadInputError
 
 LAMBDA_GRID = tuple(float(f"{v:.6g}") for v in 10.0 ** np.arange(-4.0, 0.01, 0.5))  # 1e-4 … 1, for lam="auto"
 MAX_FOLDS = 5
-BACKENDS = ("torch", "sklearn")
 # torch backend: stop when two successive iterations each lower the objective by less than this fraction of it.
 # 1e-6 stopped ~6e-5 short of the optimum on the 1,000-class 5-shot problem (as far short as scikit-learn at tol
 # 1e-6); 1e-7 stopped within 1e-6 of it (benchmarks/probe_speed.py).
@@ -241,22 +241,35 @@ def stratified_folds(codes: np.ndarray, n_folds: int, seed: int = 0) -> list[np.
     return [np.flatnonzero(fold_of == f) for f in range(n_folds)]
 
 
+@dataclass(frozen=True)
+class LambdaChoice:
+    """What :func:`select_lambda` found: the chosen ``lam``, the mean CV accuracy of each grid value (None when CV
+    was impossible), and each value's solution averaged over the folds (a warm start for the final fit)."""
+
+    lam: float
+    scores: dict[float, float] | None
+    coefs: dict[float, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return "cv" if self.scores is not None else "default (CV needs 2+ images per class)"
+
+
 def select_lambda(x, y, *, grid: Sequence[float] = LAMBDA_GRID, backend: str = "torch", seed: int = 0,
-                  default: float = DEFAULT_LAMBDA, tol: float | None = None,
-                  coefs: dict[float, np.ndarray] | None = None) -> tuple[float, dict[float, float] | None]:
+                  default: float = DEFAULT_LAMBDA, tol: float | None = None) -> LambdaChoice:
     """Choose lam by stratified cross-validation on the labelled training subset only (never the test labels).
 
     Folds: min(5, smallest class count). With a class of one image (1-shot) CV is impossible and ``default`` is
     returned with ``None`` scores. The highest mean CV accuracy wins; ties go to the larger lam. Each fold fits the
-    grid from strong to weak regularisation, warm-started along the path; ``tol`` defaults to ``CV_TOL``. A dict
-    passed as ``coefs`` receives each lambda's solution averaged over the folds (a warm start for the final fit)."""
+    grid from strong to weak regularisation, warm-started along the path; ``tol`` defaults to ``CV_TOL``."""
     xt = preprocess(x)
     codes = np.unique(np.asarray(y), return_inverse=True)[1]
     n_folds = min(MAX_FOLDS, int(np.bincount(codes).min()))
     if n_folds < 2:
-        return default, None
+        return LambdaChoice(default, None)
     folds = stratified_folds(codes, n_folds, seed)
     scores = {lam: 0.0 for lam in grid}
+    coefs: dict[float, np.ndarray] = {}
     path = sorted(grid, reverse=True)  # strong to weak regularisation, each fit warm-started from the path so far
     for held in folds:
         train = np.setdiff1d(np.arange(len(codes)), held)
@@ -268,10 +281,10 @@ def select_lambda(x, y, *, grid: Sequence[float] = LAMBDA_GRID, backend: str = "
             probe.fit(x_train, y_train, coef_init=_extrapolate(path[:i], solutions, lam))
             solutions = solutions + [probe.coef_] if len(probe.classes_) == codes.max() + 1 else []
             scores[lam] += probe.score(xt[held], codes[held]) / n_folds
-            if coefs is not None and solutions:
+            if solutions:
                 coefs[lam] = coefs.get(lam, 0.0) + probe.coef_ / n_folds
     best = max(sorted(grid, reverse=True), key=lambda lam: scores[lam])  # max() keeps the first (largest) on ties
-    return best, scores
+    return LambdaChoice(best, scores, coefs)
 
 
 def _extrapolate(lams: Sequence[float], solutions: list[np.ndarray], lam: float) -> np.ndarray | None:

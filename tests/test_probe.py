@@ -104,10 +104,13 @@ def test_probe_has_no_intercept_and_is_sklearn_shaped():
 
 def test_lambda_selection_uses_cv_inside_the_shots_and_falls_back_for_one_shot():
     x, y = blobs(per_class=5, spread=3.0)
-    lam, scores = select_lambda(x, y, grid=(1e-3, 1e-1, 10.0))
-    assert scores is not None and lam in scores
+    choice = select_lambda(x, y, grid=(1e-3, 1e-1, 10.0))
+    assert choice.scores is not None and choice.lam in choice.scores and choice.source == "cv"
+    assert choice.scores[choice.lam] == max(choice.scores.values())
     one_x, one_y = blobs(per_class=1)
-    assert select_lambda(one_x, one_y) == (DEFAULT_LAMBDA, None)
+    fallback = select_lambda(one_x, one_y)
+    assert (fallback.lam, fallback.scores, fallback.coefs) == (DEFAULT_LAMBDA, None, {})
+    assert fallback.source.startswith("default")
 
 
 def test_stratified_folds_cover_each_item_once_and_balance_classes():
@@ -119,9 +122,9 @@ def test_stratified_folds_cover_each_item_once_and_balance_classes():
 
 def test_lambda_selection_hands_back_each_lambdas_mean_fold_solution():
     x, y = blobs(per_class=5, spread=3.0)
-    coefs = {}
-    _, scores = select_lambda(x, y, grid=(1e-3, 1e-1, 10.0), coefs=coefs)
-    assert set(coefs) == set(scores) and all(c.shape == (6, 24) for c in coefs.values())
+    choice = select_lambda(x, y, grid=(1e-3, 1e-1, 10.0))  # returns the solutions, mutates nothing
+    coefs = choice.coefs
+    assert set(coefs) == set(choice.scores) and all(c.shape == (6, 24) for c in coefs.values())
     final = LogisticProbe(1e-3).fit(x, y)
     warm = LogisticProbe(1e-3).fit(x, y, coef_init=coefs[1e-3])
     assert warm.n_iter_ < final.n_iter_ and warm.objective_ <= final.objective_ * (1 + 1e-6)

@@ -35,6 +35,7 @@ from .backbones import (
 from .cache import FeatureCache, Features, ShardStore, now_iso, write_json_atomic
 from .config import ExtractSettings, ProbeSettings
 from .datasets import Dataset, Split, open_dataset
+from .devices import Device
 from .errors import BadInputError, CacheError, DataError
 from .protocol import needed_indices
 from .splits import Listing
@@ -340,6 +341,7 @@ def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardSt
     batch = options.batch_size
     chunks = [shard[lo:lo + batch] for shard in shards for lo in range(0, len(shard), batch)]
     decoded = _batched_decode(split, plan.transform, chunks, workers, options.max_pixels)
+    feeder = Device.for_device(backbone.device)  # pinned uint8 batches, normalised on the device, on accelerators
     embedded = local = 0
     for shard in shards:
         shard_features = np.zeros((len(shard), backbone.dim), dtype=np.float32)
@@ -355,7 +357,7 @@ def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardSt
                                         f"({reason}); drop --strict to skip and report such files")
                     failed[int(items[j])] = reason
             if ok:
-                pixels = plan.transform.normalize(torch.from_numpy(np.stack([images[j][0] for j in ok])))
+                pixels = feeder.stage([images[j][0] for j in ok], plan.transform)
                 feats = backbone.embed(pixels).numpy()
                 if not np.isfinite(feats).all():
                     bad = [split.ids[items[ok[j]]] for j in np.flatnonzero(~np.isfinite(feats).all(1))[:3]]

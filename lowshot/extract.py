@@ -23,18 +23,18 @@ from . import __version__, distributed
 from .backbones import (
     DEFAULT_MODEL,
     ENGINES,
-    FEATURE_PRENORM,
     Backbone,
     ModelRef,
     load_backbone,
+    plan_forward,
     resolve_device,
-    resolve_dtype,
     resolve_model,
 )
 from .cache import FeatureCache, Features, ShardStore, now_iso, write_json_atomic
 from .config import DEFAULT_MAX_PIXELS
 from .datasets import Dataset, Split, open_dataset
 from .errors import BadInputError, CacheError, DataError
+from .readouts import AUTO as READOUT_AUTO
 from .transforms import ImageTransform, msn_transform, processor_transform
 
 TRANSFORMS = ("msn", "processor")
@@ -91,9 +91,10 @@ def plan_extraction(
     image_column: str | None = None,
     label_column: str | None = None,
     transform: str = "msn",
-    feature: str = FEATURE_PRENORM,
+    feature: str = READOUT_AUTO,
     device: str = "auto",
     dtype: str = "auto",
+    engine: str = "auto",
     cache: FeatureCache,
 ) -> Plan:
     if transform not in TRANSFORMS:
@@ -109,14 +110,17 @@ def plan_extraction(
     with contextlib.suppress(OSError):  # the memo only saves re-hashing; a read-only cache is reported elsewhere
         write_json_atomic(memo_path, memo)
     torch_device = resolve_device(device)
-    torch_dtype, dtype_reason = resolve_dtype(dtype, torch_device)
-    tf = msn_transform() if transform == "msn" else processor_transform(ref.folder)
-    settings = {"feature": feature, "dtype": str(torch_dtype).removeprefix("torch."), "dtype_reason": dtype_reason,
+    tf = msn_transform() if transform == "msn" or ref.checkpoint else processor_transform(ref.folder)
+    forward = plan_forward(ref, feature=feature, engine=engine, device=device, dtype=dtype, input_size=tf.crop)
+    settings = {"feature": forward.readout.name, "readout": forward.readout.record(),
+                "dtype": str(forward.dtype).removeprefix("torch."), "dtype_reason": forward.dtype_reason,
                 "device": torch_device.type, "transform": tf.key()}
     keys = {}
     for split in dataset.splits():
-        inputs = {"model": ref.identity, "feature": feature, "dtype": settings["dtype"],
+        inputs = {"model": ref.identity, "feature": forward.readout.name, "dtype": settings["dtype"],
                   "device": torch_device.type, "transform": tf.key(), "data": split.identity}
+        if forward.readout.key():  # readouts computed as before keep their keys (and cached entries)
+            inputs["readout"] = forward.readout.key()
         keys[split.name] = cache.key_for(inputs)
     return Plan(ref, dataset, tf, settings, keys)
 
@@ -131,7 +135,7 @@ def extract_features(
     image_column: str | None = None,
     label_column: str | None = None,
     transform: str = "msn",
-    feature: str = FEATURE_PRENORM,
+    feature: str = READOUT_AUTO,
     batch_size: int = 64,
     device: str = "auto",
     dtype: str = "auto",
@@ -162,7 +166,7 @@ def extract_features(
     try:
         plan = plan_extraction(model, data, revision=revision, train_split=train_split, test_split=test_split,
                                image_column=image_column, label_column=label_column, transform=transform,
-                               feature=feature, device=device, dtype=dtype, cache=cache)
+                               feature=feature, device=device, dtype=dtype, engine=engine, cache=cache)
         results: dict[str, SplitFeatures] = {}
         backbone: Backbone | None = None
         options = {"batch_size": batch_size, "strict": strict, "workers": workers, "max_pixels": max_pixels,
@@ -173,7 +177,7 @@ def extract_features(
             if dist.broadcast(found is None):  # rank 0 decides, so every rank takes the same path
                 if backbone is None:
                     backbone = load_backbone(plan.ref, device=device, dtype=dtype, feature=feature,
-                                             engine=engine)
+                                             engine=engine, input_size=plan.transform.crop)
                 if dist.active:
                     results[split.name] = _extract_split_distributed(backbone, split, plan, key, cache, dist,
                                                                      **options)

@@ -231,8 +231,14 @@ def resolve_model(model: str = DEFAULT_MODEL, *, revision: str | None = None,
 
 def _require_vision(model: str, config) -> None:
     """A config lowshot has no family table for must at least be an image model (forward takes pixel_values)."""
-    net = _meta_net(config, name=model)
-    if "pixel_values" not in inspect.signature(net.forward).parameters:
+    from transformers import MODEL_MAPPING
+
+    try:
+        model_class = MODEL_MAPPING[type(config)]
+    except (KeyError, ValueError):
+        raise ModelLoadError(f"--model {model}: {type(config).__name__} has no transformers AutoModel class; it is "
+                             "not a backbone lowshot can load") from None
+    if "pixel_values" not in inspect.signature(model_class.forward).parameters:
         families = ", ".join(f.name for f in readouts.FAMILIES)
         raise ModelLoadError(f"--model {model}: {type(config).__name__} is not a vision model (no pixel_values "
                              f"input); supported: {families}, or any vision model through its pooled output")
@@ -355,7 +361,7 @@ def load_backbone(
     info = {**ref.info, "class": type(net).__name__}
     backbone = Backbone(net, ref.name, ref.folder, ref.identity, torch_device, plan.dtype, plan.readout.name,
                         plan.dtype_reason, info, readout=plan.readout, family=ref.family)
-    use_engine(backbone, plan.engine)  # from the float32 weights: the fast path keeps norms and residuals in float32
+    use_engine(backbone, engine)  # from the float32 weights: the fast path keeps norms and residuals in float32
     net.to(plan.dtype)
     backbone.width = _measure_width(backbone, input_size)
     return backbone

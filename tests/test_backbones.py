@@ -43,7 +43,7 @@ def test_folder_without_config_and_missing_folder_are_errors(tmp_path):
 
 def test_a_text_model_is_refused_as_not_a_vision_backbone(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
-    with pytest.raises(ModelLoadError, match="not a vision transformer"):
+    with pytest.raises(ModelLoadError, match="BertConfig is not a vision model"):
         resolve_model(str(tmp_path))
 
 

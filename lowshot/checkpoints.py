@@ -57,9 +57,13 @@ def read_encoder(path: Path) -> dict[str, torch.Tensor]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ModelLoadError(f"--model {path}: refused, the file holds more than tensors (torch.load "
-                             f"weights_only=True: {str(exc).splitlines()[0][:160]}); lowshot never runs code "
-                             "from a checkpoint") from exc
+        detail = next((line.strip().split(" was not an allowed")[0] for line in str(exc).splitlines()
+                       if "Unsupported global" in line), None)
+        if detail is None:  # not a pickle of allowed types at all: a damaged or foreign file
+            raise ModelLoadError(f"--model {path}: not a readable PyTorch checkpoint (torch.load weights_only=True "
+                                 "could not unpickle it)") from exc
+        raise ModelLoadError(f"--model {path}: refused, the file holds more than tensors ({detail}); torch.load "
+                             "runs with weights_only=True and lowshot never runs code from a checkpoint") from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise ModelLoadError(f"--model {path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") \
             from exc

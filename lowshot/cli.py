@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, FEATURE_PRENORM
+from .config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 from .errors import BadInputError, LowshotError
 
 app = typer.Typer(
@@ -31,6 +31,11 @@ err = Console(stderr=True, soft_wrap=True)
 out = Console()
 _state = {"debug": False}
 
+READOUT_HELP = ("Which vector is the feature (--feature is an alias). auto: the family's default (cls-prenorm "
+                "with a CLS token, else pooled); cls-prenorm: CLS before the final norm (MSN); cls-postnorm; avgpool: "
+                "mean of the normed patch tokens; cls+avgpool; last4-cls: normed CLS of the last 4 blocks (DINOv2); "
+                "pooled: the model's own pooled output.")
+Readout = Annotated[str, typer.Option("--readout", "--feature", help=READOUT_HELP)]
 CacheDir = Annotated[Path | None, typer.Option(
     "--cache-dir", envvar="LOWSHOT_CACHE_DIR", show_envvar=True,
     help="Feature cache folder [default: the platform's user cache dir, e.g. ~/.cache/lowshot].")]
@@ -78,8 +83,9 @@ def _main(
 @_friendly
 def extract(
     model: Annotated[str, typer.Option(
-        "--model", "-m", help="Hugging Face hub id or local folder (config.json + weights); any ViT-family "
-                              "backbone with a CLS token (ViTMSN, ViT, DeiT).")] = DEFAULT_MODEL,
+        "--model", "-m", help="Hugging Face hub id, local folder (config.json + weights) or raw MSN checkpoint "
+                              "(.pth.tar): ViT, ViTMSN, DeiT, DINOv2, CLIP/SigLIP (vision tower), BEiT, Data2Vec, "
+                              "ViTMAE, Swin, ConvNeXt, or any vision model's pooled output.")] = DEFAULT_MODEL,
     data: Annotated[str | None, typer.Option(
         "--data", "-d", help="Folder with train/ and val/ (or test/) ImageFolder splits, a datasets.save_to_disk "
                              "folder, or a Hugging Face dataset id. [default: a tiny bundled Imagenette demo "
@@ -93,9 +99,7 @@ def extract(
     transform: Annotated[str, typer.Option(
         help="msn: shorter side 256 (bilinear), center crop 224, ImageNet mean/std (the MSN protocol). "
              "processor: the model's preprocessor_config.json (HF ViT: resize straight to 224x224).")] = "msn",
-    feature: Annotated[str, typer.Option(
-        help="cls-prenorm: CLS of the last block before the final LayerNorm (MSN). "
-             "cls-postnorm: last_hidden_state[:, 0].")] = FEATURE_PRENORM,
+    feature: Readout = "auto",
     batch_size: Annotated[int, typer.Option(
         "--batch-size", "-b", help="Images decoded per batch; a forward pass takes at most this many (fewer on "
                                    "the CPU and for large-token models, to stay in cache and memory).")] = 64,
@@ -136,6 +140,7 @@ def extract(
     err.print(f"model {run.model} · {s['feature']} · {s['dtype']} ({s['dtype_reason']}) · {s['device']} · "
               f"engine {s['engine']} ({s['engine_reason']}) · transform {s['transform']['name']}{ranks}",
               highlight=False)
+    _readout_notes(s)
     for split in run.splits():
         f = split.features
         if split.cached:
@@ -152,6 +157,52 @@ def extract(
             if len(split.skipped) > 20:
                 err.print(f"    … {len(split.skipped) - 20} more (all listed in the cache manifest)")
     err.print("next: lowshot probe --shots 1,2,5 --percent 1", style="dim")
+
+
+def _readout_notes(settings: dict) -> None:
+    """Say what the readout resolved to where it is not the plain case: equal to another, interpolated, unmasked."""
+    readout = settings.get("readout") or {}
+    if readout.get("same_as"):
+        err.print(f"note: readout {readout['readout']} equals {readout['same_as']} for this model", highlight=False)
+    if readout.get("position_embeddings", "native") not in ("native", "any size"):
+        err.print(f"note: {readout['family']} trained at {readout['native_size']} px runs at {readout['input_size']} "
+                  f"px, position embeddings {readout['position_embeddings']}", highlight=False)
+    if readout.get("masking", "none") != "none":
+        err.print(f"note: {readout['family']} random masking {readout['masking']}", highlight=False)
+
+
+@app.command()
+@_friendly
+def export(
+    model: Annotated[str, typer.Option("--model", "-m", help="As for extract.")] = DEFAULT_MODEL,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="As for extract.")] = None,
+    split: Annotated[str, typer.Option(help="The split to export (train, val, test, …).")] = "val",
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="feats.npz (ids, labels, classes, features float32, meta) or feats.parquet.",
+        show_default=False)] = ...,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    image_column: Annotated[str | None, typer.Option(help="HF datasets: image column [default: detected].")] = None,
+    label_column: Annotated[str | None, typer.Option(help="HF datasets: label column [default: detected].")] = None,
+    transform: Annotated[str, typer.Option(help="As for extract: msn or processor.")] = "msn",
+    feature: Readout = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="As for extract.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="As for extract.")] = "auto",
+    engine: Annotated[str, typer.Option(help="As for extract.")] = "auto",
+    cache_dir: CacheDir = None,
+) -> None:
+    """Write one split's features (from the cache; extracted first if missing) to .npz or .parquet for use
+    elsewhere: ids, labels, class names, float32 features and the settings that made them."""
+    from .export import export_features
+    from .render import progress_callback
+
+    with progress_callback(err) as progress:
+        done = export_features(model, data, split=split, output=output, revision=revision,
+                               image_column=image_column, label_column=label_column, transform=transform,
+                               feature=feature, batch_size=batch_size, device=device, dtype=dtype, engine=engine,
+                               cache_dir=cache_dir, progress=progress)
+    state = "from the cache" if done.cached else "extracted"
+    err.print(f"wrote {done.path}: {done.split}, {done.n:,} x {done.dim} float32 features ({state})", highlight=False)
 
 
 def _parse_list(text: str, kind, flag: str) -> list:
@@ -184,7 +235,8 @@ def probe(
         "--model", "-m", help="Pick the features of this model … [default: the most recent extraction]")] = None,
     data: Annotated[str | None, typer.Option("--data", "-d", help="… on this data.")] = None,
     transform: Annotated[str, typer.Option(help="With --model/--data: the extraction's --transform.")] = "msn",
-    feature: Annotated[str, typer.Option(help="With --model/--data: the extraction's --feature.")] = FEATURE_PRENORM,
+    feature: Annotated[str, typer.Option("--readout", "--feature",
+                                         help="With --model/--data: the extraction's --readout.")] = "auto",
     dtype: Annotated[str, typer.Option(help="With --model/--data: the extraction's --dtype.")] = "auto",
     device: Annotated[str, typer.Option(help="With --model/--data: the extraction's --device.")] = "auto",
     backend: Annotated[str, typer.Option(help="Solver: torch (full-batch L-BFGS) or sklearn (reference).")] = "torch",

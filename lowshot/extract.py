@@ -197,7 +197,7 @@ def extract_features(
         else:  # all cache hits: say which engine computed the stored features
             engine_used = {"engine": train.features.manifest.get("engine", "stock"), "engine_reason": "cached"}
         settings = {**plan.settings, **engine_used, "world_size": dist.world_size}
-        if dist.is_main:
+        if dist.is_main and train.split != test.split:  # one split on both sides (an export) is no probe run
             cache.record_run({"model": model, "data": plan.dataset.source, "train_key": train.features.key,
                               "test_key": test.features.key, "train_split": train.split, "test_split": test.split,
                               "settings": settings, "created": now_iso()})

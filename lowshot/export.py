@@ -1,0 +1,115 @@
+"""Features out: one split's ids, labels, class names and float32 features, in a file other tools read.
+
+The features come from the cache (extracted first when missing, with the same settings and cache key as
+``lowshot extract``), so an export never recomputes what is cached and never differs from what ``probe`` sees.
+
+- ``.npz`` (numpy): ``ids`` (str), ``labels`` (int64), ``classes`` (str, ``classes[labels[i]]`` is item i's class
+  name), ``features`` (float32, N x D), ``meta`` (a JSON string: model, data, split, readout, dtype, cache key).
+- ``.parquet`` (pyarrow, installed with ``datasets``): one row per image, columns ``id``, ``label``, ``class``,
+  ``feature`` (a fixed-size list of float32); the same ``meta`` JSON in the schema metadata (key ``lowshot``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .cache import Features
+from .errors import BadInputError, MissingDependencyError
+
+EXPORT_SUFFIXES = (".npz", ".parquet")
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What :func:`export_features` wrote."""
+
+    path: Path
+    split: str
+    n: int
+    dim: int
+    cached: bool  # the features were in the cache already (nothing decoded)
+
+
+def export_features(model: str, data: str | os.PathLike | None, *, split: str, output: str | os.PathLike,
+                    **options) -> Exported:
+    """Extract (or reuse) ``split`` of ``data`` with ``model`` and write it to ``output`` (.npz or .parquet).
+    ``options`` are those of :func:`lowshot.extract_features` (readout as ``feature``, transform, dtype, ...)."""
+    from .extract import extract_features
+
+    output = Path(output)
+    suffix = output.suffix.lower()
+    if suffix not in EXPORT_SUFFIXES:
+        raise BadInputError(f"--output {output}: expected a {' or '.join(EXPORT_SUFFIXES)} file")
+    if not output.parent.is_dir():
+        raise BadInputError(f"--output {output}: folder {output.parent} does not exist")
+    # The split is both sides of the extraction: one cache entry, extracted once (not recorded as a probe run).
+    options = {k: v for k, v in options.items() if k not in ("train_split", "test_split")}
+    run = extract_features(model, data, train_split=split, test_split=split, **options)
+    part = run.test
+    meta = {"model": run.model, "data": run.data, "split": part.split, "key": part.features.key,
+            **{k: run.settings.get(k) for k in ("feature", "readout", "dtype", "device", "transform", "engine")}}
+    writer = _write_npz if suffix == ".npz" else _write_parquet
+    _atomic(output, lambda tmp: writer(tmp, part.features, meta))
+    return Exported(output, part.split, len(part.features), part.features.dim, part.cached)
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and one rename: no half-written export on failure."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_npz(path: Path, features: Features, meta: dict) -> None:
+    with open(path, "wb") as handle:  # a file object: np.savez would append .npz to a temporary name
+        np.savez(handle, ids=np.asarray(features.ids, dtype=str), labels=np.asarray(features.labels, dtype=np.int64),
+                 classes=np.asarray(features.classes, dtype=str),
+                 features=np.ascontiguousarray(features.features, dtype=np.float32),
+                 meta=np.asarray(json.dumps(meta, sort_keys=True)))
+
+
+def _write_parquet(path: Path, features: Features, meta: dict) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MissingDependencyError("--output .parquet needs pyarrow: pip install pyarrow (or use .npz)") from None
+    matrix = np.ascontiguousarray(features.features, dtype=np.float32)
+    labels = np.asarray(features.labels, dtype=np.int64)
+    table = pa.table({
+        "id": pa.array(features.ids, type=pa.string()),
+        "label": pa.array(labels),
+        "class": pa.array([features.classes[i] for i in labels], type=pa.string()),
+        "feature": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1]),
+    }).replace_schema_metadata({"lowshot": json.dumps(meta, sort_keys=True)})
+    pq.write_table(table, path)
+
+
+def load_export(path: str | os.PathLike) -> dict:
+    """Read an export back: ``{"ids", "labels", "classes", "features", "meta"}`` (what the README shows)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npz":
+        with np.load(path) as f:
+            return {"ids": f["ids"].tolist(), "labels": f["labels"], "classes": f["classes"].tolist(),
+                    "features": f["features"], "meta": json.loads(str(f["meta"]))}
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    labels = table["label"].to_numpy()
+    names = table["class"].to_pylist()
+    classes = [name for _, name in sorted({int(lab): name for lab, name in zip(labels, names, strict=True)}.items())]
+    dim = table.schema.field("feature").type.list_size
+    features = table["feature"].combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    return {"ids": table["id"].to_pylist(), "labels": labels, "classes": classes, "features": features,
+            "meta": json.loads(table.schema.metadata[b"lowshot"])}

@@ -135,6 +135,8 @@ def test_a_384px_model_runs_at_224_with_interpolated_positions_in_the_key(zoo_di
     assert readout["position_embeddings"].startswith("interpolated")
     assert run.settings["engine"] == "stock"  # the fast engine runs only at the model's own size
     assert np.isfinite(np.asarray(run.train.features.features)).all()
+    results = lowshot.run_probe(run.train.features, run.test.features, shots=(1,), percents=(), seeds=1)
+    assert results.meta["readout"] == readout  # the results say how the features were read out
 
 
 @pytest.mark.parametrize("name", ["vit", "deit", "clip-vision", "beit", "dinov2", "vit-mae", "siglip-vision", "swin",

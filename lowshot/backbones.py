@@ -209,7 +209,8 @@ def resolve_model(model: str = DEFAULT_MODEL, *, revision: str | None = None,
         config = checkpoints.msn_config(checkpoints.read_encoder(path), source=path)
         info = {"model_type": config.model_type, "family": "ViTMSN", "hidden_size": config.hidden_size,
                 "patch_size": config.patch_size, "image_size": config.image_size, "source": "msn-checkpoint"}
-        return ModelRef(model, path.resolve(), checkpoints.file_identity(path), info, config, checkpoint=True)
+        return ModelRef(model, path.resolve(), checkpoints.file_identity(path, memo=hash_memo), info, config,
+                        checkpoint=True)
     folder, origin = resolve_model_folder(model, revision=revision)
     from transformers import AutoConfig
 

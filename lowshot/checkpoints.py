@@ -43,13 +43,20 @@ def is_checkpoint(path: Path) -> bool:
     return path.is_file() and path.name.endswith(CHECKPOINT_SUFFIXES)
 
 
-def file_identity(path: Path) -> dict:
-    """The checkpoint's sha256 and the conversion's version: what decides the converted model's features."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return {"weights_sha256": {path.name: digest.hexdigest()}, "conversion": CONVERSION}
+def file_identity(path: Path, *, memo: dict | None = None) -> dict:
+    """The checkpoint's sha256 and the conversion's version: what decides the converted model's features.
+    ``memo`` (path|size|mtime -> sha256, as for weight folders) saves re-hashing a file that did not change."""
+    stat = path.stat()
+    memo_key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    if memo is None or memo_key not in memo:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+        if memo is None:
+            return {"weights_sha256": {path.name: digest.hexdigest()}, "conversion": CONVERSION}
+        memo[memo_key] = digest.hexdigest()
+    return {"weights_sha256": {path.name: memo[memo_key]}, "conversion": CONVERSION}
 
 
 def read_encoder(path: Path) -> dict[str, torch.Tensor]:

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SMALL = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64,
+TINY = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64,
+        "image_size": 224, "patch_size": 16}
+# ViT-S/16 widths (the facebook/vit-msn-small architecture), for benchmarks/fidelity.py: precision problems grow with
+# width and depth, so the fidelity of each family is measured at a size people use.
+VIT_S = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536,
          "image_size": 224, "patch_size": 16}
+SWIN = {"tiny": {"embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2]},
+        "vit-s": {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24]}}  # Swin-T
+CONVNEXT = {"tiny": {"num_stages": 2, "hidden_sizes": [8, 16], "depths": [1, 1]},
+            "vit-s": {"num_stages": 4, "hidden_sizes": [96, 192, 384, 768], "depths": [3, 3, 9, 3]}}  # ConvNeXt-T
 
 
-def _configs() -> dict:
+def _configs(size: str = "tiny") -> dict:
     import transformers as t
 
+    SMALL = TINY if size == "tiny" else VIT_S  # noqa: N806 - the zoo's one size knob
     tower = dict(SMALL)
     text = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
             "vocab_size": 99}
@@ -31,9 +40,8 @@ def _configs() -> dict:
         "beit": lambda: t.BeitConfig(**SMALL),
         "data2vec-vision": lambda: t.Data2VecVisionConfig(**SMALL),
         "vit-mae": lambda: t.ViTMAEConfig(**SMALL),
-        "swin": lambda: t.SwinConfig(image_size=224, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
-                                     window_size=7),
-        "convnext": lambda: t.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1]),
+        "swin": lambda: t.SwinConfig(image_size=224, patch_size=4, window_size=7, **SWIN[size]),
+        "convnext": lambda: t.ConvNextConfig(**CONVNEXT[size]),
     }
 
 
@@ -42,20 +50,21 @@ FAMILIES = (
     "siglip-vision", "siglip-full", "beit", "data2vec-vision", "vit-mae", "swin", "convnext")
 
 
-def build(name: str, *, seed: int = 0):
-    """The random-init transformers model of zoo entry ``name`` (the full two-tower model for *-full)."""
+def build(name: str, *, seed: int = 0, size: str = "tiny"):
+    """The random-init transformers model of zoo entry ``name`` (the full two-tower model for *-full); ``size``:
+    ``tiny`` (32 wide, 4 blocks: the tests) or ``vit-s`` (ViT-S/16 widths, Swin-T, ConvNeXt-T: the benchmark)."""
     import torch
     from transformers import AutoModel
 
     torch.manual_seed(seed)
-    config = _configs()[name]()
+    config = _configs(size)[name]()
     kwargs = {"add_pooling_layer": True} if config.model_type in ("beit", "data2vec-vision") else {}
     return AutoModel.from_config(config, **kwargs).eval()
 
 
-def save(name: str, root: Path, *, seed: int = 0) -> Path:
+def save(name: str, root: Path, *, seed: int = 0, size: str = "tiny") -> Path:
     """Build zoo entry ``name`` and save it under ``root/name`` (config.json + model.safetensors)."""
     path = root / name
     if not (path / "config.json").is_file():
-        build(name, seed=seed).save_pretrained(path)
+        build(name, seed=seed, size=size).save_pretrained(path)
     return path

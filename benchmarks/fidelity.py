@@ -129,7 +129,7 @@ def main() -> None:
         results = run_probe(features["train"], features["val"], shots=(1, 2, 5), percents=(), seeds=3)
         out[name] = {"engine": backbone.engine, "dtype": str(backbone.dtype).removeprefix("torch."),
                      "seconds": seconds, "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
-                     "top1": {s["split"]: s["mean"] for s in results.summary},
+                     "top1": {s["subset"]: s["mean"] for s in results.summary},
                      "top1_rows": [r["top1"] for r in results.rows]}
         print(name, out[name]["cosine_min"], out[name]["top1"], flush=True)
     ref_rows = out["stock float32 (reference)"]["top1_rows"]

@@ -132,7 +132,7 @@ def protocol(root: Path, seeds: int) -> dict:
     seconds = time.perf_counter() - start
     splits = {}
     for row in results.rows:
-        s = splits.setdefault(row["split"], {"seconds": 0.0, "fits": 0, "n_train": row["n_train"], "lambdas": []})
+        s = splits.setdefault(row["subset"], {"seconds": 0.0, "fits": 0, "n_train": row["n_train"], "lambdas": []})
         s["seconds"] += row["seconds"]
         s["fits"] += 1
         s["lambdas"].append(row["lambda"])
@@ -206,7 +206,7 @@ def render(p: dict) -> str:
             "| split | train images | seconds (all seeds) | lambda chosen | top-1 (%) |",
             "| --- | --- | --- | --- | --- |",
         ]
-        summary = {s["split"]: s for s in f["summary"]}
+        summary = {s["subset"]: s for s in f["summary"]}
         for name, s in f["splits"].items():
             lines.append(f"| {name} | {s['n_train']:,} | {s['seconds']:.1f} | "
                          f"{', '.join(f'{v:g}' for v in s['lambdas'])} | "

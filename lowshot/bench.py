@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .errors import BadInputError, DataError, MissingDependencyError
 from .extract import extract_features
+from .outputs import check_writable, output_format, save_text
 from .probe import DEFAULT_LAMBDA
 from .protocol import CLASSIFIERS, Progress, run_probe
 from .report import DEFAULT_MAX_DROP, Comparison, build_report, gate
@@ -151,7 +152,12 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
 
         require_matplotlib()
     baselines: dict[str, Results] = {}
-    if not update_baseline:
+    if update_baseline:  # checked before any extraction: the new baselines are written at the end
+        for model in config.models:
+            if model.baseline is not None:
+                output_format(model.baseline, {".json": "json"}, flag=f"{model.name}: baseline")
+                check_writable(model.baseline, flag=f"{model.name}: baseline")
+    else:
         for model in config.models:
             if model.baseline is not None:
                 if not model.baseline.is_file():
@@ -191,11 +197,7 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
                             for name, base in baselines.items()]
     title = f"## {config.title}\n\n"
     report = output / REPORT_NAME
-    try:
-        report.write_text(title + comparison.to_markdown())
-    except OSError as exc:
-        raise BadInputError(f"{report}: cannot write ({exc.strerror})") from None
-    written.append(report)
+    written.append(save_text(report, title + comparison.to_markdown(), flag="report"))
     if config.plot:
         from .plot import plot_comparison
 
@@ -204,12 +206,7 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
 
 
 def _write(results: Results, path: Path) -> Path:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        results.save(path)
-    except OSError as exc:
-        raise BadInputError(f"{path}: cannot write ({exc.strerror})") from None
-    return path
+    return results.save(path, flag="results")
 
 
 def _relative(models: tuple[BenchModel, ...], name: str, base: Path) -> str:

@@ -49,7 +49,7 @@ def digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _write_atomic(path: Path, mode: str, write: Callable[[IO], None]) -> None:
+def write_atomic(path: Path, mode: str, write: Callable[[IO], None]) -> None:
     """Write through a temp file in the same folder, fsync, then rename: readers see the old file or the new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -65,11 +65,11 @@ def _write_atomic(path: Path, mode: str, write: Callable[[IO], None]) -> None:
 
 def write_json_atomic(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, "w", lambda handle: json.dump(obj, handle, indent=1, sort_keys=True))
+    write_atomic(path, "w", lambda handle: json.dump(obj, handle, indent=1, sort_keys=True))
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    _write_atomic(path, "wb", lambda handle: np.save(handle, array))
+    write_atomic(path, "wb", lambda handle: np.save(handle, array))
 
 
 def file_sha256(path: Path) -> str:

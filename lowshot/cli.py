@@ -27,16 +27,47 @@ app = typer.Typer(
 cache_app = typer.Typer(help="Inspect, check and clean the feature cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
-err = Console(stderr=True, soft_wrap=True)
-out = Console()
+# Plain text by default: file names, keys ("[key 3f2a…]") and user data are printed as they are, never read as rich
+# markup. The few styled lines pass markup=True and escape what they interpolate.
+err = Console(stderr=True, soft_wrap=True, markup=False)
+out = Console(markup=False)
 _state = {"debug": False}
+
+
+def _option(*names: str, help: str | None = None, **kwargs):
+    """``typer.Option`` whose help is taken literally: rich would otherwise eat ``[default: …]`` or
+    ``'lowshot[plot]'`` as markup."""
+    return typer.Option(*names, help=escape(help) if help else help, **kwargs)
+
+
+def _argument(*names: str, help: str | None = None, **kwargs):
+    return typer.Argument(*names, help=escape(help) if help else help, **kwargs)
+
+
+def _hide_flag_placeholders() -> None:
+    """typer prints a value placeholder such as ``<bool>`` beside every option, also beside on/off flags, which
+    take no value: show none there."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_lowshot", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._lowshot = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_placeholders()
 
 READOUT_HELP = ("Which vector is the feature (--feature is an alias). auto: the family's default (cls-prenorm "
                 "with a CLS token, else pooled); cls-prenorm: CLS before the final norm (MSN); cls-postnorm; avgpool: "
                 "mean of the normed patch tokens; cls+avgpool; last4-cls: normed CLS of the last 4 blocks (DINOv2); "
                 "pooled: the model's own pooled output.")
-Readout = Annotated[str, typer.Option("--readout", "--feature", help=READOUT_HELP)]
-CacheDir = Annotated[Path | None, typer.Option(
+Readout = Annotated[str, _option("--readout", "--feature", help=READOUT_HELP)]
+CacheDir = Annotated[Path | None, _option(
     "--cache-dir", envvar="LOWSHOT_CACHE_DIR", show_envvar=True,
     help="Feature cache folder [default: the platform's user cache dir, e.g. ~/.cache/lowshot].")]
 
@@ -66,53 +97,59 @@ def _friendly(command):
     return wrapper
 
 
-@app.callback()
-def _main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    _state["debug"] = debug
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from . import __version__
 
         out.print(f"lowshot {__version__}")
         raise typer.Exit()
 
 
+@app.callback()
+def _main(
+    debug: Annotated[bool, _option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    version: Annotated[bool, _option("--version", help="Print the version and exit.", is_eager=True,
+                                     callback=_print_version)] = False,
+) -> None:
+    _state["debug"] = debug
+
+
 @app.command()
 @_friendly
 def extract(
-    model: Annotated[str, typer.Option(
+    model: Annotated[str, _option(
         "--model", "-m", help="Hugging Face hub id, local folder (config.json + weights) or raw MSN checkpoint "
                               "(.pth.tar): ViT, ViTMSN, DeiT, DINOv2, CLIP/SigLIP (vision tower), BEiT, Data2Vec, "
                               "ViTMAE, Swin, ConvNeXt, or any vision model's pooled output.")] = DEFAULT_MODEL,
-    data: Annotated[str | None, typer.Option(
+    data: Annotated[str | None, _option(
         "--data", "-d", help="Folder with train/ and val/ (or test/) ImageFolder splits, a datasets.save_to_disk "
                              "folder, or a Hugging Face dataset id. [default: a tiny bundled Imagenette demo "
                              "sample — a smoke test, not a benchmark]")] = None,
-    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    train_split: Annotated[str, typer.Option(help="Split to draw the labelled shots from.")] = "train",
-    test_split: Annotated[str | None, typer.Option(
+    revision: Annotated[str | None, _option(help="Hub revision (branch, tag or commit).")] = None,
+    train_split: Annotated[str, _option(help="Split to draw the labelled shots from.")] = "train",
+    test_split: Annotated[str | None, _option(
         help="Split to evaluate on. [default: the first of val, validation, test]")] = None,
-    image_column: Annotated[str | None, typer.Option(help="HF datasets: image column [default: detected].")] = None,
-    label_column: Annotated[str | None, typer.Option(help="HF datasets: label column [default: detected].")] = None,
-    transform: Annotated[str, typer.Option(
-        help="msn: shorter side 256 (bilinear), center crop 224, ImageNet mean/std (the MSN protocol). "
-             "processor: the model's preprocessor_config.json (HF ViT: resize straight to 224x224).")] = "msn",
+    image_column: Annotated[str | None, _option(help="HF datasets: image column [default: detected].")] = None,
+    label_column: Annotated[str | None, _option(help="HF datasets: label column [default: detected].")] = None,
+    transform: Annotated[str, _option(
+        help="msn: full decode, shorter side 256 (bilinear), center crop 224, ImageNet mean/std (the MSN protocol). "
+             "msn-draft: the same, but big JPEGs are decoded at 1/2-1/8 scale first (faster, slightly different "
+             "pixels). processor: the model's preprocessor_config.json (HF ViT: resize straight to "
+             "224x224).")] = "msn",
     feature: Readout = "auto",
-    batch_size: Annotated[int, typer.Option(
+    batch_size: Annotated[int, _option(
         "--batch-size", "-b", help="Images decoded per batch; a forward pass takes at most this many (fewer on "
                                    "the CPU and for large-token models, to stay in cache and memory).")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(
+    device: Annotated[str, _option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, _option(
         help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, "
              "float16.")] = "auto",
-    strict: Annotated[bool, typer.Option(
+    strict: Annotated[bool, _option(
         help="Fail on the first unreadable image instead of skipping and reporting it.")] = False,
-    max_pixels: Annotated[int, typer.Option(
+    max_pixels: Annotated[int, _option(
         help="Refuse (skip and report) images with more pixels than this: a guard against decompression "
              "bombs.")] = DEFAULT_MAX_PIXELS,
-    engine: Annotated[str, typer.Option(
+    engine: Annotated[str, _option(
         help="auto: lowshot's fast forward where it covers the model (ViT, ViTMSN, DeiT), else the stock "
              "transformers one; fast; stock. Same features up to float rounding (not in the cache key).")] = "auto",
     cache_dir: CacheDir = None,
@@ -127,6 +164,11 @@ def extract(
     from .render import progress_callback
 
     main_rank = launched_rank() == 0  # under torchrun / accelerate, only rank 0 draws and reports
+    if data is None and main_rank:
+        from .datasets import DEMO_DATA
+
+        err.print(f"no --data given: using the bundled demo sample {DEMO_DATA} (a smoke test, not a benchmark)",
+                  highlight=False)
     with progress_callback(err if main_rank else Console(quiet=True)) as progress:
         run = extract_features(model, data, revision=revision, train_split=train_split, test_split=test_split,
                                image_column=image_column, label_column=label_column, transform=transform,
@@ -174,21 +216,21 @@ def _readout_notes(settings: dict) -> None:
 @app.command()
 @_friendly
 def export(
-    model: Annotated[str, typer.Option("--model", "-m", help="As for extract.")] = DEFAULT_MODEL,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="As for extract.")] = None,
-    split: Annotated[str, typer.Option(help="The split to export (train, val, test, …).")] = "val",
-    output: Annotated[Path, typer.Option(
+    model: Annotated[str, _option("--model", "-m", help="As for extract.")] = DEFAULT_MODEL,
+    data: Annotated[str | None, _option("--data", "-d", help="As for extract.")] = None,
+    split: Annotated[str, _option(help="The split to export (train, val, test, …).")] = "val",
+    output: Annotated[Path, _option(
         "--output", "-o", help="feats.npz (ids, labels, classes, features float32, meta) or feats.parquet.",
         show_default=False)] = ...,
-    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    image_column: Annotated[str | None, typer.Option(help="HF datasets: image column [default: detected].")] = None,
-    label_column: Annotated[str | None, typer.Option(help="HF datasets: label column [default: detected].")] = None,
-    transform: Annotated[str, typer.Option(help="As for extract: msn or processor.")] = "msn",
+    revision: Annotated[str | None, _option(help="Hub revision (branch, tag or commit).")] = None,
+    image_column: Annotated[str | None, _option(help="HF datasets: image column [default: detected].")] = None,
+    label_column: Annotated[str | None, _option(help="HF datasets: label column [default: detected].")] = None,
+    transform: Annotated[str, _option(help="As for extract: msn, msn-draft or processor.")] = "msn",
     feature: Readout = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="As for extract.")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="As for extract.")] = "auto",
-    engine: Annotated[str, typer.Option(help="As for extract.")] = "auto",
+    batch_size: Annotated[int, _option("--batch-size", "-b", help="As for extract.")] = 64,
+    device: Annotated[str, _option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, _option(help="As for extract.")] = "auto",
+    engine: Annotated[str, _option(help="As for extract.")] = "auto",
     cache_dir: CacheDir = None,
 ) -> None:
     """Write one split's features (from the cache; extracted first if missing) to .npz or .parquet for use
@@ -216,47 +258,49 @@ def _parse_list(text: str, kind, flag: str) -> list:
 @app.command()
 @_friendly
 def probe(
-    shots: Annotated[str, typer.Option(
+    shots: Annotated[str, _option(
         help="Images per class, comma-separated (nested within a seed). Empty string: none.")] = "1,2,5",
-    percent: Annotated[str, typer.Option(
+    percent: Annotated[str, _option(
         help="Percent of the train labels, stratified (round half up, at least 1 per class), comma-separated; "
              "0 skips.")] = "1",
-    seeds: Annotated[int, typer.Option(help="Number of seeds (0 … N−1) for k-shot and percent subsets.")] = 3,
-    lam: Annotated[str, typer.Option(
+    seeds: Annotated[int, _option(help="Number of seeds (0 … N−1) for k-shot and percent subsets.")] = 3,
+    lam: Annotated[str, _option(
         "--lambda", help="L2 penalty λ (objective: summed log-loss + λ/2‖W‖², as MSN; default from MSN's README), "
                          "or 'auto': cross-validation inside the labelled shots only (1-shot: the default λ).",
     )] = str(DEFAULT_LAMBDA),
-    split_file: Annotated[list[Path] | None, typer.Option(
-        "--split-file", help="A published split file (one image name per line), repeatable; files with the "
-                             "same content label (e.g. 5-shot) become seeds of one row.")] = None,
-    allow_fewer: Annotated[bool, typer.Option(
+    split_file: Annotated[list[Path] | None, _option(
+        "--split-file", metavar="FILE",
+        help="A published split file (one image name per line), repeatable; files with the same content label "
+             "(e.g. 5-shot) become seeds of one row.")] = None,
+    allow_fewer: Annotated[bool, _option(
         help="Let a class with fewer than k train images contribute all it has instead of failing.")] = False,
-    model: Annotated[str | None, typer.Option(
+    model: Annotated[str | None, _option(
         "--model", "-m", help="Pick the features of this model … [default: the most recent extraction]")] = None,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="… on this data.")] = None,
-    transform: Annotated[str, typer.Option(help="With --model/--data: the extraction's --transform.")] = "msn",
-    feature: Annotated[str, typer.Option("--readout", "--feature",
-                                         help="With --model/--data: the extraction's --readout.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="With --model/--data: the extraction's --dtype.")] = "auto",
-    device: Annotated[str, typer.Option(help="With --model/--data: the extraction's --device.")] = "auto",
-    backend: Annotated[str, typer.Option(help="Solver: torch (full-batch L-BFGS) or sklearn (reference).")] = "torch",
-    classifier: Annotated[str, typer.Option(
+    data: Annotated[str | None, _option("--data", "-d", help="… on this data.")] = None,
+    transform: Annotated[str, _option(help="With --model/--data: the extraction's --transform.")] = "msn",
+    feature: Annotated[str, _option("--readout", "--feature",
+                                    help="With --model/--data: the extraction's --readout.")] = "auto",
+    dtype: Annotated[str, _option(help="With --model/--data: the extraction's --dtype.")] = "auto",
+    device: Annotated[str, _option(help="With --model/--data: the extraction's --device.")] = "auto",
+    backend: Annotated[str, _option(help="Solver: torch (full-batch L-BFGS) or sklearn (reference).")] = "torch",
+    classifier: Annotated[str, _option(
         "--classifier", help="Comma-separated: logistic (the MSN probe), knn (cosine k-NN, k by leave-one-out on "
                              "the labelled shots), ncm (nearest class mean). Baselines show what the probe "
                              "adds.")] = "logistic",
-    ci: Annotated[bool, typer.Option(
+    ci: Annotated[bool, _option(
         "--ci", help="Add seeded bootstrap 95% confidence intervals over the test images to rows and "
                      "summary.")] = False,
-    n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap replicates for --ci.")] = 1000,
-    ci_seed: Annotated[int, typer.Option("--ci-seed", help="Seed of the bootstrap for --ci.")] = 0,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table, json, csv or markdown (to stdout).")] = "table",
-    output: Annotated[Path | None, typer.Option(
+    n_boot: Annotated[int, _option("--n-boot", help="Bootstrap replicates for --ci.")] = 1000,
+    ci_seed: Annotated[int, _option("--ci-seed", help="Seed of the bootstrap for --ci.")] = 0,
+    fmt: Annotated[str, _option("--format", "-f", help="table, json, csv or markdown (to stdout).")] = "table",
+    output: Annotated[Path | None, _option(
         "--output", "-o", help="Also write the results: .json (full: meta, rows, summary), .csv or .md.")] = None,
     cache_dir: CacheDir = None,
 ) -> None:
     """Fit the MSN logistic probe on k-shot / percent subsets of the cached train features and report top-1 on
     the whole test split, mean ± std over seeds."""
     from .extract import load_features
+    from .outputs import RESULT_SUFFIXES, check_writable, output_format
     from .protocol import run_probe
     from .render import progress_callback, results_table
     from .results import FORMATS
@@ -275,6 +319,9 @@ def probe(
     classifiers = [c for c in classifier.replace(" ", "").split(",") if c]
     if not shot_list and not percent_list and not split_file:
         raise BadInputError("nothing to probe: give --shots, --percent or --split-file")
+    if output is not None:  # checked now, not after a probe that may take minutes
+        output_format(output, RESULT_SUFFIXES)
+        check_writable(output)
     options = {}
     if model is not None or data is not None:
         options = {"transform": transform, "feature": feature, "dtype": dtype, "device": device}
@@ -292,11 +339,7 @@ def probe(
             err.print(f"{row['split_file']}: {row['missing']} listed file(s) are not in the train split "
                       f"(used {row['n_train']})", highlight=False)
     if output is not None:
-        try:
-            results.save(output)
-        except OSError as exc:
-            raise BadInputError(f"--output {output}: cannot write ({exc.strerror})") from None
-        err.print(f"wrote {output}", highlight=False)
+        err.print(f"wrote {results.save(output)}", highlight=False)
     if fmt == "table":
         out.print(results_table(results))
     else:
@@ -306,28 +349,29 @@ def probe(
 @app.command()
 @_friendly
 def report(
-    results: Annotated[list[Path], typer.Argument(
+    results: Annotated[list[Path], _argument(
         help="Results JSON files (lowshot probe --output X.json): different models or checkpoints.",
         show_default=False)],
-    fmt: Annotated[str, typer.Option(
+    fmt: Annotated[str, _option(
         "--format", "-f", help="table, markdown (pastes into a job summary or PR comment), csv or json.")] = "table",
-    output: Annotated[Path | None, typer.Option(
+    output: Annotated[Path | None, _option(
         "--output", "-o", help="Also write the report: .md, .csv or .json.")] = None,
-    label: Annotated[list[str] | None, typer.Option(
-        "--label", help="Row name for each results file, in order (repeatable) [default: meta label or the "
-                        "model folder's name].")] = None,
-    published: Annotated[bool, typer.Option(
+    label: Annotated[list[str] | None, _option(
+        "--label", metavar="NAME",
+        help="Row name for each results file, in order (repeatable) [default: meta label or the model folder's "
+             "name].")] = None,
+    published: Annotated[bool, _option(
         "--published", help="Add the MSN paper's rows (Tables 1 and 2; ImageNet-1k, labelled as published) as a "
                             "reference.")] = False,
-    baseline: Annotated[Path | None, typer.Option(
+    baseline: Annotated[Path | None, _option(
         "--baseline", help="Regression gate: a results JSON to compare each RESULTS file against.")] = None,
-    max_drop: Annotated[float, typer.Option(
+    max_drop: Annotated[float, _option(
         "--max-drop", help="With --baseline: fail (exit 1) when a split's mean top-1 is more than this many "
                            "points below the baseline.")] = 1.0,
-    force: Annotated[bool, typer.Option(
+    force: Annotated[bool, _option(
         "--force", help="Compare results measured under different protocols (test set, feature, transform, λ, "
                         "seeds …) instead of refusing.")] = False,
-    plot: Annotated[Path | None, typer.Option(
+    plot: Annotated[Path | None, _option(
         "--plot", help="Save accuracy vs labels per class (log x, ± std bands) as a PNG (needs "
                        "'lowshot[plot]').")] = None,
 ) -> None:
@@ -337,16 +381,21 @@ def report(
     Exit status: 0, or 1 when a split dropped more than --max-drop points below --baseline, or 2 when the
     protocols differ (without --force) or an input is bad.
     """
+    from .outputs import REPORT_SUFFIXES, check_writable, output_format
     from .render import comparison_table
     from .report import REPORT_FORMATS, build_report, load_all
     from .results import Results
 
     if fmt not in REPORT_FORMATS:
         raise BadInputError(f"--format {fmt!r}: expected one of {', '.join(REPORT_FORMATS)}")
+    if output is not None:
+        output_format(output, REPORT_SUFFIXES)
+        check_writable(output)
     if plot is not None:
         from .plot import require_matplotlib
 
         require_matplotlib()
+        check_writable(plot, flag="--plot")
     loaded = load_all(results)
     base = Results.load(baseline) if baseline is not None else None
     comparison = build_report(loaded, labels=label, sources=[str(p) for p in results], published=published,
@@ -385,15 +434,15 @@ def _gate_verdict(comparison) -> None:
 @app.command()
 @_friendly
 def bench(
-    config: Annotated[Path, typer.Argument(help="Benchmark config (TOML): models, data, splits, seeds, λ, "
+    config: Annotated[Path, _argument(help="Benchmark config (TOML): models, data, splits, seeds, λ, "
                                                 "classifiers, baseline results to gate against; paths relative to it.",
                                            show_default=False)],
-    output: Annotated[Path | None, typer.Option(
+    output: Annotated[Path | None, _option(
         "--output", "-o", help="Output folder [default: the config's 'output', else out/<config name> beside "
                                "it].")] = None,
-    force: Annotated[bool, typer.Option(
+    force: Annotated[bool, _option(
         "--force", help="Gate against a baseline measured under a different protocol instead of refusing.")] = False,
-    update_baseline: Annotated[bool, typer.Option(
+    update_baseline: Annotated[bool, _option(
         "--update-baseline", help="Write this run's results over the models' baseline files instead of "
                                   "gating.")] = False,
     cache_dir: CacheDir = None,
@@ -438,8 +487,9 @@ def cache_list(cache_dir: CacheDir = None) -> None:
 @cache_app.command("rm")
 @_friendly
 def cache_rm(
-    keys: Annotated[list[str] | None, typer.Argument(help="Keys or key prefixes (see 'lowshot cache list').")] = None,
-    all_entries: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
+    keys: Annotated[list[str] | None, _argument(
+        metavar="KEY", help="Keys or key prefixes (see 'lowshot cache list').")] = None,
+    all_entries: Annotated[bool, _option("--all", help="Remove every entry.")] = False,
     cache_dir: CacheDir = None,
 ) -> None:
     """Remove cached entries (finished and partial) by key prefix, or all of them."""

@@ -35,9 +35,8 @@ from .config import DEFAULT_MAX_PIXELS
 from .datasets import Dataset, Split, open_dataset
 from .errors import BadInputError, CacheError, DataError
 from .readouts import AUTO as READOUT_AUTO
-from .transforms import ImageTransform, msn_transform, processor_transform
+from .transforms import ImageTransform, named_transform
 
-TRANSFORMS = ("msn", "processor")
 # Items per resumable shard, whatever the batch size or the number of ranks (so any rerun resumes). Also the unit of
 # work split between torchrun ranks; LOWSHOT_SHARD_SIZE overrides it (smaller shards balance small splits better).
 SHARD_TARGET = int(os.environ.get("LOWSHOT_SHARD_SIZE", "1024"))
@@ -97,8 +96,6 @@ def plan_extraction(
     engine: str = "auto",
     cache: FeatureCache,
 ) -> Plan:
-    if transform not in TRANSFORMS:
-        raise BadInputError(f"--transform {transform!r}: expected one of {', '.join(TRANSFORMS)}")
     dataset = open_dataset(data, train_split=train_split, test_split=test_split,
                            image_column=image_column, label_column=label_column)
     memo_path = cache.root / "weight-hashes.json"
@@ -110,7 +107,7 @@ def plan_extraction(
     with contextlib.suppress(OSError):  # the memo only saves re-hashing; a read-only cache is reported elsewhere
         write_json_atomic(memo_path, memo)
     torch_device = resolve_device(device)
-    tf = msn_transform() if transform == "msn" or ref.checkpoint else processor_transform(ref.folder)
+    tf = named_transform(transform, ref.folder)
     forward = plan_forward(ref, feature=feature, engine=engine, device=device, dtype=dtype, input_size=tf.crop)
     settings = {"feature": forward.readout.name, "readout": forward.readout.record(),
                 "dtype": str(forward.dtype).removeprefix("torch."), "dtype_reason": forward.dtype_reason,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import BadInputError, MissingDependencyError
+from .outputs import save_with
 from .report import Comparison
 
 INSTALL_HINT = "pip install 'lowshot[plot]'"
@@ -72,12 +73,7 @@ def plot_comparison(comparison: Comparison, path: str | Path, *, dpi: int = 150)
                  f"mean ± std over seeds", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
-    except OSError as exc:
-        raise BadInputError(f"--plot {path}: cannot write ({exc.strerror})") from None
-    return path
+    return save_with(path, "wb", lambda handle: fig.savefig(handle, format="png", dpi=dpi), flag="--plot")
 
 
 def _palette(n: int) -> list:

@@ -113,7 +113,7 @@ def run_probe(
             if progress:
                 progress(task, i * len(classifiers) + j, len(subsets) * len(classifiers))
             started = time.perf_counter()
-            row = {"split": subset.split, "shots": subset.shots, "percent": subset.percent, "seed": subset.seed,
+            row = {"subset": subset.name, "shots": subset.shots, "percent": subset.percent, "seed": subset.seed,
                    "classifier": classifier}
             if classifier == "logistic":
                 start_from = warm.get(subset.seed)  # nested subsets of a seed: warm start from the last
@@ -138,11 +138,11 @@ def run_probe(
                 model = NearestClassMean(preprocess=False).fit(x, y)
                 fitted = {"lambda": None}
             hit = model.predict(x_test) == y_test
-            correct.setdefault(interval_key(classifier, subset.split), []).append(hit)
+            correct.setdefault(interval_key(classifier, subset.name), []).append(hit)
             row.update({"top1": round(100.0 * float(hit.mean()), 4), "n_train": int(len(subset.indices)),
                         "n_test": int(len(y_test)), **fitted})
             if ci:
-                low, high = bootstrap_ci(hit, n_boot=n_boot, seed=_ci_seed(ci_seed, classifier, subset.split,
+                low, high = bootstrap_ci(hit, n_boot=n_boot, seed=_ci_seed(ci_seed, classifier, subset.name,
                                                                             subset.seed))
                 row.update(ci_low=low, ci_high=high)
             row["seconds"] = round(time.perf_counter() - started, 3)

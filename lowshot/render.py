@@ -62,13 +62,13 @@ def results_table(results: Results) -> Table:
     has_ci = any("ci_low" in s for s in summary)
     table = Table(title=f"{_short(meta.get('model'))} · top-1 % on {meta.get('test_split')} (n={meta.get('n_test')})",
                   title_justify="left")
-    columns = ([("classifier", "left")] if several else []) + [("split", "left"), ("top-1 %", "right")] \
+    columns = ([("classifier", "left")] if several else []) + [("subset", "left"), ("top-1 %", "right")] \
         + ([("95% CI", "right")] if has_ci else []) \
         + [("seeds", "right"), ("train imgs", "right"), ("λ / k" if several else "λ", "right")]
     for column, justify in columns:
         table.add_column(column, justify=justify, min_width=12 if column == "95% CI" else None)
     for s in summary:
-        cells = ([s["classifier"]] if several else []) + [s["split"], f"{s['mean']:.1f} ± {s['std']:.1f}"] \
+        cells = ([s["classifier"]] if several else []) + [s["subset"], f"{s['mean']:.1f} ± {s['std']:.1f}"] \
             + ([format_ci(s)] if has_ci else []) + [str(s["n_seeds"]), f"{s['n_train']:g}", setting(s)]
         table.add_row(*cells)
     probe = meta.get("probe", {})

@@ -1,6 +1,6 @@
 """Compare results files (models, checkpoints), gate against a baseline, and render the comparison.
 
-One row per model (x classifier), one column per split (1-shot, 2-shot, 5-shot, 1%, …), cells ``mean ± std``
+One row per model (x classifier), one column per labelled subset (1-shot, 2-shot, 5-shot, 1%, …), cells ``mean ± std``
 over seeds (and the bootstrap CI when the results have one); the best measured value per column is marked.
 The published MSN numbers can be added as reference rows, always labelled as published on ImageNet-1k.
 
@@ -89,9 +89,9 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 # -- the gate ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SplitCheck:
+class SubsetCheck:
     classifier: str
-    split: str
+    subset: str
     baseline: float
     current: float | None  # None: not measured in the current results
 
@@ -102,17 +102,17 @@ class SplitCheck:
 
 @dataclass
 class GateResult:
-    """One results file checked against a baseline: which splits dropped by more than ``max_drop`` points."""
+    """One results file checked against a baseline: which subsets dropped by more than ``max_drop`` points."""
 
     label: str
     baseline: str
     max_drop: float
-    checks: list[SplitCheck]
+    checks: list[SubsetCheck]
     differences: list[str] = field(default_factory=list)  # protocol differences (only when forced)
     notes: list[str] = field(default_factory=list)
 
     @property
-    def drops(self) -> list[SplitCheck]:
+    def drops(self) -> list[SubsetCheck]:
         return [c for c in self.checks if c.delta is not None and -c.delta > self.max_drop]
 
     @property
@@ -120,13 +120,13 @@ class GateResult:
         return not self.drops
 
     def summary(self) -> str:
-        """One line: the verdict, and which splits dropped."""
+        """One line: the verdict, and which subsets dropped."""
         if self.passed:
-            return (f"{self.label}: no split dropped more than {points(self.max_drop)} vs {self.baseline} "
+            return (f"{self.label}: no subset dropped more than {points(self.max_drop)} vs {self.baseline} "
                     f"({len([c for c in self.checks if c.current is not None])} checked)")
-        what = "; ".join(f"{c.classifier} {c.split} {c.baseline:.1f} -> {c.current:.1f} ({c.delta:+.1f})"
+        what = "; ".join(f"{c.classifier} {c.subset} {c.baseline:.1f} -> {c.current:.1f} ({c.delta:+.1f})"
                          for c in self.drops)
-        return f"{self.label}: {len(self.drops)} split(s) dropped more than {points(self.max_drop)} vs " \
+        return f"{self.label}: {len(self.drops)} subset(s) dropped more than {points(self.max_drop)} vs " \
                f"{self.baseline}: {what}"
 
 
@@ -141,11 +141,11 @@ def gate(current: Results, baseline: Results, *, max_drop: float = DEFAULT_MAX_D
     unless ``force``."""
     if not max_drop >= 0:
         raise BadInputError(f"--max-drop {max_drop}: must be zero or a positive number of points")
-    now = {(s["classifier"], s["split"]): s["mean"] for s in current.summary}
-    checks = [SplitCheck(s["classifier"], s["split"], s["mean"], now.get((s["classifier"], s["split"])))
+    now = {(s["classifier"], s["subset"]): s["mean"] for s in current.summary}
+    checks = [SubsetCheck(s["classifier"], s["subset"], s["mean"], now.get((s["classifier"], s["subset"])))
               for s in baseline.summary]
     differences = protocol_differences(baseline, current)
-    missing = [f"{c.classifier} {c.split}" for c in checks if c.current is None]
+    missing = [f"{c.classifier} {c.subset}" for c in checks if c.current is None]
     if missing:
         differences.append(f"not measured: {', '.join(missing)}")
     if differences and not force:
@@ -251,7 +251,7 @@ class Comparison:
     def to_csv(self) -> str:
         """Long form: one line per row x split."""
         buffer = io.StringIO()
-        fields = ["label", "classifier", "kind", "split", "mean", "std", "n_seeds", "ci_low", "ci_high", "best"]
+        fields = ["label", "classifier", "kind", "subset", "mean", "std", "n_seeds", "ci_low", "ci_high", "best"]
         writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         for row in self.rows:
@@ -259,7 +259,7 @@ class Comparison:
                 if column in row.cells:
                     cell = row.cells[column]
                     writer.writerow({"label": row.label, "classifier": row.classifier, "kind": row.kind,
-                                     "split": column, "mean": cell.mean, "std": cell.std, "n_seeds": cell.n_seeds,
+                                     "subset": column, "mean": cell.mean, "std": cell.std, "n_seeds": cell.n_seeds,
                                      "ci_low": cell.ci_low, "ci_high": cell.ci_high,
                                      "best": row.kind != "published" and cell.mean == self.best(column)})
         return buffer.getvalue()
@@ -273,31 +273,27 @@ class Comparison:
             return json.dumps(self.to_dict(), indent=2) + "\n"
         raise BadInputError(f"--format {fmt!r}: expected one of {', '.join(f for f in REPORT_FORMATS if f != 'table')}")
 
-    def save(self, path: str | Path) -> None:
-        """Write by extension: .md, .csv, .json (anything else: Markdown)."""
-        path = Path(path)
-        fmt = {".csv": "csv", ".json": "json"}.get(path.suffix.lower(), "markdown")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(self.render(fmt))
-        except OSError as exc:
-            raise BadInputError(f"{path}: cannot write ({exc.strerror})") from None
+    def save(self, path: str | Path, *, flag: str = "--output") -> Path:
+        """Write atomically, in the format the extension names (.md, .csv, .json; anything else is an error)."""
+        from .outputs import REPORT_SUFFIXES, output_format, save_text
+
+        return save_text(path, self.render(output_format(path, REPORT_SUFFIXES, flag=flag)), flag=flag)
 
 
 def gate_markdown(result: GateResult) -> list[str]:
     """The verdict in bold, then the per-split table (folded away in a <details> block when it passed)."""
-    verdict = "✅ passed" if result.passed else f"❌ failed: {len(result.drops)} split(s) dropped"
+    verdict = "✅ passed" if result.passed else f"❌ failed: {len(result.drops)} subset(s) dropped"
     head = (f"**Regression gate** `{result.label}` vs `{result.baseline}` (fails on a drop of more than "
             f"{points(result.max_drop)}): {verdict}")
-    table = ["| classifier | split | baseline | current | Δ |", "| --- | --- | --- | --- | --- |"]
+    table = ["| classifier | subset | baseline | current | Δ |", "| --- | --- | --- | --- | --- |"]
     for c in result.checks:
         if c.current is None:
-            table.append(f"| {c.classifier} | {c.split} | {c.baseline:.1f} | – | not measured |")
+            table.append(f"| {c.classifier} | {c.subset} | {c.baseline:.1f} | – | not measured |")
             continue
         flag = " ❌" if c in result.drops else ""
-        table.append(f"| {c.classifier} | {c.split} | {c.baseline:.1f} | {c.current:.1f} | {c.delta:+.1f}{flag} |")
+        table.append(f"| {c.classifier} | {c.subset} | {c.baseline:.1f} | {c.current:.1f} | {c.delta:+.1f}{flag} |")
     lines = [head, ""] + (table if not result.passed else
-                          ["<details><summary>per split</summary>", "", *table, "", "</details>"])
+                          ["<details><summary>per subset</summary>", "", *table, "", "</details>"])
     for text in result.differences:
         lines += ["", f"Protocol differs (compared anyway, --force): {text}"]
     if result.notes:
@@ -324,7 +320,7 @@ def rows_of(results: Results, label: str, *, kind: str = "measured", source: str
     out: dict[str, Row] = {}
     for s in results.summary:
         row = out.setdefault(s["classifier"], Row(label, s["classifier"], {}, kind, source))
-        row.cells[s["split"]] = Cell(s["mean"], s["std"], s["n_seeds"], s.get("ci_low"), s.get("ci_high"),
+        row.cells[s["subset"]] = Cell(s["mean"], s["std"], s["n_seeds"], s.get("ci_low"), s.get("ci_high"),
                                      s["n_train"] / n_classes if n_classes else None)
     return list(out.values())
 

@@ -1,4 +1,4 @@
-"""Result rows (one per split x seed x classifier), mean ± std per classifier and split, and the JSON / CSV /
+"""Result rows (one per subset x seed x classifier), mean ± std per classifier and subset, and the JSON / CSV /
 Markdown writers."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import BadInputError
 
-ROW_FIELDS = ("split", "shots", "percent", "seed", "top1", "n_train", "n_test", "lambda", "lambda_source",
+ROW_FIELDS = ("subset", "shots", "percent", "seed", "top1", "n_train", "n_test", "lambda", "lambda_source",
               "n_iter", "seconds", "classifier", "k", "ci_low", "ci_high")
 DEFAULT_CLASSIFIER = "logistic"  # rows written before k-NN/NCM existed have no "classifier" field
 FORMATS = ("table", "json", "csv", "markdown")
@@ -55,14 +55,14 @@ class Results:
         std of top-1 over seeds, and the bootstrap CI when there is one."""
         groups: dict[tuple[str, str], list[dict]] = {}
         for row in self.rows:
-            groups.setdefault((classifier_of(row), row["split"]), []).append(row)
+            groups.setdefault((classifier_of(row), row["subset"]), []).append(row)
         order = sorted(groups, key=lambda key: self.classifiers.index(key[0]))  # stable: splits keep their order
         out = []
         for classifier, name in order:
             rows = groups[(classifier, name)]
             mean, std = mean_std([r["top1"] for r in rows])
             lambdas = sorted({r["lambda"] for r in rows if r.get("lambda") is not None})
-            entry = {"split": name, "classifier": classifier, "mean": round(mean, 4), "std": round(std, 4),
+            entry = {"subset": name, "classifier": classifier, "mean": round(mean, 4), "std": round(std, 4),
                      "n_seeds": len(rows), "n_train": round(sum(r["n_train"] for r in rows) / len(rows), 1),
                      "lambda": (lambdas[0] if len(lambdas) == 1 else lambdas) if lambdas else None}
             ks = sorted({r["k"] for r in rows if r.get("k") is not None})
@@ -93,14 +93,14 @@ class Results:
         several = len(self.classifiers) > 1
         has_ci = any("ci_low" in s for s in summary)
         what = "a logistic probe" if not several else "each classifier"
-        header = (["classifier"] if several else []) + ["split", "top-1 (%)"] + (["95% CI"] if has_ci else []) \
+        header = (["classifier"] if several else []) + ["subset", "top-1 (%)"] + (["95% CI"] if has_ci else []) \
             + ["seeds", "train images", "λ / k" if several else "λ"]
         lines = [f"Top-1 (%) of {what} on frozen {self.meta.get('feature', 'CLS')} features of `{model}`, "
                  f"test split `{self.meta.get('test_split', '?')}` (n={self.meta.get('n_test', '?')}); "
                  f"mean ± std over seeds" + ("; 95% CI: bootstrap over test images." if has_ci else "."), "",
                  "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for s in summary:
-            cells = ([s["classifier"]] if several else []) + [s["split"], f"{s['mean']:.1f} ± {s['std']:.1f}"]
+            cells = ([s["classifier"]] if several else []) + [s["subset"], f"{s['mean']:.1f} ± {s['std']:.1f}"]
             if has_ci:
                 cells.append(format_ci(s))
             cells += [str(s["n_seeds"]), f"{s['n_train']:g}", setting(s)]
@@ -116,11 +116,11 @@ class Results:
             return self.to_markdown()
         raise BadInputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
-    def save(self, path: str | Path) -> None:
-        """Write by extension: .json, .csv, .md (anything else: JSON)."""
-        path = Path(path)
-        fmt = {".csv": "csv", ".md": "markdown"}.get(path.suffix.lower(), "json")
-        path.write_text(self.render(fmt))
+    def save(self, path: str | Path, *, flag: str = "--output") -> Path:
+        """Write atomically, in the format the extension names (.json, .csv, .md; anything else is an error)."""
+        from .outputs import RESULT_SUFFIXES, output_format, save_text
+
+        return save_text(path, self.render(output_format(path, RESULT_SUFFIXES, flag=flag)), flag=flag)
 
     @classmethod
     def load(cls, path: str | Path) -> Results:
@@ -130,10 +130,20 @@ class Results:
             raise BadInputError(f"{path}: not a lowshot results JSON ({exc})") from exc
         if not isinstance(data, dict) or "rows" not in data or "meta" not in data:
             raise BadInputError(f"{path}: not a lowshot results JSON (no 'meta' and 'rows')")
-        intervals = {interval_key(s.get("classifier") or DEFAULT_CLASSIFIER, s["split"]):
+        rows = [_renamed(r) for r in data["rows"] if isinstance(r, dict)]
+        summary = [_renamed(s) for s in data.get("summary", []) if isinstance(s, dict)]
+        intervals = {interval_key(s.get("classifier") or DEFAULT_CLASSIFIER, s["subset"]):
                      {"ci_low": s["ci_low"], "ci_high": s["ci_high"]}
-                     for s in data.get("summary", []) if isinstance(s, dict) and "ci_low" in s and "split" in s}
-        return cls(data["meta"], data["rows"], intervals)
+                     for s in summary if "ci_low" in s and "subset" in s}
+        return cls(data["meta"], rows, intervals)
+
+
+def _renamed(entry: dict) -> dict:
+    """Files written before 0.2 named a row's labelled subset ``split`` (a word that also means the dataset's
+    train/val split): read it as ``subset``."""
+    if "subset" not in entry and "split" in entry:
+        entry = {("subset" if k == "split" else k): v for k, v in entry.items()}
+    return entry
 
 
 def format_ci(entry: dict) -> str:

@@ -25,7 +25,7 @@ from .errors import BadInputError, SplitError
 class Subset:
     """One labelled training subset: ``indices`` into the train features."""
 
-    split: str  # row label: "5-shot", "1%", or a split file's label
+    name: str  # row label: "5-shot", "1%", or a split file's label
     seed: int
     indices: np.ndarray
     shots: int | None = None

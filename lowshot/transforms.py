@@ -1,8 +1,14 @@
-"""Image transforms: the MSN evaluation transform, and the model processor's own as a named alternative.
+"""Image transforms: the MSN evaluation transform, and named alternatives.
 
-MSN (`logistic_eval.py`): Resize(256) on the shorter side (bilinear), CenterCrop(224), ToTensor, Normalize with the
-ImageNet mean/std. We do this with PIL and numpy (there is no CPU torchvision here), reproducing torchvision's size
-and crop arithmetic exactly. Decoding returns uint8 HWC crops; normalisation happens batched on the torch side.
+``msn`` (`logistic_eval.py`): decode the whole image, Resize(256) on the shorter side (bilinear), CenterCrop(224),
+ToTensor, Normalize with the ImageNet mean/std. We do this with PIL and numpy (there is no CPU torchvision here),
+reproducing torchvision's size and crop arithmetic exactly. Decoding returns uint8 HWC crops; normalisation happens
+batched on the torch side.
+
+``msn-draft``: the same, except that libjpeg may decode a JPEG whose shorter side is at least twice 256 at 1/2, 1/4
+or 1/8 scale (never below 256) before the resize: faster on big photos, slightly different pixels (its effect on
+features and top-1 is measured by ``benchmarks/draft_decode.py``). ``processor``: the model's own
+``preprocessor_config.json`` (HF ViT: resize straight to 224x224).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .errors import BadInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision / MSN logistic_eval.py
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,7 +46,7 @@ class ImageTransform:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    jpeg_draft: bool = True  # let libjpeg decode big JPEGs at 1/2, 1/4, 1/8 scale, never below the resize target
+    jpeg_draft: bool = False  # let libjpeg decode big JPEGs at 1/2, 1/4, 1/8 scale, never below the resize target
 
     def key(self) -> dict:
         """Everything that changes the pixels, for the cache key."""
@@ -74,9 +82,21 @@ class ImageTransform:
         return x.mul_(scale).add_(shift).to(dtype)
 
 
-def msn_transform() -> ImageTransform:
-    """The MSN protocol's transform (the default)."""
-    return ImageTransform()
+TRANSFORMS = ("msn", "msn-draft", "processor")
+
+
+def msn_transform(*, draft: bool = False) -> ImageTransform:
+    """The MSN protocol's transform (the default: full decode, as the reference); ``draft=True``: ``msn-draft``."""
+    return ImageTransform(name="msn-draft", jpeg_draft=True) if draft else ImageTransform()
+
+
+def named_transform(name: str, model_folder: str | Path) -> ImageTransform:
+    """The transform a ``--transform`` name stands for (see the module docstring)."""
+    if name not in TRANSFORMS:
+        raise BadInputError(f"--transform {name!r}: expected one of {', '.join(TRANSFORMS)}")
+    if name == "processor":
+        return processor_transform(model_folder)
+    return msn_transform(draft=name == "msn-draft")
 
 
 def processor_transform(model_dir: str | Path) -> ImageTransform:
@@ -103,9 +123,10 @@ def shorter_side_size(size: tuple[int, int], target: int) -> tuple[int, int]:
 def center_crop(image: Image.Image, crop: int) -> Image.Image:
     """torchvision's CenterCrop arithmetic (round half to even on the offsets, as in torchvision)."""
     w, h = image.size
-    if w < crop or h < crop:  # torchvision pads; after Resize(256) this only happens for resize < crop
-        image = ImageOps.pad(image, (max(w, crop), max(h, crop)), color=(0, 0, 0))
-        w, h = image.size
+    if w < crop or h < crop:  # torchvision pads with zeros, (crop - side) // 2 before; only when resize < crop
+        padded = Image.new(image.mode, (max(w, crop), max(h, crop)))
+        padded.paste(image, (max(crop - w, 0) // 2, max(crop - h, 0) // 2))
+        image, (w, h) = padded, padded.size
     top = int(round((h - crop) / 2.0))
     left = int(round((w - crop) / 2.0))
     return image.crop((left, top, left + crop, top + crop))

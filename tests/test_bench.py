@@ -26,7 +26,7 @@ def test_committed_benchmark_config_points_at_shared_data_and_matches_its_baseli
     assert meta["sampling"]["percents"] == list(config.percents) and meta["probe"]["lambda"] == config.lam
     assert meta["classifiers"] == list(config.classifiers) and meta["dtype"] == config.extract["dtype"]
     assert meta["n_test"] == 3925 and meta["n_train_pool"] == 9469 and protocol(baseline)["test set"]
-    summary = {(s["classifier"], s["split"]): s for s in baseline.summary}
+    summary = {(s["classifier"], s["subset"]): s for s in baseline.summary}
     assert summary[("logistic", "5-shot")]["mean"] > 90  # real DeiT-Tiny features, not a placeholder
     assert all("ci_low" in s for s in baseline.summary)
 
@@ -69,12 +69,12 @@ def test_small_bench_writes_results_report_and_plot_and_gates_against_its_baseli
     baseline_path = tmp_path / "baseline" / "tiny.json"
     baseline = json.loads(baseline_path.read_text())
     for row in baseline["rows"]:
-        if row["classifier"] == "ncm" and row["split"] == "2-shot":
+        if row["classifier"] == "ncm" and row["subset"] == "2-shot":
             row["top1"] += 20.0  # the baseline was 20 points better: the current run is a real drop
     baseline_path.write_text(json.dumps(baseline))
     dropped = runner.invoke(app, ["bench", str(config)])
     assert dropped.exit_code == 1
-    assert "tiny: 1 split(s) dropped more than 1 point" in dropped.output and "ncm 2-shot" in dropped.output
+    assert "tiny: 1 subset(s) dropped more than 1 point" in dropped.output and "ncm 2-shot" in dropped.output
     assert "❌ failed" in (out / "report.md").read_text()
 
     baseline["meta"]["probe"]["lambda"] = 0.075

@@ -25,7 +25,7 @@ def extracted(tiny_model, image_data, cache_dir):
 def test_help_teaches_the_two_steps_and_the_protocol_options():
     top = invoke("--help")
     assert top.exit_code == 0 and "lowshot extract" in top.output and "lowshot probe" in top.output
-    ex = invoke("extract", "--help").output
+    ex = " ".join(invoke("extract", "--help").output.replace("│", " ").split())  # unwrapped
     for words in ("--model", "--data", "--transform", "shorter side 256", "cls-prenorm", "--dtype", "--cache-dir"):
         assert words in ex
     pr = invoke("probe", "--help").output
@@ -46,10 +46,10 @@ def test_full_extract_then_probe_writes_json_with_meta_rows_and_summary(extracte
     assert "most recent extraction" in result.output and "5-shot" in result.output
     data = json.loads(out.read_text())
     assert set(data) == {"meta", "rows", "summary"}
-    assert [s["split"] for s in data["summary"]] == ["1-shot", "2-shot", "5-shot", "10%"]
+    assert [s["subset"] for s in data["summary"]] == ["1-shot", "2-shot", "5-shot", "10%"]
     assert len(data["rows"]) == 8
     row = data["rows"][0]
-    for field in ("split", "shots", "percent", "seed", "top1", "n_train", "n_test", "lambda"):
+    for field in ("subset", "shots", "percent", "seed", "top1", "n_train", "n_test", "lambda"):
         assert field in row
     assert data["meta"]["feature"] == "cls-prenorm" and data["meta"]["n_test"] == 9
     assert data["meta"]["cache_keys"]["train"]
@@ -60,7 +60,7 @@ def test_rerun_of_extract_says_it_used_the_cache(tiny_model, image_data, extract
     assert again.exit_code == 0 and again.output.count("cache hit") == 2
 
 
-@pytest.mark.parametrize("fmt,needle", [("markdown", "| split | top-1 (%)"), ("csv", "split,shots,percent"),
+@pytest.mark.parametrize("fmt,needle", [("markdown", "| subset | top-1 (%)"), ("csv", "subset,shots,percent"),
                                         ("json", '"summary"')])
 def test_probe_formats(extracted, fmt, needle):
     result = invoke("probe", "--shots", "2", "--percent", "0", "--seeds", "1", "--format", fmt)
@@ -72,7 +72,7 @@ def test_probe_with_baselines_and_ci_shows_classifier_and_interval_columns(extra
     result = invoke("probe", "--shots", "1,2", "--percent", "0", "--seeds", "2", "--classifier", "logistic,knn,ncm",
                     "--ci", "--n-boot", "100", "--format", "markdown")
     assert result.exit_code == 0, result.output
-    assert "| classifier | split | top-1 (%) | 95% CI | seeds | train images | λ / k |" in result.stdout
+    assert "| classifier | subset | top-1 (%) | 95% CI | seeds | train images | λ / k |" in result.stdout
     assert "| knn | 1-shot |" in result.stdout and "| ncm | 2-shot |" in result.stdout
 
 

@@ -45,6 +45,7 @@ def reference(tiny_model, data, tmp_path_factory):
     return np.load(out)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_single_process_features(tiny_model, data, reference, tmp_path):
     cache_dir = tmp_path / "cache"
     proc = torchrun("-m", "lowshot", "extract", "--model", tiny_model, "--data", data, "--cache-dir", cache_dir,
@@ -61,6 +62,7 @@ def test_two_gloo_processes_give_the_single_process_features(tiny_model, data, r
     assert len(lowshot.run_probe(train, test, shots=(2,), percents=(), seeds=1).rows) == 1
 
 
+@pytest.mark.slow
 def test_a_killed_rank_then_a_rerun_completes_from_the_written_shards(tiny_model, data, reference, tmp_path):
     cache_dir, pids = tmp_path / "cache", tmp_path / "pids"
     proc = torchrun("-m", "tests.extract_worker", tiny_model, data, cache_dir, "--sleep", 0.5, "--pid-dir", pids)

@@ -87,9 +87,15 @@ def test_probe_has_no_intercept_and_is_sklearn_shaped():
     x, y = blobs()
     probe = LogisticProbe().fit(x, y + 10)
     assert list(probe.classes_) == list(range(10, 16))
-    assert not hasattr(probe, "intercept_")
-    np.testing.assert_allclose(probe.decision_function(np.zeros((1, 24)) + 1.0), 0, atol=1e-6)  # constant row -> 0
-    assert 0.0 <= probe.score(x, y + 10) <= 1.0
+    # No intercept: a constant row preprocesses to zero and must score 0 for every class; the scores of the
+    # preprocessed rows are exactly linear in them (an intercept would add the same offset to every row).
+    np.testing.assert_allclose(probe.decision_function(np.zeros((1, 24)) + 1.0), 0, atol=1e-6)
+    raw = LogisticProbe(preprocess=False).fit(preprocess(x), y)
+    z = preprocess(x[:5]).numpy()
+    np.testing.assert_allclose(raw.decision_function(3.0 * z), 3.0 * raw.decision_function(z), rtol=1e-5, atol=1e-6)
+    assert probe.score(x, y + 10) == 1.0  # separable blobs: the training images are all right
+    shuffled = np.random.default_rng(0).permutation(y)
+    assert probe.score(x, shuffled + 10) == pytest.approx(np.mean(shuffled == y))  # top-1 against other labels
     with pytest.raises(BadInputError):
         LogisticProbe(-1.0).fit(x, y)
     with pytest.raises(BadInputError):

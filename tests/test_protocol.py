@@ -31,7 +31,7 @@ def test_run_probe_with_baselines_and_ci_labels_rows_and_groups_the_summary(trai
     results = run_probe(train, test, shots=(1, 5), percents=(), seeds=2, classifiers=("logistic", "knn", "ncm"),
                         ci=True, n_boot=200)
     assert len(results.rows) == 2 * 2 * 3
-    assert [(s["classifier"], s["split"]) for s in results.summary] == [
+    assert [(s["classifier"], s["subset"]) for s in results.summary] == [
         ("logistic", "1-shot"), ("logistic", "5-shot"), ("knn", "1-shot"), ("knn", "5-shot"),
         ("ncm", "1-shot"), ("ncm", "5-shot")]
     for row in results.rows:
@@ -39,14 +39,14 @@ def test_run_probe_with_baselines_and_ci_labels_rows_and_groups_the_summary(trai
         assert (row["lambda"] is None) == (row["classifier"] != "logistic")
     for s in results.summary:
         assert s["ci_low"] <= s["mean"] <= s["ci_high"] and s["mean"] > 60  # chance is 25
-    assert {r["k"] for r in results.rows if r["classifier"] == "knn" and r["split"] == "1-shot"} == {1}
+    assert {r["k"] for r in results.rows if r["classifier"] == "knn" and r["subset"] == "1-shot"} == {1}
     assert results.meta["data"] == "/data/nette"  # the dataset, not its train/ folder
     assert results.meta["ci"]["n_boot"] == 200 and results.meta["classifiers"] == ["logistic", "knn", "ncm"]
     again = run_probe(train, test, shots=(1, 5), percents=(), seeds=2, classifiers=("logistic", "knn", "ncm"),
                       ci=True, n_boot=200)
     assert again.summary == results.summary  # seeded: the same intervals every time
     md = results.to_markdown()
-    assert "| classifier | split | top-1 (%) | 95% CI |" in md and "| knn | 1-shot |" in md and "k=1" in md
+    assert "| classifier | subset | top-1 (%) | 95% CI |" in md and "| knn | 1-shot |" in md and "k=1" in md
 
 
 def test_results_json_round_trip_keeps_intervals(train_test, tmp_path):
@@ -59,7 +59,7 @@ def test_results_json_round_trip_keeps_intervals(train_test, tmp_path):
 def test_one_classifier_keeps_the_original_table(train_test):
     train, test = train_test
     md = run_probe(train, test, shots=(2,), percents=(), seeds=1).to_markdown()
-    assert "| split | top-1 (%) | seeds | train images | λ |" in md and "classifier" not in md.split("\n")[2]
+    assert "| subset | top-1 (%) | seeds | train images | λ |" in md and "classifier" not in md.split("\n")[2]
 
 
 def test_unknown_classifier_is_a_clear_error(train_test):
@@ -67,11 +67,11 @@ def test_unknown_classifier_is_a_clear_error(train_test):
         run_probe(*train_test, shots=(1,), percents=(), seeds=1, classifiers=("logistic", "svm"))
 
 
-def test_results_written_before_baselines_existed_still_load_as_logistic(tmp_path):
+def test_results_written_before_knn_and_subset_keys_existed_still_load_as_logistic_subsets(tmp_path):
     old = {"meta": {"model": "m"}, "rows": [
         {"split": "1-shot", "shots": 1, "percent": None, "seed": s, "top1": 50.0 + s, "n_train": 10, "n_test": 9,
          "lambda": 0.0025} for s in range(3)]}
     (tmp_path / "old.json").write_text(json.dumps(old))
     summary = Results.load(tmp_path / "old.json").summary
-    assert summary == [{"split": "1-shot", "classifier": "logistic", "mean": 51.0, "std": 1.0, "n_seeds": 3,
+    assert summary == [{"subset": "1-shot", "classifier": "logistic", "mean": 51.0, "std": 1.0, "n_seeds": 3,
                         "n_train": 10.0, "lambda": 0.0025}]

@@ -80,6 +80,7 @@ def test_images_over_the_pixel_limit_are_refused_with_a_clear_reason(tiny_model,
         run(tiny_model, data, tmp_path / "c3", max_pixels=1_000_000, strict=True)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_extraction_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_model, tmp_path):
     data = make_image_folder(tmp_path / "d", classes=3, train=16, test=2)
     reference = tmp_path / "ref.npy"
@@ -104,6 +105,7 @@ def test_kill_9_mid_extraction_then_rerun_resumes_and_matches_an_uninterrupted_r
     assert FeatureCache(cache_dir).verify() == []
 
 
+@pytest.mark.slow
 def test_two_processes_extracting_into_one_cache_both_finish_with_one_entry(tiny_model, tmp_path):
     data = make_image_folder(tmp_path / "d", classes=3, train=8, test=2)
     cache_dir = tmp_path / "cache"
@@ -166,6 +168,7 @@ def test_non_finite_features_are_an_error_not_a_silent_cache_entry(tiny_model, i
     assert not list((cache_dir / "entries").iterdir())
 
 
+@pytest.mark.slow
 def test_same_numbers_across_processes_and_thread_counts(tiny_model, tmp_path):
     import torch
 

@@ -23,7 +23,7 @@ def make_results(model: str, means: dict, *, classifiers=("logistic",), lam=0.00
         for split, mean in means.items():
             for seed in range(seeds):
                 shots = SPLITS.get(split)
-                rows.append({"split": split, "shots": shots, "percent": None if shots else 1.0, "seed": seed,
+                rows.append({"subset": split, "shots": shots, "percent": None if shots else 1.0, "seed": seed,
                              "classifier": classifier, "top1": mean + seed - 1 - (5 if classifier == "knn" else 0),
                              "n_train": 10 * (shots or 13), "n_test": 500,
                              "lambda": lam if classifier == "logistic" else None})
@@ -67,7 +67,7 @@ def test_several_classifiers_get_a_classifier_column_and_ci_cells(tmp_path):
     assert "| vit-a | logistic | **80.0 ± 1.0 [78.1, 81.9]** |" in md and "| vit-a | knn | 75.0 ± 1.0 |" in md
     assert "[95% CI]" in md
     csv_text = comparison.render("csv")
-    assert csv_text.splitlines()[0] == "label,classifier,kind,split,mean,std,n_seeds,ci_low,ci_high,best"
+    assert csv_text.splitlines()[0] == "label,classifier,kind,subset,mean,std,n_seeds,ci_low,ci_high,best"
     assert json.loads(comparison.render("json"))["rows"][1]["classifier"] == "knn"
 
 
@@ -76,12 +76,12 @@ def test_columns_are_ordered_by_shots_then_percent():
         ["1-shot", "2-shot", "10-shot", "0.5%", "1%", "custom"]
 
 
-def test_gate_passes_on_equal_results_and_fails_on_a_real_drop_naming_the_split(tmp_path):
+def test_gate_passes_on_equal_results_and_fails_on_a_real_drop_naming_the_subset(tmp_path):
     base = write(tmp_path, "base.json", make_results("vit", BASE))
     same = write(tmp_path, "same.json", make_results("vit", BASE))
     dropped_data = make_results("vit", BASE)
     for row in dropped_data["rows"]:
-        if row["split"] == "5-shot":
+        if row["subset"] == "5-shot":
             row["top1"] -= 2.5  # the mean drops 2.5 points
     dropped = write(tmp_path, "dropped.json", dropped_data)
 
@@ -91,7 +91,7 @@ def test_gate_passes_on_equal_results_and_fails_on_a_real_drop_naming_the_split(
 
     bad = runner.invoke(app, ["report", dropped, "--baseline", base, "--max-drop", "1", "--format", "markdown"])
     assert bad.exit_code == 1
-    assert "1 split(s) dropped more than 1 point" in bad.output and "logistic 5-shot 95.0 -> 92.5 (-2.5)" in bad.output
+    assert "1 subset(s) dropped more than 1 point" in bad.output and "logistic 5-shot 95.0 -> 92.5 (-2.5)" in bad.output
     assert "❌ failed" in bad.stdout and "| logistic | 5-shot | 95.0 | 92.5 | -2.5 ❌ |" in bad.stdout
     assert "Traceback" not in bad.output
 

@@ -1,14 +1,18 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from lowshot.errors import BadInputError
 from lowshot.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageTransform,
     center_crop,
     msn_transform,
+    named_transform,
     processor_transform,
     shorter_side_size,
 )
@@ -56,8 +60,17 @@ def test_processor_transform_reads_the_models_preprocessor_config():
     assert tf(gradient_image(500, 375)).shape == (224, 224, 3)
 
 
-def test_center_crop_pads_images_smaller_than_the_crop():
-    assert center_crop(gradient_image(100, 300), 224).size == (224, 224)
+def test_center_crop_pads_images_smaller_than_the_crop_with_zeros_as_torchvision():
+    image = gradient_image(101, 150)  # narrower and shorter than the crop: padded on all sides, never resized
+    out = np.asarray(center_crop(image, 224))
+    expected = np.zeros((224, 224, 3), dtype=np.uint8)
+    left, top = (224 - 101) // 2, (224 - 150) // 2  # torchvision: padding (crop - side) // 2 before, rest after
+    expected[top:top + 150, left:left + 101] = np.asarray(image)
+    np.testing.assert_array_equal(out, expected)
+    tall = gradient_image(100, 300)  # one side padded, the other cropped at round((300 - 224) / 2) = 38
+    out = np.asarray(center_crop(tall, 224))
+    np.testing.assert_array_equal(out[:, 62:162], np.asarray(tall)[38:262])
+    assert not out[:, :62].any() and not out[:, 162:].any()
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "CMYK", "I;16", "I", "F", "1"])
@@ -92,11 +105,31 @@ def test_exif_orientation_is_applied(tmp_path):
     assert np.abs(got.astype(int) - upright.astype(int)).mean() < 2
 
 
-def test_jpeg_draft_keeps_big_photos_close_to_a_full_decode(tmp_path):
+def big_photo(tmp_path) -> Path:
     photo = Image.open(sorted((IMAGENETTE / "train" / "n01440764").glob("*.JPEG"))[0]).convert("RGB")
-    big = photo.resize((1200, 900), Image.Resampling.BICUBIC)
     path = tmp_path / "big.jpg"
-    big.save(path, quality=95)
-    fast = ImageTransform(jpeg_draft=True)(Image.open(path)).astype(float)
-    full = ImageTransform(jpeg_draft=False)(Image.open(path)).astype(float)
-    assert np.abs(fast - full).mean() < 3.0
+    photo.resize((1200, 900), Image.Resampling.BICUBIC).save(path, quality=95)
+    return path
+
+
+def test_default_msn_transform_decodes_big_jpegs_fully_as_the_reference(tmp_path):
+    path = big_photo(tmp_path)
+    with Image.open(path) as image:
+        full = image.convert("RGB")  # the reference: PIL's full decode, then Resize(256) + CenterCrop(224)
+    resized = full.resize(shorter_side_size(full.size, 256), Image.Resampling.BILINEAR)
+    left, top = int(round((resized.width - 224) / 2.0)), int(round((resized.height - 224) / 2.0))
+    expected = np.asarray(resized.crop((left, top, left + 224, top + 224)))
+    with Image.open(path) as image:
+        np.testing.assert_array_equal(msn_transform()(image), expected)
+    assert named_transform("msn", DEIT_TINY) == msn_transform()
+
+
+def test_msn_draft_is_a_named_option_with_its_own_key_and_close_pixels(tmp_path):
+    path = big_photo(tmp_path)
+    draft = named_transform("msn-draft", DEIT_TINY)
+    assert draft.jpeg_draft and draft.key() != msn_transform().key()
+    with Image.open(path) as a, Image.open(path) as b:
+        fast, full = draft(a).astype(float), msn_transform()(b).astype(float)
+    assert 0 < np.abs(fast - full).mean() < 3.0  # the draft decode really ran, and stays close
+    with pytest.raises(BadInputError, match="--transform 'nope'"):
+        named_transform("nope", DEIT_TINY)

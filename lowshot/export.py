@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .cache import Features
-from .errors import BadInputError, MissingDependencyError
+from .errors import MissingDependencyError
+from .outputs import check_writable, output_format, save_with
 
-EXPORT_SUFFIXES = (".npz", ".parquet")
+EXPORT_SUFFIXES = {".npz": "npz", ".parquet": "parquet"}  # lowshot export --output
 
 
 @dataclass(frozen=True)
@@ -42,49 +42,41 @@ def export_features(model: str, data: str | os.PathLike | None, *, split: str, o
     ``options`` are those of :func:`lowshot.extract_features` (readout as ``feature``, transform, dtype, ...)."""
     from .extract import extract_features
 
-    output = Path(output)
-    suffix = output.suffix.lower()
-    if suffix not in EXPORT_SUFFIXES:
-        raise BadInputError(f"--output {output}: expected a {' or '.join(EXPORT_SUFFIXES)} file")
-    if not output.parent.is_dir():
-        raise BadInputError(f"--output {output}: folder {output.parent} does not exist")
+    fmt = output_format(output, EXPORT_SUFFIXES)  # checked before any work, as every --output
+    if fmt == "parquet":
+        _pyarrow()
+    output = check_writable(output)
     # The split is both sides of the extraction: one cache entry, extracted once (not recorded as a probe run).
     options = {k: v for k, v in options.items() if k not in ("train_split", "test_split")}
     run = extract_features(model, data, train_split=split, test_split=split, **options)
     part = run.test
     meta = {"model": run.model, "data": run.data, "split": part.split, "key": part.features.key,
             **{k: run.settings.get(k) for k in ("feature", "readout", "dtype", "device", "transform", "engine")}}
-    writer = _write_npz if suffix == ".npz" else _write_parquet
-    _atomic(output, lambda tmp: writer(tmp, part.features, meta))
+    writer = _write_npz if fmt == "npz" else _write_parquet
+    save_with(output, "wb", lambda handle: writer(handle, part.features, meta))  # atomic: never half a file
     return Exported(output, part.split, len(part.features), part.features.dim, part.cached)
 
 
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and one rename: no half-written export on failure."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+def _pyarrow():
     try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_npz(path: Path, features: Features, meta: dict) -> None:
-    with open(path, "wb") as handle:  # a file object: np.savez would append .npz to a temporary name
-        np.savez(handle, ids=np.asarray(features.ids, dtype=str), labels=np.asarray(features.labels, dtype=np.int64),
-                 classes=np.asarray(features.classes, dtype=str),
-                 features=np.ascontiguousarray(features.features, dtype=np.float32),
-                 meta=np.asarray(json.dumps(meta, sort_keys=True)))
-
-
-def _write_parquet(path: Path, features: Features, meta: dict) -> None:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
     except ImportError:
         raise MissingDependencyError("--output .parquet needs pyarrow: pip install pyarrow (or use .npz)") from None
+    return pyarrow
+
+
+def _write_npz(handle, features: Features, meta: dict) -> None:
+    np.savez(handle, ids=np.asarray(features.ids, dtype=str), labels=np.asarray(features.labels, dtype=np.int64),
+             classes=np.asarray(features.classes, dtype=str),
+             features=np.ascontiguousarray(features.features, dtype=np.float32),
+             meta=np.asarray(json.dumps(meta, sort_keys=True)))
+
+
+def _write_parquet(handle, features: Features, meta: dict) -> None:
+    pa = _pyarrow()
+    import pyarrow.parquet as pq
+
     matrix = np.ascontiguousarray(features.features, dtype=np.float32)
     labels = np.asarray(features.labels, dtype=np.int64)
     table = pa.table({
@@ -93,7 +85,7 @@ def _write_parquet(path: Path, features: Features, meta: dict) -> None:
         "class": pa.array([features.classes[i] for i in labels], type=pa.string()),
         "feature": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1]),
     }).replace_schema_metadata({"lowshot": json.dumps(meta, sort_keys=True)})
-    pq.write_table(table, path)
+    pq.write_table(table, handle)
 
 
 def load_export(path: str | os.PathLike) -> dict:

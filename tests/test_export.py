@@ -58,7 +58,7 @@ def test_an_export_is_not_recorded_as_a_run_probe_would_use(tiny_model, image_da
 
 def test_export_refuses_an_unknown_format_in_one_line(tiny_model, image_data, cache_dir, tmp_path):
     result = invoke("export", "--model", tiny_model, "--data", image_data, "--output", tmp_path / "f.csv")
-    assert result.exit_code == 2 and "expected a .npz or .parquet file" in result.output
+    assert result.exit_code == 2 and "unknown extension '.csv'; use one of .npz, .parquet" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 

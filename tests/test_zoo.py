@@ -152,7 +152,10 @@ def test_dtype_auto_keeps_every_feature_within_cosine_0999_of_float32_on_a_bf16_
     path = str(zoo.save(name, zoo_dir))
     auto = load_backbone(path, device="cpu", dtype="auto")
     reference = load_backbone(path, device="cpu", dtype="float32", engine="stock")
-    cosine = torch.nn.functional.cosine_similarity(auto.embed(pixels), reference.embed(pixels))
-    assert cosine.min() >= 0.999, (name, auto.engine, auto.dtype, cosine.min())
+    got, ref = auto.embed(pixels), reference.embed(pixels)
+    centre = ref.mean(dim=0, keepdim=True)  # random-init features share a large common part: take it out too
+    for a, b in ((got, ref), (got - centre, ref - centre)):
+        cosine = torch.nn.functional.cosine_similarity(a, b)
+        assert cosine.min() >= 0.999, (name, auto.engine, auto.dtype, cosine.min())
     expected = torch.bfloat16 if auto.engine == "fast" else torch.float32
     assert auto.dtype == expected, auto.dtype_reason

@@ -214,8 +214,12 @@ def resolve_model(model: str = DEFAULT_MODEL, *, revision: str | None = None,
     folder, origin = resolve_model_folder(model, revision=revision)
     from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(folder)
+    config_dict = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if isinstance(config_dict, dict) and config_dict.get("auto_map"):
+        raise ModelLoadError(f"--model {model}: the folder's config needs its own Python code (auto_map); lowshot "
+                             "never runs code from a model folder (no trust_remote_code)")
+    try:  # trust_remote_code=False: refuse at once, never prompt or run the folder's code
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
         raise ModelLoadError(f"--model {model}: unreadable config.json ({str(exc).splitlines()[0]})") from exc
     tower = None
@@ -380,7 +384,8 @@ def _load_weights(ref: ModelRef) -> torch.nn.Module:
     hf_logging.set_verbosity_error()  # the load report lists the unused heads and text tower: noise for a backbone
     hf_logging.disable_progress_bar()
     try:
-        return loader.from_pretrained(ref.folder, dtype=torch.float32, **_load_kwargs(ref.config))
+        return loader.from_pretrained(ref.folder, dtype=torch.float32, trust_remote_code=False,
+                                      **_load_kwargs(ref.config))
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"--model {ref.name}: cannot load weights ({str(exc).splitlines()[0]})") from exc
     finally:

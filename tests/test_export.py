@@ -128,3 +128,17 @@ def test_legacy_readouts_keep_their_cache_keys_and_changed_ones_do_not(tiny_mode
         before = cache.key_for({"model": plan.ref.identity, "feature": feature, "dtype": "float32", "device": "cpu",
                                 "transform": plan.transform.key(), "data": split.identity})
         assert (plan.keys[split.name] == before) is legacy, (model, feature)
+
+
+def test_a_model_folder_with_its_own_code_is_refused_without_running_it(image_data, cache_dir, tmp_path):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "custom-vit", "hidden_size": 32,
+                                                    "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}))
+    marker = tmp_path / "code-ran"
+    (folder / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (folder / "model.safetensors").write_bytes(b"")
+    result = invoke("extract", "--model", folder, "--data", image_data, "--device", "cpu")
+    assert result.exit_code == 1 and "never runs code from a model folder" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not marker.exists() and cache_is_empty(cache_dir)

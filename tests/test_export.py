@@ -142,3 +142,15 @@ def test_a_model_folder_with_its_own_code_is_refused_without_running_it(image_da
     assert result.exit_code == 1 and "never runs code from a model folder" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not marker.exists() and cache_is_empty(cache_dir)
+
+
+def test_probe_picks_the_features_of_the_readout_it_is_given(tiny_model, image_data, cache_dir):
+    assert invoke("extract", "--model", tiny_model, "--data", image_data, "--device", "cpu", "--dtype", "float32",
+                  "--readout", "avgpool").exit_code == 0
+    found = invoke("probe", "--model", tiny_model, "--data", image_data, "--device", "cpu", "--dtype", "float32",
+                   "--readout", "avgpool", "--shots", "1", "--percent", "0", "--seeds", "1", "--format", "json")
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.stdout)["meta"]["readout"]["readout"] == "avgpool"
+    missing = invoke("probe", "--model", tiny_model, "--data", image_data, "--device", "cpu", "--dtype", "float32",
+                     "--shots", "1", "--percent", "0", "--seeds", "1")
+    assert missing.exit_code == 1 and "no cached features" in missing.output  # cls-prenorm was never extracted

@@ -34,6 +34,7 @@ POOLED = "pooled"
 AUTO = "auto"  # the family's default: cls-prenorm with a CLS token, pooled without one
 READOUTS = (CLS_PRENORM, CLS_POSTNORM, AVGPOOL, CLS_AVGPOOL, LAST4_CLS, POOLED)
 LAST_N_BLOCKS = 4  # DINOv2 eval/linear.py: n_last_blocks=4 for ViT-S/B
+BUILT_IN = "interpolated (bicubic, built in)"  # DINOv2 interpolates its position embeddings to any input itself
 READOUT_HELP = (
     "auto (the family's default: cls-prenorm with a CLS token, else pooled), cls-prenorm (CLS before the final "
     "norm, MSN), cls-postnorm, avgpool (mean of the normed patch tokens), cls+avgpool, last4-cls (normed CLS of the "
@@ -140,8 +141,9 @@ class ReadoutSpec:
 
     def legacy(self) -> bool:
         """Features that lowshot computed the same way before readouts were named: their cache keys stay valid."""
-        return self.name in (CLS_PRENORM, CLS_POSTNORM) and self.position_embeddings == "native" \
-            and self.masking == "none" and (self.name == CLS_PRENORM or self.family != "CLIP vision")
+        same_positions = self.position_embeddings in ("native", BUILT_IN)  # DINOv2 always interpolated itself
+        return self.name in (CLS_PRENORM, CLS_POSTNORM) and same_positions and self.masking == "none" \
+            and (self.name == CLS_PRENORM or self.family != "CLIP vision")
 
     def key(self) -> dict:
         """Cache-key input beyond the readout's name ({} where the features are the ones computed before)."""
@@ -167,12 +169,12 @@ def native_size(config) -> int | None:
 def position_mode(family: Family, config, input_size: int, forward) -> str:
     """How the model meets an input size: its own, interpolated absolute position embeddings, or any size."""
     native = native_size(config)
-    if family.model_types and family.name in ("Swin", "ConvNeXt"):
+    if family.name in ("Swin", "ConvNeXt"):
         return "any size"
     if native is None or native == input_size:
         return "native"
     if family.name.startswith("DINOv2"):
-        return "interpolated (bicubic, built in)"
+        return BUILT_IN
     if "interpolate_pos_encoding" in inspect.signature(forward).parameters:
         return "interpolated (bicubic)"
     return f"unsupported: trained at {native} px and no position-embedding interpolation"
@@ -188,7 +190,7 @@ def _norm(net: torch.nn.Module, family: Family) -> torch.nn.Module:
 def run_readout(net: torch.nn.Module, family: Family, spec: ReadoutSpec, pixels: torch.Tensor) -> torch.Tensor:
     """The model's own forward on ``pixels``, read out as ``spec`` says: (N, dim)."""
     kwargs = {}
-    if spec.interpolate and not spec.position_embeddings.endswith("built in)"):
+    if spec.interpolate and spec.position_embeddings != BUILT_IN:
         kwargs["interpolate_pos_encoding"] = True
     if family.random_masking:  # ViTMAE with mask_ratio 0 still shuffles the patches by random noise: sort by index
         patch = net.config.patch_size

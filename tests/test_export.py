@@ -114,15 +114,15 @@ def test_feature_is_an_alias_of_readout_and_identical_readouts_are_said(image_da
 
 
 def test_legacy_readouts_keep_their_cache_keys_and_changed_ones_do_not(tiny_model, image_data, cache_dir, tmp_path):
-    """Entries cached before readouts were named stay valid where the features are the same (ViT-family CLS),
-    and CLIP's cls-postnorm, which now applies post_layernorm, gets a new key."""
+    """Entries cached before readouts were named stay valid where the features are the same (CLS readouts; DINOv2
+    interpolated itself before too), and CLIP's cls-postnorm, which now applies post_layernorm, gets a new key."""
     from lowshot.extract import plan_extraction
 
     cache = FeatureCache(cache_dir)
-    clip = str(zoo.save("clip-vision", tmp_path))
+    clip, dinov2 = str(zoo.save("clip-vision", tmp_path)), str(zoo.save("dinov2", tmp_path))
     for model, feature, legacy in ((str(tiny_model), "cls-prenorm", True), (str(tiny_model), "cls-postnorm", True),
                                    (clip, "cls-prenorm", True), (clip, "cls-postnorm", False),
-                                   (str(tiny_model), "avgpool", False)):
+                                   (dinov2, "cls-prenorm", True), (str(tiny_model), "avgpool", False)):
         plan = plan_extraction(model, str(image_data), feature=feature, device="cpu", dtype="float32", cache=cache)
         split = plan.dataset.train
         before = cache.key_for({"model": plan.ref.identity, "feature": feature, "dtype": "float32", "device": "cpu",

@@ -18,6 +18,7 @@ _EXPORTS = {
     "LogisticProbe": "probe", "KNNClassifier": "neighbors", "NearestClassMean": "neighbors",
     "Results": "results", "FeatureCache": "cache", "compare": "report", "gate": "report",
     "build_report": "report", "plot_comparison": "plot", "load_config": "bench", "run_bench": "bench",
+    "ExtractSettings": "config", "ProbeSettings": "config", "needed_indices": "protocol",
     "export_features": "export", "load_export": "export",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -24,23 +24,27 @@ each model that has a baseline. Paths in the config are relative to the config f
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInputError, DataError, MissingDependencyError
+from .config import ExtractSettings, ProbeSettings
+from .errors import BadInputError, DataError, MissingDependencyError, SettingError
 from .extract import extract_features
 from .outputs import check_writable, output_format, save_text
-from .probe import DEFAULT_LAMBDA
-from .protocol import CLASSIFIERS, Progress, run_probe
+from .protocol import Progress, run_probe
 from .report import DEFAULT_MAX_DROP, Comparison, build_report, gate
 from .results import Results
-from .stats import DEFAULT_N_BOOT
 
 REPORT_NAME = "report.md"
 PLOT_NAME = "plot.png"
-EXTRACT_KEYS = {"transform": str, "feature": str, "dtype": str, "device": str, "batch_size": int}
+# [extract] takes any ExtractSettings field but these (set per model or at the top level); the settings object
+# checks the values. TOML names of the probe settings that differ from their field names:
+EXTRACT_KEYS = {f.name: bool if isinstance(f.default, bool) else object for f in dataclasses.fields(ExtractSettings)
+                if f.name not in ("revision", "train_split", "test_split")}
+TOML_NAMES = {"lam": "lambda"}
 MODEL_KEYS = {"name": str, "path": str, "baseline": str, "revision": str}
 TOP_KEYS = {"title": str, "data": str, "output": str, "shots": list, "percents": list, "seeds": int,
             "lambda": (float, int, str), "classifiers": list, "ci": bool, "n_boot": int, "backend": str,
@@ -64,22 +68,12 @@ class BenchConfig:
     data: str
     models: tuple[BenchModel, ...]
     output: Path
+    probe: ProbeSettings
+    extract: ExtractSettings
     title: str = "lowshot benchmark"
-    shots: tuple[int, ...] = (1, 2, 5)
-    percents: tuple[float, ...] = (1.0,)
-    seeds: int = 3
-    lam: float | str = DEFAULT_LAMBDA
-    classifiers: tuple[str, ...] = ("logistic",)
-    ci: bool = False
-    n_boot: int = DEFAULT_N_BOOT
-    backend: str = "torch"
     max_drop: float = DEFAULT_MAX_DROP
     plot: bool = True
     published: bool = False
-    allow_fewer: bool = False
-    train_split: str = "train"
-    test_split: str | None = None
-    extract: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -118,24 +112,22 @@ def load_config(path: str | os.PathLike) -> BenchConfig:
     names = [m.name for m in parsed]
     if len(set(names)) != len(names):
         raise BadInputError(f"{where}: model names must be unique ({', '.join(names)})")
-    classifiers = tuple(data.get("classifiers", ["logistic"]))
-    unknown = [c for c in classifiers if c not in CLASSIFIERS]
-    if unknown:
-        raise BadInputError(f"{where}: classifiers {unknown}: expected some of {', '.join(CLASSIFIERS)}")
-    lam = data.get("lambda", DEFAULT_LAMBDA)
-    if isinstance(lam, str) and lam != "auto":
-        raise BadInputError(f"{where}: lambda {lam!r}: expected a positive number or 'auto'")
+    try:
+        probe = ProbeSettings(
+            shots=_ints(data["shots"], f"{where} shots") if "shots" in data else None,
+            percents=_numbers(data["percents"], f"{where} percents") if "percents" in data else None,
+            **{field: data[TOML_NAMES.get(field, field)] for field in
+               ("seeds", "lam", "classifiers", "ci", "n_boot", "backend", "allow_fewer")
+               if TOML_NAMES.get(field, field) in data})
+        extract = ExtractSettings(**data.get("extract", {}), train_split=data.get("train_split", "train"),
+                                  test_split=data.get("test_split"))
+    except SettingError as exc:  # checked here, so a bad value fails before any extraction
+        raise BadInputError(f"{where}: {exc.spelled(TOML_NAMES.get(exc.param, exc.param))}") from None
     return BenchConfig(
         source=path.resolve(), data=_resolve(base, data["data"], f"{where} data"), models=tuple(parsed),
-        output=base / data.get("output", f"out/{path.stem}"), title=data.get("title", path.stem),
-        shots=tuple(_ints(data.get("shots", [1, 2, 5]), f"{where} shots")),
-        percents=tuple(float(p) for p in _numbers(data.get("percents", [1]), f"{where} percents")),
-        seeds=data.get("seeds", 3), lam=lam if isinstance(lam, str) else float(lam), classifiers=classifiers,
-        ci=data.get("ci", False), n_boot=data.get("n_boot", DEFAULT_N_BOOT), backend=data.get("backend", "torch"),
-        max_drop=float(data.get("max_drop", DEFAULT_MAX_DROP)), plot=data.get("plot", True),
-        published=data.get("published", False), allow_fewer=data.get("allow_fewer", False),
-        train_split=data.get("train_split", "train"), test_split=data.get("test_split"),
-        extract=dict(data.get("extract", {})))
+        output=base / data.get("output", f"out/{path.stem}"), probe=probe, extract=extract,
+        title=data.get("title", path.stem), max_drop=float(data.get("max_drop", DEFAULT_MAX_DROP)),
+        plot=data.get("plot", True), published=data.get("published", False))
 
 
 def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None, output: Path | None = None,
@@ -171,15 +163,11 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
     results: dict[str, Results] = {}
     written: list[Path] = []
     for model in config.models:
-        run = extract_features(model.path, config.data, revision=model.revision, train_split=config.train_split,
-                               test_split=config.test_split, cache_dir=cache_dir, progress=progress,
-                               **config.extract)
+        run = extract_features(model.path, config.data, dataclasses.replace(config.extract, revision=model.revision),
+                               subsets=config.probe, cache_dir=cache_dir, progress=progress)
         state = "cache hit" if run.train.cached and run.test.cached else "extracted"
         log(f"{model.name}: {len(run.train.features):,} train / {len(run.test.features):,} test features ({state})")
-        result = run_probe(run.train.features, run.test.features, shots=config.shots, percents=config.percents,
-                           seeds=config.seeds, lam=config.lam, allow_fewer=config.allow_fewer,
-                           backend=config.backend, classifiers=config.classifiers, ci=config.ci,
-                           n_boot=config.n_boot, progress=progress,
+        result = run_probe(run.train.features, run.test.features, config.probe, progress=progress,
                            meta={"model": model.path, "data": run.data, "label": model.name,
                                  "bench": {"config": config.source.name, "title": config.title}})
         results[model.name] = result

@@ -2,14 +2,17 @@
 
 Layout under the cache root (``LOWSHOT_CACHE_DIR``, else the platform's user cache dir)::
 
-    entries/<key>/            one finished split: features.npy (float32, N x D), labels.npy, manifest.json
-    partial/<key>/            an extraction in progress: shard-NNNNNN.npy + .json, resumable
+    entries/<key>/            the features of a split held so far: features.npy (float32, N x D), labels.npy,
+                              rows.npy (each row's index in the split's listing), listing.json (every listed id
+                              and label), manifest.json (incl. unreadable images, checksums)
+    partial/<key>/            images being encoded: shard-<digest of its rows>.npy + .json, resumable
     locks/<key>.lock          one extraction per key at a time (other processes wait)
     runs/<id>.json            which train/test entries one ``lowshot extract`` produced (for ``lowshot probe``)
 
 The key is the sha256 of everything that changes the features (weights and config hashes, transform, feature
-layer, dtype, device type, data identity, cache format). Finished entries appear by one atomic directory rename,
-so a reader sees either nothing or a whole entry.
+layer, dtype, device type, data identity, cache format). An entry grows by image: a request that needs images the
+entry lacks encodes only those into shards, then a new version of the entry (old rows + new rows, in listing order,
+streamed) replaces the old one by directory renames, so a reader sees the old entry or the new one, never a part.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -30,8 +33,12 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from .errors import CacheError
+from .splits import Listing
 
-CACHE_FORMAT = 1  # bump when the on-disk layout or the meaning of a key input changes: old entries are rebuilt
+# Bump when the on-disk layout or the meaning of a key input changes: the key changes with it, so entries of another
+# format are never read as this one (they are rebuilt). 2: an entry holds any subset of its split (rows.npy).
+CACHE_FORMAT = 2
+MERGE_BLOCK = 65_536  # rows gathered per block when an entry grows (64k x 384 float32 = 96 MB at most)
 ENV_CACHE_DIR = "LOWSHOT_CACHE_DIR"
 
 
@@ -63,9 +70,9 @@ def write_atomic(path: Path, mode: str, write: Callable[[IO], None]) -> None:
         raise
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
+def write_json_atomic(path: Path, obj: object, *, indent: int | None = 1) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, "w", lambda handle: json.dump(obj, handle, indent=1, sort_keys=True))
+    write_atomic(path, "w", lambda handle: json.dump(obj, handle, indent=indent, sort_keys=True))
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -82,7 +89,11 @@ def file_sha256(path: Path) -> str:
 
 @dataclass
 class Features:
-    """One cached split: ``features[i]`` is item ``ids[i]`` with label ``labels[i]`` (memory-mapped, read-only)."""
+    """Features of one split: ``features[i]`` is item ``ids[i]`` with label ``labels[i]`` (memory-mapped, read-only).
+
+    An entry may hold only some of its split's images: ``rows[i]`` is row i's index in the split's listing (None:
+    the rows are the whole listing, in order), and :meth:`listing` gives every listed item, which is what subsets
+    are drawn from."""
 
     key: str
     features: np.ndarray
@@ -90,6 +101,9 @@ class Features:
     ids: list[str]
     classes: list[str]
     manifest: dict
+    rows: np.ndarray | None = None
+    listing_path: Path | None = None
+    _listing: Listing | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -97,6 +111,44 @@ class Features:
     @property
     def dim(self) -> int:
         return int(self.features.shape[1])
+
+    def listing(self) -> Listing:
+        """Every item of the split (read from the entry on first use), with the ones known to be unreadable."""
+        if self._listing is None:
+            if self.listing_path is None:
+                self._listing = Listing(self.ids, np.asarray(self.labels), self.classes)
+            else:
+                ids, labels = read_listing(self.listing_path)
+                self._listing = Listing(ids, labels, self.classes,
+                                        frozenset(int(i) for i in self.manifest.get("skipped_rows", {})))
+        return self._listing
+
+    def positions(self) -> np.ndarray:
+        """For each listed item, its row here, or -1 when this entry does not hold it."""
+        if self.rows is None:
+            return np.arange(len(self), dtype=np.int64)
+        position = np.full(int(self.manifest.get("n_listed", len(self.listing()))), -1, dtype=np.int64)
+        position[self.rows] = np.arange(len(self.rows))
+        return position
+
+    @property
+    def complete(self) -> bool:
+        """True when every listed item is here or known to be unreadable."""
+        if self.rows is None:
+            return True
+        return len(self) + len(self.manifest.get("skipped_rows", {})) == int(self.manifest["n_listed"])
+
+
+def write_listing(path: Path, ids: list[str], labels: np.ndarray) -> None:
+    write_json_atomic(path, {"ids": list(ids), "labels": np.asarray(labels, dtype=np.int64).tolist()}, indent=None)
+
+
+def read_listing(path: Path) -> tuple[list[str], np.ndarray]:
+    try:
+        data = json.loads(path.read_text())
+        return data["ids"], np.asarray(data["labels"], dtype=np.int64)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CacheError(f"cache listing {path} is damaged ({exc}); run 'lowshot cache verify'") from exc
 
 
 class FeatureCache:
@@ -139,52 +191,95 @@ class FeatureCache:
 
     # -- finished entries ----------------------------------------------------------------------------------------
     def load(self, key: str) -> Features | None:
-        """The finished entry for ``key``, or None (also for entries of an incompatible format)."""
+        """The entry for ``key``, or None (also for entries of another format, which are never read as this one)."""
         folder = self.entry_dir(key)
         try:
             manifest = json.loads((folder / "manifest.json").read_text())
         except (OSError, ValueError):
+            if self._recover(key):
+                return self.load(key)
             return None
         if manifest.get("cache_format") != CACHE_FORMAT:
             return None
         try:
             features = np.load(folder / "features.npy", mmap_mode="r")
             labels = np.load(folder / "labels.npy")
+            rows = np.load(folder / "rows.npy")
         except (OSError, ValueError) as exc:
             raise CacheError(f"cache entry {key} is damaged ({exc}); run 'lowshot cache verify'") from exc
-        if features.ndim != 2 or len(features) != len(labels) or len(labels) != len(manifest["ids"]):
+        if features.ndim != 2 or not len(features) == len(labels) == len(rows) == manifest.get("n"):
             raise CacheError(f"cache entry {key} is damaged (array shapes disagree); run 'lowshot cache verify'")
-        return Features(key, features, labels, list(manifest["ids"]), list(manifest["classes"]), manifest)
+        listed_ids, listed_labels = read_listing(folder / "listing.json")
+        if len(listed_ids) != manifest.get("n_listed") or (len(rows) and int(rows.max()) >= len(listed_ids)):
+            raise CacheError(f"cache entry {key} is damaged (listing and rows disagree); run 'lowshot cache verify'")
+        classes = list(manifest["classes"])
+        unreadable = frozenset(int(i) for i in manifest.get("skipped_rows", {}))
+        listing = Listing(listed_ids, listed_labels, classes, unreadable)
+        return Features(key, features, labels, [listed_ids[i] for i in rows.tolist()], classes, manifest, rows=rows,
+                        listing_path=folder / "listing.json", _listing=listing)
 
-    def commit(self, key: str, features: np.ndarray | Path, labels: np.ndarray, manifest: dict) -> Features:
-        """Write a finished entry atomically: build it in a temp folder, then one rename. ``features`` may be a
-        finished float32 ``.npy`` file in the cache (see :meth:`ShardStore.write_npy`): it is moved, not read."""
+    def _recover(self, key: str) -> bool:
+        """A process killed between the two renames of :meth:`grow` leaves the previous version under a hidden
+        name and none under the key: put it back (cached work is never lost)."""
+        for old in sorted(self.entry_dir(key).parent.glob(f".{key}.old-*")):
+            try:
+                os.rename(old, self.entry_dir(key))
+                return True
+            except OSError:
+                continue
+        return False
+
+    def grow(self, key: str, old: Features | None, store: ShardStore, *, ids: list[str], labels: np.ndarray,
+             manifest: dict) -> Features:
+        """Write a new version of entry ``key``: the rows of ``old`` plus every finished shard of ``store``, in
+        listing order, streamed block by block (memory does not grow with the entry). ``ids``/``labels`` are the
+        split's listing; ``manifest`` describes the new version (this adds counts, unreadable items, checksums).
+        The version replaces the old one by two renames; :meth:`load` undoes a half-done swap."""
         final = self.entry_dir(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}."))
         try:
-            if isinstance(features, Path):
-                os.replace(features, tmp / "features.npy")
+            sources, rows, skipped = _gather(old, store)
+            order = np.argsort(rows[:, 0], kind="stable")
+            rows = rows[order]
+            keep = np.ones(len(rows), dtype=bool)
+            keep[1:] = rows[1:, 0] != rows[:-1, 0]  # an image in two sources: its features are the same, keep one
+            rows = rows[keep]
+            dim = store.dim if old is None else old.dim
+            _write_rows(tmp / "features.npy", sources, rows, dim)
+            listed = rows[:, 0]
+            np.save(tmp / "rows.npy", listed)
+            np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64)[listed])
+            if old is not None and old.listing_path is not None and old.listing_path.is_file():
+                os.link(old.listing_path, tmp / "listing.json")  # the listing never changes under one key
             else:
-                np.save(tmp / "features.npy", np.ascontiguousarray(features, dtype=np.float32))
-            np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
-            manifest = {**manifest, "cache_format": CACHE_FORMAT, "key": key,
-                        "sha256": {name: file_sha256(tmp / name) for name in ("features.npy", "labels.npy")}}
-            write_json_atomic(tmp / "manifest.json", manifest)
-            for name in ("features.npy", "labels.npy"):
+                write_listing(tmp / "listing.json", ids, labels)
+            held = set(listed.tolist())
+            skipped = {int(i): reason for i, reason in skipped.items() if i not in held}
+            added = int(len(listed) - (len(old) if old is not None else 0))
+            history = list(old.manifest.get("history", [])) if old is not None else []
+            manifest = {**manifest, "cache_format": CACHE_FORMAT, "key": key, "n": int(len(listed)),
+                        "n_listed": len(ids), "dim": dim,
+                        "skipped": {ids[i]: reason for i, reason in sorted(skipped.items())},
+                        "skipped_rows": {str(i): reason for i, reason in skipped.items()},
+                        "history": [*history, {"added": added, "date": now_iso()}],
+                        "sha256": {name: file_sha256(tmp / name)
+                                   for name in ("features.npy", "labels.npy", "rows.npy", "listing.json")}}
+            for name in ("features.npy", "labels.npy", "rows.npy"):
                 with open(tmp / name, "rb") as handle:
                     os.fsync(handle.fileno())
-            if final.exists():  # an older/incompatible entry under the same key: replace it
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            write_json_atomic(tmp / "manifest.json", manifest)
+            _swap(tmp, final)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CacheError(f"cannot write cache entry in {final.parent}: {exc.strerror or exc}") from exc
+            raise CacheError(f"cannot write cache entry in {final.parent}: {exc.strerror or exc}; finished shards "
+                             "are kept: free space or pick another --cache-dir, then rerun to resume") from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         loaded = self.load(key)
-        assert loaded is not None  # just written
+        if loaded is None:
+            raise CacheError(f"cache entry {key} vanished right after it was written")
         return loaded
 
     def _entries(self) -> Iterator[tuple[Path, dict | None]]:
@@ -260,19 +355,23 @@ class FeatureCache:
 
 
 class ShardStore:
-    """Resumable extraction: items are written in fixed-size shards; a finished shard is never recomputed."""
+    """Resumable extraction: the images being encoded are written in shards, each holding its rows (listing
+    indices), their features and the ones that could not be read. A shard is named by a digest of its rows, so a
+    finished shard counts whatever request it was written for: a rerun (any command, any number of ranks)
+    encodes only the images no finished shard covers."""
 
-    def __init__(self, folder: Path, *, n_items: int, shard_size: int, dim: int):
-        self.folder = folder
-        self.n_items, self.shard_size, self.dim = n_items, shard_size, dim
-        meta = {"n_items": n_items, "shard_size": shard_size, "dim": dim}
+    LAYOUT = 2
+
+    def __init__(self, folder: Path, *, dim: int):
+        self.folder, self.dim = folder, dim
+        meta = {"layout": self.LAYOUT, "dim": dim}
         meta_path = folder / "meta.json"
         try:
             existing = json.loads(meta_path.read_text()) if meta_path.is_file() else None
         except ValueError:
             existing = None
         try:
-            if existing != meta:  # different shard geometry (or none yet): start this partial entry afresh
+            if existing != meta:  # another layout or width (or nothing yet): start this partial entry afresh
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(meta_path, meta)
@@ -281,59 +380,89 @@ class ShardStore:
         except OSError as exc:
             raise CacheError(f"cannot write to the cache in {folder.parent} ({exc.strerror or exc})") from exc
 
-    @property
-    def n_shards(self) -> int:
-        return (self.n_items + self.shard_size - 1) // self.shard_size
+    def names(self) -> list[str]:
+        """Finished shards (the ``.json`` is written last and marks a shard done)."""
+        return sorted(p.stem for p in self.folder.glob("shard-*.json") if p.with_suffix(".npy").is_file())
 
-    def bounds(self, shard: int) -> tuple[int, int]:
-        start = shard * self.shard_size
-        return start, min(start + self.shard_size, self.n_items)
+    def read(self, name: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """(rows, features memory-mapped, unreadable rows -> reason) of a finished shard."""
+        info = json.loads((self.folder / f"{name}.json").read_text())
+        features = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+        return (np.asarray(info["rows"], dtype=np.int64), features,
+                {int(k): v for k, v in info["failed"].items()})
 
-    def _paths(self, shard: int) -> tuple[Path, Path]:
-        return self.folder / f"shard-{shard:06d}.npy", self.folder / f"shard-{shard:06d}.json"
+    def covered(self) -> np.ndarray:
+        """Listing indices of every item in a finished shard (read or found unreadable)."""
+        rows = [np.asarray(json.loads((self.folder / f"{n}.json").read_text())["rows"], dtype=np.int64)
+                for n in self.names()]
+        return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
 
-    def done(self, shard: int) -> bool:
-        array, info = self._paths(shard)
-        return array.is_file() and info.is_file()
-
-    def write(self, shard: int, features: np.ndarray, failed: dict[int, str]) -> None:
-        """``features`` has one row per item of the shard (rows of failed items are ignored)."""
-        array, info = self._paths(shard)
-        start, stop = self.bounds(shard)
-        if features.shape != (stop - start, self.dim):
-            raise CacheError(f"shard {shard}: expected {(stop - start, self.dim)} features, got {features.shape}")
+    def write(self, rows: np.ndarray, features: np.ndarray, failed: dict[int, str]) -> None:
+        """``features`` has one row per item of ``rows`` (rows of ``failed`` items are ignored)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if features.shape != (len(rows), self.dim):
+            raise CacheError(f"shard of {len(rows)} images: expected {(len(rows), self.dim)} features, got "
+                             f"{features.shape}")
+        name = f"shard-{hashlib.sha256(rows.tobytes()).hexdigest()[:20]}"
+        array, info = self.folder / f"{name}.npy", self.folder / f"{name}.json"
         try:
             save_npy_atomic(array, np.ascontiguousarray(features, dtype=np.float32))
-            write_json_atomic(info, {"failed": {str(k): v for k, v in failed.items()}})  # written last: marks done
+            write_json_atomic(info, {"rows": rows.tolist(), "failed": {str(k): v for k, v in failed.items()}},
+                              indent=None)  # written last: marks done
         except OSError as exc:
             array.unlink(missing_ok=True)
-            raise CacheError(f"cannot write shard {shard} to {self.folder} ({exc.strerror or exc}); finished "
-                             "shards are kept: free space or pick another --cache-dir, then rerun to resume") from exc
-
-    def failed(self) -> dict[int, str]:
-        """Items of all shards that could not be read (index -> reason)."""
-        failed: dict[int, str] = {}
-        for shard in range(self.n_shards):
-            info = json.loads(self._paths(shard)[1].read_text())["failed"]
-            failed.update({int(k): v for k, v in info.items()})
-        return failed
-
-    def write_npy(self, path: Path, keep: np.ndarray) -> None:
-        """Write the ``keep`` rows of all shards to one float32 ``.npy`` file, one shard in memory at a time (the
-        extraction's memory does not grow with the number of images)."""
-        shape = (int(keep.sum()), self.dim)
-        with open(path, "wb") as handle:
-            np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
-                                                          "fortran_order": False, "shape": shape})
-            for shard in range(self.n_shards):
-                start, stop = self.bounds(shard)
-                rows = np.load(self._paths(shard)[0])[keep[start:stop]]
-                handle.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
-            handle.flush()
-            os.fsync(handle.fileno())
+            raise CacheError(f"cannot write a shard to {self.folder} ({exc.strerror or exc}); finished shards are "
+                             "kept: free space or pick another --cache-dir, then rerun to resume") from exc
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _gather(old: Features | None, store: ShardStore) -> tuple[list[np.ndarray], np.ndarray, dict[int, str]]:
+    """Sources of a new entry version: the old rows, then each finished shard. Returns the source arrays, one
+    (listing index, source, row in source) triple per readable image, and the unreadable images (index -> reason)."""
+    sources: list[np.ndarray] = []
+    triples: list[np.ndarray] = []
+    skipped: dict[int, str] = {}
+    if old is not None:
+        old_rows = old.rows if old.rows is not None else np.arange(len(old))
+        sources.append(old.features)
+        triples.append(np.stack([old_rows, np.zeros_like(old_rows), np.arange(len(old_rows))], axis=1))
+        skipped.update({int(i): r for i, r in old.manifest.get("skipped_rows", {}).items()})
+    for name in store.names():
+        rows, features, failed = store.read(name)
+        skipped.update(failed)
+        ok = np.flatnonzero(~np.isin(rows, np.fromiter(failed, dtype=np.int64, count=len(failed))))
+        source = len(sources)
+        sources.append(features)
+        triples.append(np.stack([rows[ok], np.full(len(ok), source), ok], axis=1))
+    merged = np.concatenate(triples) if triples else np.zeros((0, 3), dtype=np.int64)
+    return sources, merged.astype(np.int64), skipped
+
+
+def _write_rows(path: Path, sources: list[np.ndarray], rows: np.ndarray, dim: int) -> None:
+    """Write ``rows`` ((listing index, source, row) triples, in order) as one float32 ``.npy``, a block at a time."""
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
+                                                      "fortran_order": False, "shape": (len(rows), dim)})
+        for lo in range(0, len(rows), MERGE_BLOCK):
+            block = rows[lo:lo + MERGE_BLOCK]
+            out = np.empty((len(block), dim), dtype="<f4")
+            for source in np.unique(block[:, 1]):
+                take = block[:, 1] == source
+                out[take] = sources[int(source)][block[take, 2]]
+            handle.write(out.tobytes())
+
+
+def _swap(new: Path, final: Path) -> None:
+    """Put folder ``new`` in place of ``final``: the old version is renamed aside first and deleted last."""
+    if not final.exists():
+        os.rename(new, final)
+        return
+    aside = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"
+    os.rename(final, aside)
+    os.rename(new, final)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def now_iso() -> str:

@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL
-from .errors import BadInputError, LowshotError
+from .config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_READOUT
+from .errors import BadInputError, LowshotError, SettingError
 
 app = typer.Typer(
     name="lowshot",
@@ -62,6 +62,28 @@ def _hide_flag_placeholders() -> None:
 
 _hide_flag_placeholders()
 
+
+# The core names a bad setting by its parameter (ExtractSettings / ProbeSettings field); the CLI says its flag.
+FLAGS = {"shots": "--shots", "percents": "--percent", "seeds": "--seeds", "split_files": "--split-file",
+         "lam": "--lambda", "classifiers": "--classifier", "n_boot": "--n-boot", "ci_seed": "--ci-seed",
+         "backend": "--backend", "batch_size": "--batch-size", "max_pixels": "--max-pixels", "dtype": "--dtype",
+         "transform": "--transform", "engine": "--engine", "device": "--device", "feature": "--readout",
+         "train_split": "--train-split", "test_split": "--test-split", "workers": "--workers"}
+
+# Protocol options shared by extract (which images to encode) and probe (which subsets to fit): same defaults.
+Shots = Annotated[str | None, _option(
+    help="Images per class, comma-separated (nested within a seed); an empty string: none. Default: 1,2,5, or "
+         "none when --split-file is given.", show_default=False)]
+Percent = Annotated[str | None, _option(
+    help="Percent of the train labels, stratified (round half up, at least 1 per class), comma-separated; 0 skips. "
+         "Default: 1, or none when --split-file is given.", show_default=False)]
+Seeds = Annotated[int, _option(help="Number of seeds (0 … N−1) for k-shot and percent subsets.")]
+SplitFile = Annotated[list[Path] | None, _option(
+    "--split-file", metavar="FILE", help="A published split file (one image name per line), repeatable; files "
+                                         "with the same content label (e.g. 5-shot) become seeds of one row.")]
+AllowFewer = Annotated[bool, _option(
+    help="Let a class with fewer than k train images contribute all it has instead of failing.")]
+
 READOUT_HELP = ("Which vector is the feature (--feature is an alias). auto: the family's default (cls-prenorm "
                 "with a CLS token, else pooled); cls-prenorm: CLS before the final norm (MSN); cls-postnorm; avgpool: "
                 "mean of the normed patch tokens; cls+avgpool; last4-cls: normed CLS of the last 4 blocks (DINOv2); "
@@ -82,7 +104,8 @@ def _friendly(command):
         except LowshotError as exc:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
+            text = exc.spelled(FLAGS.get(exc.param, exc.param)) if isinstance(exc, SettingError) else str(exc)
+            err.print(f"[bold red]error:[/] {escape(text)}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:  # an I/O failure the core did not anticipate: still one line, never a traceback
             if _state["debug"]:
@@ -136,7 +159,7 @@ def extract(
              "msn-draft: the same, but big JPEGs are decoded at 1/2-1/8 scale first (faster, slightly different "
              "pixels). processor: the model's preprocessor_config.json (HF ViT: resize straight to "
              "224x224).")] = "msn",
-    feature: Readout = "auto",
+    feature: Readout = DEFAULT_READOUT,
     batch_size: Annotated[int, _option(
         "--batch-size", "-b", help="Images decoded per batch; a forward pass takes at most this many (fewer on "
                                    "the CPU and for large-token models, to stay in cache and memory).")] = 64,
@@ -152,17 +175,32 @@ def extract(
     engine: Annotated[str, _option(
         help="auto: lowshot's fast forward where it covers the model (ViT, ViTMSN, DeiT), else the stock "
              "transformers one; fast; stock. Same features up to float rounding (not in the cache key).")] = "auto",
+    shots: Shots = None,
+    percent: Percent = None,
+    seeds: Seeds = 3,
+    split_file: SplitFile = None,
+    allow_fewer: AllowFewer = False,
+    all_images: Annotated[bool, _option(
+        "--all", help="Encode the whole train split, not only the images the protocol options draw.")] = False,
     cache_dir: CacheDir = None,
 ) -> None:
-    """Run every train and test image through the backbone once and store the CLS features in the cache.
+    """Encode the whole test split and the train images the protocol uses (same options and defaults as probe;
+    --all: every train image) and store their CLS features in the cache.
 
-    A rerun with the same model, data and settings is a cache hit: no image is decoded, no model is loaded.
-    An interrupted run resumes from its last finished shard.
+    Images already in the cache are never encoded again: a request that needs more (more shots or seeds, another
+    split file, --all) encodes only what is missing. A request the cache covers decodes no image and loads no
+    model. An interrupted run resumes from its finished shards.
     """
+    from .config import ExtractSettings
     from .distributed import launched_rank
     from .extract import extract_features
     from .render import progress_callback
 
+    settings = ExtractSettings(revision=revision, train_split=train_split, test_split=test_split,
+                               image_column=image_column, label_column=label_column, transform=transform,
+                               feature=feature, batch_size=batch_size, device=device, dtype=dtype, strict=strict,
+                               max_pixels=max_pixels, engine=engine)
+    subsets = _probe_settings(shots, percent, seeds, split_file, allow_fewer)
     main_rank = launched_rank() == 0  # under torchrun / accelerate, only rank 0 draws and reports
     if data is None and main_rank:
         from .datasets import DEMO_DATA
@@ -170,13 +208,16 @@ def extract(
         err.print(f"no --data given: using the bundled demo sample {DEMO_DATA} (a smoke test, not a benchmark)",
                   highlight=False)
     with progress_callback(err if main_rank else Console(quiet=True)) as progress:
-        run = extract_features(model, data, revision=revision, train_split=train_split, test_split=test_split,
-                               image_column=image_column, label_column=label_column, transform=transform,
-                               feature=feature, batch_size=batch_size, device=device, dtype=dtype,
-                               cache_dir=cache_dir, strict=strict, max_pixels=max_pixels, engine=engine,
+        run = extract_features(model, data, settings, subsets=subsets, all_images=all_images, cache_dir=cache_dir,
                                progress=progress)
     if not main_rank:
         return
+    _report_extraction(run)
+    err.print("next: lowshot probe" + ("" if all_images else " (same protocol options)"), style="dim")
+
+
+def _report_extraction(run) -> None:
+    """What an extraction did, on stderr: settings, then per split what it holds and what was encoded."""
     s = run.settings
     ranks = f" · {s['world_size']} processes" if s.get("world_size", 1) > 1 else ""
     err.print(f"model {run.model} · {s['feature']} · {s['dtype']} ({s['dtype_reason']}) · {s['device']} · "
@@ -190,15 +231,36 @@ def extract(
         else:
             rate = split.images / split.seconds if split.seconds else 0.0
             what = f"extracted {split.images:,} images in {split.seconds:.1f} s ({rate:.1f} img/s)"
-        err.print(f"{split.split}: {len(f):,} x {f.dim} features, {len(f.classes)} classes — {what} "
-                  f"[key {f.key[:12]}]", highlight=False)
+        listed = len(f.listing())
+        held = f"{len(f):,} x {f.dim}" if len(f) + len(split.skipped) == listed else \
+            f"{len(f):,} of {listed:,} images x {f.dim} (this protocol uses {split.needed:,})"
+        err.print(f"{split.split}: {held} features, {len(f.classes)} classes — {what} [key {f.key[:12]}]",
+                  highlight=False)
         if split.skipped:
             err.print(f"  skipped {len(split.skipped)} unreadable file(s) in {split.split}:", highlight=False)
             for name, reason in list(split.skipped.items())[:20]:
                 err.print(f"    {name}: {reason}", highlight=False)
             if len(split.skipped) > 20:
                 err.print(f"    … {len(split.skipped) - 20} more (all listed in the cache manifest)")
-    err.print("next: lowshot probe --shots 1,2,5 --percent 1", style="dim")
+
+
+def _probe_settings(shots: str | None, percent: str | None, seeds: int, split_file: list[Path] | None,
+                    allow_fewer: bool, **fit):
+    """The one ProbeSettings both commands build from their protocol options (None: the option was not given)."""
+    from .config import ProbeSettings
+
+    shot_list = _parse_list(shots, int, "--shots") if shots is not None else None
+    percent_list = [p for p in _parse_list(percent, float, "--percent") if p != 0] if percent is not None else None
+    return ProbeSettings(shots=shot_list, percents=percent_list, seeds=seeds,
+                         split_files=tuple(str(p) for p in split_file or ()), allow_fewer=allow_fewer, **fit)
+
+
+def _protocol_flags(settings) -> str:
+    """The protocol options that rebuild ``settings`` on the command line."""
+    parts = [f"--shots {','.join(map(str, settings.shots)) or chr(39) * 2}",
+             f"--percent {','.join(f'{p:g}' for p in settings.percents) or 0}", f"--seeds {settings.seeds}"]
+    parts += [f"--split-file {p}" for p in settings.split_files]
+    return " ".join(parts + (["--allow-fewer"] if settings.allow_fewer else []))
 
 
 def _readout_notes(settings: dict) -> None:
@@ -226,23 +288,24 @@ def export(
     image_column: Annotated[str | None, _option(help="HF datasets: image column [default: detected].")] = None,
     label_column: Annotated[str | None, _option(help="HF datasets: label column [default: detected].")] = None,
     transform: Annotated[str, _option(help="As for extract: msn, msn-draft or processor.")] = "msn",
-    feature: Readout = "auto",
+    feature: Readout = DEFAULT_READOUT,
     batch_size: Annotated[int, _option("--batch-size", "-b", help="As for extract.")] = 64,
     device: Annotated[str, _option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, _option(help="As for extract.")] = "auto",
     engine: Annotated[str, _option(help="As for extract.")] = "auto",
     cache_dir: CacheDir = None,
 ) -> None:
-    """Write one split's features (from the cache; extracted first if missing) to .npz or .parquet for use
-    elsewhere: ids, labels, class names, float32 features and the settings that made them."""
+    """Write one split's features (from the cache; every image of the split extracted first if missing) to .npz or
+    .parquet for use elsewhere: ids, labels, class names, float32 features and the settings that made them."""
+    from .config import ExtractSettings
     from .export import export_features
     from .render import progress_callback
 
+    settings = ExtractSettings(revision=revision, train_split=split, test_split=split, image_column=image_column,
+                               label_column=label_column, transform=transform, feature=feature,
+                               batch_size=batch_size, device=device, dtype=dtype, engine=engine)
     with progress_callback(err) as progress:
-        done = export_features(model, data, split=split, output=output, revision=revision,
-                               image_column=image_column, label_column=label_column, transform=transform,
-                               feature=feature, batch_size=batch_size, device=device, dtype=dtype, engine=engine,
-                               cache_dir=cache_dir, progress=progress)
+        done = export_features(model, data, settings, output=output, cache_dir=cache_dir, progress=progress)
     state = "from the cache" if done.cached else "extracted"
     err.print(f"wrote {done.path}: {done.split}, {done.n:,} x {done.dim} float32 features ({state})", highlight=False)
 
@@ -258,30 +321,26 @@ def _parse_list(text: str, kind, flag: str) -> list:
 @app.command()
 @_friendly
 def probe(
-    shots: Annotated[str, _option(
-        help="Images per class, comma-separated (nested within a seed). Empty string: none.")] = "1,2,5",
-    percent: Annotated[str, _option(
-        help="Percent of the train labels, stratified (round half up, at least 1 per class), comma-separated; "
-             "0 skips.")] = "1",
-    seeds: Annotated[int, _option(help="Number of seeds (0 … N−1) for k-shot and percent subsets.")] = 3,
+    shots: Shots = None,
+    percent: Percent = None,
+    seeds: Seeds = 3,
     lam: Annotated[str, _option(
         "--lambda", help="L2 penalty λ (objective: summed log-loss + λ/2‖W‖², as MSN; default from MSN's README), "
                          "or 'auto': cross-validation inside the labelled shots only (1-shot: the default λ).",
     )] = str(DEFAULT_LAMBDA),
-    split_file: Annotated[list[Path] | None, _option(
-        "--split-file", metavar="FILE",
-        help="A published split file (one image name per line), repeatable; files with the same content label "
-             "(e.g. 5-shot) become seeds of one row.")] = None,
-    allow_fewer: Annotated[bool, _option(
-        help="Let a class with fewer than k train images contribute all it has instead of failing.")] = False,
+    split_file: SplitFile = None,
+    allow_fewer: AllowFewer = False,
     model: Annotated[str | None, _option(
-        "--model", "-m", help="Pick the features of this model … [default: the most recent extraction]")] = None,
+        "--model", "-m", help="Probe this model's features, encoding the images the protocol needs that are not "
+                              "cached yet (default: the most recent extraction, nothing encoded).")] = None,
     data: Annotated[str | None, _option("--data", "-d", help="… on this data.")] = None,
     transform: Annotated[str, _option(help="With --model/--data: the extraction's --transform.")] = "msn",
     feature: Annotated[str, _option("--readout", "--feature",
-                                    help="With --model/--data: the extraction's --readout.")] = "auto",
+                                    help="With --model/--data: the extraction's --readout.")] = DEFAULT_READOUT,
     dtype: Annotated[str, _option(help="With --model/--data: the extraction's --dtype.")] = "auto",
     device: Annotated[str, _option(help="With --model/--data: the extraction's --device.")] = "auto",
+    batch_size: Annotated[int, _option(
+        "--batch-size", "-b", help="With --model/--data: images decoded per batch when encoding.")] = 64,
     backend: Annotated[str, _option(help="Solver: torch (full-batch L-BFGS) or sklearn (reference).")] = "torch",
     classifier: Annotated[str, _option(
         "--classifier", help="Comma-separated: logistic (the MSN probe), knn (cosine k-NN, k by leave-one-out on "
@@ -297,9 +356,12 @@ def probe(
         "--output", "-o", help="Also write the results: .json (full: meta, rows, summary), .csv or .md.")] = None,
     cache_dir: CacheDir = None,
 ) -> None:
-    """Fit the MSN logistic probe on k-shot / percent subsets of the cached train features and report top-1 on
-    the whole test split, mean ± std over seeds."""
-    from .extract import load_features
+    """Fit the MSN logistic probe on k-shot / percent subsets of the train features and report top-1 on the whole
+    test split, mean ± std over seeds. With --model/--data, first encode whatever the protocol needs that is not
+    cached yet (one command from images to the table)."""
+    from .config import ExtractSettings
+    from .errors import MissingFeaturesError
+    from .extract import extract_features, load_features
     from .outputs import RESULT_SUFFIXES, check_writable, output_format
     from .protocol import run_probe
     from .render import progress_callback, results_table
@@ -307,8 +369,6 @@ def probe(
 
     if fmt not in FORMATS:
         raise BadInputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    shot_list = _parse_list(shots, int, "--shots")
-    percent_list = [p for p in _parse_list(percent, float, "--percent") if p != 0]
     if lam == "auto":
         lam_value: float | str = "auto"
     else:
@@ -316,28 +376,42 @@ def probe(
             lam_value = float(lam)
         except ValueError:
             raise BadInputError(f"--lambda {lam!r}: expected a positive number or 'auto'") from None
-    classifiers = [c for c in classifier.replace(" ", "").split(",") if c]
-    if not shot_list and not percent_list and not split_file:
-        raise BadInputError("nothing to probe: give --shots, --percent or --split-file")
+    classifiers = tuple(c for c in classifier.replace(" ", "").split(",") if c)
+    settings = _probe_settings(shots, percent, seeds, split_file, allow_fewer, lam=lam_value, backend=backend,
+                               classifiers=classifiers, ci=ci, n_boot=n_boot, ci_seed=ci_seed)
     if output is not None:  # checked now, not after a probe that may take minutes
         output_format(output, RESULT_SUFFIXES)
         check_writable(output)
-    options = {}
     if model is not None or data is not None:
-        options = {"transform": transform, "feature": feature, "dtype": dtype, "device": device}
-    train, test, run = load_features(model, data, cache_dir=cache_dir, **options)
-    if model is None and data is None:
+        extract_settings = ExtractSettings(transform=transform, feature=feature, dtype=dtype, device=device,
+                                           batch_size=batch_size)
+        with progress_callback(err) as progress:
+            extraction = extract_features(model or DEFAULT_MODEL, data, extract_settings, subsets=settings,
+                                          cache_dir=cache_dir, progress=progress)
+        if not all(split.cached for split in extraction.splits()):
+            _report_extraction(extraction)
+        train, test = extraction.train.features, extraction.test.features
+        run = {"model": extraction.model, "data": extraction.data, "extract_settings": extract_settings.to_dict()}
+    else:
+        train, test, run = load_features(cache_dir=cache_dir)
         err.print(f"using the most recent extraction: {run['model']} on {run['data']} "
-                  f"({run['train_split']} {len(train):,} / {run['test_split']} {len(test):,})", highlight=False)
-    with progress_callback(err, unit="fit") as progress:
-        results = run_probe(train, test, shots=shot_list, percents=percent_list, seeds=seeds, lam=lam_value,
-                            split_files=split_file or (), allow_fewer=allow_fewer, backend=backend,
-                            classifiers=classifiers, ci=ci, n_boot=n_boot, ci_seed=ci_seed,
-                            meta={"model": run["model"], "data": run["data"]}, progress=progress)
+                  f"({run['train_split']} {len(train):,} of {len(train.listing()):,} / {run['test_split']} "
+                  f"{len(test):,})", highlight=False)
+    try:
+        with progress_callback(err, unit="fit") as progress:
+            results = run_probe(train, test, settings, meta={"model": run["model"], "data": run["data"]},
+                                progress=progress)
+    except MissingFeaturesError as exc:
+        recorded = run.get("extract_settings") or {}
+        extra = "".join(f" --{name} {recorded[name]}" for name in ("transform", "feature", "dtype")
+                        if recorded.get(name) not in (None, getattr(ExtractSettings(), name)))
+        raise MissingFeaturesError(f"{exc}; encode them with: lowshot probe --model {run['model']} --data "
+                                   f"{run['data']}{extra} {_protocol_flags(settings)}", model=exc.model,
+                                   data=exc.data, missing=exc.missing) from None
     for row in results.rows:
         if row.get("missing"):
-            err.print(f"{row['split_file']}: {row['missing']} listed file(s) are not in the train split "
-                      f"(used {row['n_train']})", highlight=False)
+            err.print(f"{row['split_file']}: {row['missing']} listed file(s) are not in the train split or "
+                      f"unreadable (used {row['n_train']})", highlight=False)
     if output is not None:
         err.print(f"wrote {results.save(output)}", highlight=False)
     if fmt == "table":

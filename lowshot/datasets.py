@@ -8,10 +8,13 @@ extension is not in :data:`IMAGE_EXTENSIONS` are ignored.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,9 +80,11 @@ def open_dataset(
     test_split: str | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    listing_cache: Path | None = None,
 ) -> Dataset:
     """Resolve ``data`` (folder of ImageFolder splits, HF ``save_to_disk`` folder, or HF hub id; ``None`` = the
-    bundled demo sample) into train and test splits with the same classes."""
+    bundled demo sample) into train and test splits with the same classes. ``listing_cache``: a folder where
+    ImageFolder listings are remembered by directory mtime (see :func:`image_folder`)."""
     data = str(data) if data is not None else str(DEMO_DATA)
     path = Path(data).expanduser()
     if path.is_dir():
@@ -87,7 +92,7 @@ def open_dataset(
             splits = _hf_splits(path, from_disk=True)
             dataset = _hf_dataset(str(path), splits, train_split, test_split, image_column, label_column)
         else:
-            dataset = _folder_dataset(path, train_split, test_split)
+            dataset = _folder_dataset(path, train_split, test_split, listing_cache)
     elif "/" in data and not data.startswith((".", "/", "~")) and not path.exists():
         splits = _hf_splits(data, from_disk=False)
         dataset = _hf_dataset(data, splits, train_split, test_split, image_column, label_column)
@@ -110,40 +115,100 @@ def _pick_test_split(available: Sequence[str], test_split: str | None, source: s
                     f"{', '.join(sorted(available)) or 'none'}; name one with --test-split")
 
 
-def _folder_dataset(root: Path, train_split: str, test_split: str | None) -> Dataset:
+def _folder_dataset(root: Path, train_split: str, test_split: str | None, listing_cache: Path | None) -> Dataset:
     available = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     if train_split not in available:
         raise DataError(f"{root}: no split {train_split!r}; available: {', '.join(sorted(available)) or 'none'} "
                         "(expected one sub-folder per split, each with one sub-folder per class)")
     test_name = _pick_test_split(available, test_split, str(root))
-    return Dataset(str(root), image_folder(root / train_split, name=train_split),
-                   image_folder(root / test_name, name=test_name))
+    return Dataset(str(root), image_folder(root / train_split, name=train_split, listing_cache=listing_cache),
+                   image_folder(root / test_name, name=test_name, listing_cache=listing_cache))
 
 
-def image_folder(root: Path, *, name: str) -> Split:
-    """An ImageFolder split: classes are the sorted sub-folder names, items the image files under each."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def image_folder(root: Path, *, name: str, listing_cache: Path | None = None) -> Split:
+    """An ImageFolder split: classes are the sorted sub-folder names, items the image files under each.
+
+    The identity hashes every file's relative path, size and mtime. With ``listing_cache`` (a folder), each
+    directory's listing is remembered with the directory's mtime, and a directory whose mtime has not changed is
+    not listed or stat'ed again (adding, removing or renaming a file changes it; rewriting a file in place does not:
+    see the README). A directory modified within ``RACY_SECONDS`` of its listing is always listed again."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class sub-folders (an ImageFolder has one sub-folder per class)")
+    memo_path = listing_cache / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]}.json" \
+        if listing_cache is not None else None
+    memo = _read_memo(memo_path, root)
+    fresh: dict[str, list] = {}
     ids: list[str] = []
     labels: list[int] = []
     digest = hashlib.sha256()
     for label, cls in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fname in sorted(filenames):
-                if fname.startswith(".") or Path(fname).suffix.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                full = Path(dirpath) / fname
-                rel = full.relative_to(root).as_posix()
-                stat = full.stat()
-                digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-                ids.append(rel)
-                labels.append(label)
+        for lines in _scan(root, cls, memo, fresh):
+            digest.update(lines.encode())
+            found = [line.split("\0", 1)[0] for line in lines.split("\n") if line]
+            ids.extend(found)
+            labels.extend([label] * len(found))
     if not ids:
         raise DataError(f"{root}: split {name!r} has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if memo_path is not None and fresh != memo:
+        _write_memo(memo_path, root, fresh)
     identity = {"kind": "folder", "files": len(ids), "listing_sha256": digest.hexdigest()}
     return Split(name, ids, np.asarray(labels, dtype=np.int64), classes, identity, str(root), _root=root)
+
+
+LISTING_MEMO_VERSION = 1
+RACY_SECONDS = 2.0  # like git's racy-clean rule: a directory changed this close to its listing is listed again
+
+
+def _scan(root: Path, rel: str, memo: dict[str, list], fresh: dict[str, list]) -> Iterator[str]:
+    """Per directory under ``root/rel`` (itself first, then its sub-folders in name order, as ``os.walk``), the
+    lines ``"<relative path>\0<size>\0<mtime_ns>\n"`` of its image files in name order."""
+    path = os.path.join(root, rel)
+    mtime = os.stat(path).st_mtime_ns
+    cached = memo.get(rel)
+    if cached is not None and cached[0] == mtime and cached[3] - mtime > RACY_SECONDS * 1e9:
+        lines, subdirs, scanned = cached[1], cached[2], cached[3]
+    else:
+        scanned = time.time_ns()
+        files, subdirs = [], []
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():  # follows symlinks, as os.walk(followlinks=True)
+                    subdirs.append(entry.name)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    st = entry.stat()
+                    files.append(f"{rel}/{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n")
+        files.sort()
+        subdirs.sort()
+        lines = "".join(files)
+    if "\n" not in "".join(subdirs) and lines.count("\n") == lines.count("\0") // 2:  # no newline in a name
+        fresh[rel] = [mtime, lines, subdirs, scanned]
+    yield lines
+    for sub in subdirs:
+        yield from _scan(root, f"{rel}/{sub}", memo, fresh)
+
+
+def _read_memo(path: Path | None, root: Path) -> dict[str, list]:
+    if path is None:
+        return {}
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if memo.get("version") != LISTING_MEMO_VERSION or memo.get("root") != str(root.resolve()):
+        return {}
+    return memo.get("dirs", {})
+
+
+def _write_memo(path: Path, root: Path, dirs: dict[str, list]) -> None:
+    """Best effort: the memo only saves time (a read-only cache just lists again next time)."""
+    from .cache import write_json_atomic
+
+    with contextlib.suppress(OSError):
+        write_json_atomic(path, {"version": LISTING_MEMO_VERSION, "root": str(root.resolve()), "dirs": dirs},
+                          indent=None)
 
 
 def _hf_splits(data: str | Path, *, from_disk: bool) -> dict:

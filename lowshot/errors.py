@@ -43,3 +43,26 @@ class ProtocolMismatchError(LowshotError):
 
 class RegressionError(LowshotError):
     """The regression gate failed: a split's mean top-1 dropped by more than the allowed points."""
+
+
+class SettingError(BadInputError):
+    """One setting of :class:`~lowshot.config.ExtractSettings` or :class:`~lowshot.config.ProbeSettings` has a bad
+    value. The core names the parameter (``shots``); each front end maps it to its own spelling (``--shots``)."""
+
+    def __init__(self, param: str, value: object, reason: str):
+        self.param, self.value, self.reason = param, value, reason
+        super().__init__(self.spelled(param))
+
+    def spelled(self, name: str) -> str:
+        """The message with the parameter spelled as ``name`` (a CLI flag, a TOML key)."""
+        value = self.value
+        shown = f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else value
+        return f"{name} {shown}: {self.reason}"
+
+
+class MissingFeaturesError(CacheError):
+    """The probe needs images whose features are not in the cache, and was not told where to encode them from."""
+
+    def __init__(self, message: str, *, model: str | None, data: str | None, missing: int):
+        self.model, self.data, self.missing = model, data, missing
+        super().__init__(message)

@@ -11,6 +11,7 @@ The features come from the cache (extracted first when missing, with the same se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache import Features
+from .config import ExtractSettings
 from .errors import MissingDependencyError
 from .outputs import check_writable, output_format, save_with
 
@@ -36,19 +38,25 @@ class Exported:
     cached: bool  # the features were in the cache already (nothing decoded)
 
 
-def export_features(model: str, data: str | os.PathLike | None, *, split: str, output: str | os.PathLike,
-                    **options) -> Exported:
-    """Extract (or reuse) ``split`` of ``data`` with ``model`` and write it to ``output`` (.npz or .parquet).
-    ``options`` are those of :func:`lowshot.extract_features` (readout as ``feature``, transform, dtype, ...)."""
+def export_features(model: str, data: str | os.PathLike | None, settings: ExtractSettings | None = None, *,
+                    split: str | None = None, output: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                    progress=None, **options) -> Exported:
+    """Extract (or reuse) every image of one split of ``data`` with ``model`` and write it to ``output`` (.npz or
+    .parquet). ``settings`` (or its fields as keywords: readout as ``feature``, transform, dtype, ...) are those of
+    :func:`lowshot.extract_features`; the split is ``split``, else the settings' ``test_split``."""
     from .extract import extract_features
 
     fmt = output_format(output, EXPORT_SUFFIXES)  # checked before any work, as every --output
     if fmt == "parquet":
         _pyarrow()
     output = check_writable(output)
-    # The split is both sides of the extraction: one cache entry, extracted once (not recorded as a probe run).
-    options = {k: v for k, v in options.items() if k not in ("train_split", "test_split")}
-    run = extract_features(model, data, train_split=split, test_split=split, **options)
+    if settings is not None and options:
+        raise TypeError(f"give an ExtractSettings or its fields, not both ({', '.join(options)})")
+    settings = settings if settings is not None else ExtractSettings(**options)
+    split = split or settings.test_split or "val"
+    # The split is both sides of the extraction: one cache entry, every image, not recorded as a probe run.
+    settings = dataclasses.replace(settings, train_split=split, test_split=split)
+    run = extract_features(model, data, settings, all_images=True, cache_dir=cache_dir, progress=progress)
     part = run.test
     meta = {"model": run.model, "data": run.data, "split": part.split, "key": part.features.key,
             **{k: run.settings.get(k) for k in ("feature", "readout", "dtype", "device", "transform", "engine")}}

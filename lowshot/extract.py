@@ -1,11 +1,14 @@
-"""Extraction: every image of the train and test splits through the backbone once, into the feature cache.
+"""Extraction: the images a protocol uses through the backbone once, into the feature cache.
 
-Resumable (shards), locked per cache key, and a cache hit decodes no image and loads no model.
+The whole test split, and of the train split only the images the labelled subsets draw (or all of it, ``--all``).
+Each split's entry grows by image: what is already there is never encoded again. Resumable (shards), locked per
+cache key, split between torchrun ranks, and a request the cache covers decodes no image and loads no model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -22,7 +25,6 @@ from PIL import Image
 from . import __version__, distributed
 from .backbones import (
     DEFAULT_MODEL,
-    ENGINES,
     Backbone,
     ModelRef,
     load_backbone,
@@ -31,10 +33,12 @@ from .backbones import (
     resolve_model,
 )
 from .cache import FeatureCache, Features, ShardStore, now_iso, write_json_atomic
-from .config import DEFAULT_MAX_PIXELS
+from .config import ExtractSettings, ProbeSettings
 from .datasets import Dataset, Split, open_dataset
+from .devices import Device
 from .errors import BadInputError, CacheError, DataError
-from .readouts import AUTO as READOUT_AUTO
+from .protocol import needed_indices
+from .splits import Listing
 from .transforms import ImageTransform, named_transform
 
 # Items per resumable shard, whatever the batch size or the number of ranks (so any rerun resumes). Also the unit of
@@ -43,6 +47,8 @@ SHARD_TARGET = int(os.environ.get("LOWSHOT_SHARD_SIZE", "1024"))
 
 Progress = Callable[[str, int, int], None]
 """``progress(task, done, total)``: called as images finish; the CLI draws it, the library stays silent."""
+Need = Callable[[Listing], "np.ndarray | None"]
+"""Which listing indices of a split must be encoded (None: all of them), given what is known to be unreadable."""
 
 
 @dataclass
@@ -53,6 +59,7 @@ class SplitFeatures:
     seconds: float = 0.0
     images: int = 0  # images decoded and embedded in this call (0 on a cache hit)
     skipped: dict[str, str] = field(default_factory=dict)
+    needed: int = 0  # images of the split this request uses (the whole split for the test split and --all)
 
 
 @dataclass
@@ -78,127 +85,96 @@ class Plan:
     transform: ImageTransform
     settings: dict
     keys: dict[str, str]
+    options: ExtractSettings
 
 
-def plan_extraction(
-    model: str = DEFAULT_MODEL,
-    data: str | os.PathLike | None = None,
-    *,
-    revision: str | None = None,
-    train_split: str = "train",
-    test_split: str | None = None,
-    image_column: str | None = None,
-    label_column: str | None = None,
-    transform: str = "msn",
-    feature: str = READOUT_AUTO,
-    device: str = "auto",
-    dtype: str = "auto",
-    engine: str = "auto",
-    cache: FeatureCache,
-) -> Plan:
-    dataset = open_dataset(data, train_split=train_split, test_split=test_split,
-                           image_column=image_column, label_column=label_column)
+def plan_extraction(model: str, data: str | os.PathLike | None, settings: ExtractSettings, *,
+                    cache: FeatureCache) -> Plan:
+    """List the data (through the cache's listing memo), hash the model and compute each split's cache key."""
+    dataset = open_dataset(data, train_split=settings.train_split, test_split=settings.test_split,
+                           image_column=settings.image_column, label_column=settings.label_column,
+                           listing_cache=cache.root / "listings")
     memo_path = cache.root / "weight-hashes.json"
     try:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
         memo = {}
-    ref = resolve_model(model, revision=revision, hash_memo=memo)
+    ref = resolve_model(model, revision=settings.revision, hash_memo=memo)
     with contextlib.suppress(OSError):  # the memo only saves re-hashing; a read-only cache is reported elsewhere
         write_json_atomic(memo_path, memo)
-    torch_device = resolve_device(device)
-    tf = named_transform(transform, ref.folder)
-    forward = plan_forward(ref, feature=feature, engine=engine, device=device, dtype=dtype, input_size=tf.crop)
-    settings = {"feature": forward.readout.name, "readout": forward.readout.record(),
+    torch_device = resolve_device(settings.device)
+    tf = named_transform(settings.transform, ref.folder)
+    # The readout resolved for this model and input size, the engine, and the dtype (auto: reduced precision only on
+    # the fast engine): all decided before any weight is loaded, as the key needs them.
+    forward = plan_forward(ref, feature=settings.feature, engine=settings.engine, device=settings.device,
+                           dtype=settings.dtype, input_size=tf.crop)
+    resolved = {"feature": forward.readout.name, "readout": forward.readout.record(),
                 "dtype": str(forward.dtype).removeprefix("torch."), "dtype_reason": forward.dtype_reason,
                 "device": torch_device.type, "transform": tf.key()}
     keys = {}
     for split in dataset.splits():
-        inputs = {"model": ref.identity, "feature": forward.readout.name, "dtype": settings["dtype"],
+        inputs = {"model": ref.identity, "feature": forward.readout.name, "dtype": resolved["dtype"],
                   "device": torch_device.type, "transform": tf.key(), "data": split.identity}
         if forward.readout.key():  # readouts computed as before keep their keys (and cached entries)
             inputs["readout"] = forward.readout.key()
         keys[split.name] = cache.key_for(inputs)
-    return Plan(ref, dataset, tf, settings, keys)
+    return Plan(ref, dataset, tf, resolved, keys, settings)
 
 
 def extract_features(
     model: str = DEFAULT_MODEL,
     data: str | os.PathLike | None = None,
+    settings: ExtractSettings | None = None,
     *,
-    revision: str | None = None,
-    train_split: str = "train",
-    test_split: str | None = None,
-    image_column: str | None = None,
-    label_column: str | None = None,
-    transform: str = "msn",
-    feature: str = READOUT_AUTO,
-    batch_size: int = 64,
-    device: str = "auto",
-    dtype: str = "auto",
+    subsets: ProbeSettings | None = None,
+    all_images: bool = False,
     cache_dir: str | os.PathLike | None = None,
-    strict: bool = False,
-    workers: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    engine: str = "auto",
     progress: Progress | None = None,
+    **options,
 ) -> Extraction:
-    """Extract CLS features of the train and test splits of ``data`` with ``model`` into the cache.
+    """Encode what the protocol needs with ``model`` into the cache: the whole test split, and the train images
+    that the labelled subsets of ``subsets`` draw (default: the MSN protocol), or the whole train split with
+    ``all_images=True``. Images already in the cache are never encoded again: the entry grows by what is missing.
 
-    Each split is looked up first: a cache hit loads the stored features without decoding an image or loading
-    the model. Unreadable images, and images over ``max_pixels``, are skipped and reported (``strict=True``
-    makes them an error). Interrupted runs resume from the last finished shard. ``engine`` (auto, fast, stock)
-    picks the forward (see ``load_backbone``); it is recorded, not part of the cache key: both compute the same
-    features up to float rounding (tests/test_fast_engine.py).
-    """
-    if batch_size < 1:
-        raise BadInputError(f"--batch-size {batch_size}: must be at least 1")
-    if max_pixels < 1:
-        raise BadInputError(f"--max-pixels {max_pixels}: must be positive")
-    if engine not in ENGINES:  # checked up front: a cache hit never reaches load_backbone's own check
-        raise BadInputError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    ``settings`` is an :class:`~lowshot.config.ExtractSettings`, or its fields as keyword arguments. A request the
+    cache already covers decodes no image and loads no model. Unreadable images, and images over
+    ``max_pixels``, are skipped and reported (``strict=True`` makes them an error); a subset passes over them to
+    the next image of its class. Interrupted runs resume from their finished shards. ``engine`` (auto, fast,
+    stock) picks the forward; it is recorded, not part of the cache key (tests/test_fast_engine.py)."""
+    settings = _extract_settings(settings, options)
+    probe = subsets if subsets is not None else ProbeSettings()
     cache = FeatureCache(cache_dir)
     cache.ensure_writable()
-    dist, device = distributed.setup(device)
+    dist, device = distributed.setup(settings.device)
     try:
-        plan = plan_extraction(model, data, revision=revision, train_split=train_split, test_split=test_split,
-                               image_column=image_column, label_column=label_column, transform=transform,
-                               feature=feature, device=device, dtype=dtype, engine=engine, cache=cache)
-        results: dict[str, SplitFeatures] = {}
-        backbone: Backbone | None = None
-        options = {"batch_size": batch_size, "strict": strict, "workers": workers, "max_pixels": max_pixels,
-                   "progress": progress if dist.is_main else None}
-        for split in plan.dataset.splits():
-            key = plan.keys[split.name]
-            found = cache.load(key)
-            if dist.broadcast(found is None):  # rank 0 decides, so every rank takes the same path
-                if backbone is None:
-                    backbone = load_backbone(plan.ref, device=device, dtype=dtype, feature=feature,
-                                             engine=engine, input_size=plan.transform.crop)
-                if dist.active:
-                    results[split.name] = _extract_split_distributed(backbone, split, plan, key, cache, dist,
-                                                                     **options)
-                    continue
-                with cache.lock(key):
-                    found = cache.load(key)  # another process may have finished it while we waited
-                    if found is None:
-                        results[split.name] = _extract_split(backbone, split, plan, key, cache, **options)
-                        continue
-            if found is None:
-                found = cache.load(key)
-            results[split.name] = SplitFeatures(split.name, found, cached=True,
-                                                skipped=found.manifest.get("skipped", {}))
+        plan = plan_extraction(model, data, dataclasses.replace(settings, device=device), cache=cache)
+        needs: dict[str, Need] = {plan.dataset.train.name: (lambda listing: None) if all_images
+                                  else (lambda listing: needed_indices(probe, listing)),
+                                  plan.dataset.test.name: lambda listing: None}
+        state: dict[str, Backbone] = {}
+
+        def backbone() -> Backbone:
+            if "model" not in state:
+                state["model"] = load_backbone(plan.ref, device=device, dtype=settings.dtype,
+                                               feature=settings.feature, engine=settings.engine,
+                                               input_size=plan.transform.crop)
+            return state["model"]
+
+        results = {split.name: _ensure_split(split, needs[split.name], plan, cache, dist, backbone,
+                                             progress=progress if dist.is_main else None)
+                   for split in plan.dataset.splits()}
         train, test = results[plan.dataset.train.name], results[plan.dataset.test.name]
-        if backbone is not None:
-            engine_used = {"engine": backbone.engine, "engine_reason": backbone.engine_reason}
+        if "model" in state:
+            engine_used = {"engine": state["model"].engine, "engine_reason": state["model"].engine_reason}
         else:  # all cache hits: say which engine computed the stored features
             engine_used = {"engine": train.features.manifest.get("engine", "stock"), "engine_reason": "cached"}
-        settings = {**plan.settings, **engine_used, "world_size": dist.world_size}
+        resolved = {**plan.settings, **engine_used, "world_size": dist.world_size}
         if dist.is_main and train.split != test.split:  # one split on both sides (an export) is no probe run
             cache.record_run({"model": model, "data": plan.dataset.source, "train_key": train.features.key,
                               "test_key": test.features.key, "train_split": train.split, "test_split": test.split,
-                              "settings": settings, "created": now_iso()})
-        return Extraction(model, plan.dataset.source, train, test, settings)
+                              "settings": resolved, "extract_settings": settings.to_dict(),
+                              "created": now_iso()})
+        return Extraction(model, plan.dataset.source, train, test, resolved)
     finally:
         dist.close()
 
@@ -206,34 +182,127 @@ def extract_features(
 def load_features(
     model: str | None = None,
     data: str | os.PathLike | None = None,
+    settings: ExtractSettings | None = None,
     *,
     cache_dir: str | os.PathLike | None = None,
     **options,
 ) -> tuple[Features, Features, dict]:
-    """(train, test, run record) from the cache: for ``model`` + ``data`` (with the same options as
-    ``extract_features``), or the most recent extraction when both are None. Never extracts."""
-    from .errors import CacheError
-
+    """(train, test, run record) from the cache: for ``model`` + ``data`` (with the same settings as
+    ``extract_features``), or the most recent extraction when both are None. Never extracts; the train entry may
+    hold only the images earlier requests needed (``run_probe`` says when some it needs are missing)."""
     cache = FeatureCache(cache_dir)
     if model is None and data is None:
-        runs = cache.runs()
-        for run in runs:
+        if settings is not None or options:
+            raise BadInputError("extraction settings select features only together with a model and data")
+        for run in cache.runs():
             train, test = cache.load(run["train_key"]), cache.load(run["test_key"])
             if train is not None and test is not None:
                 return train, test, run
         raise CacheError(f"no extracted features in {cache.root}; run 'lowshot extract --model … --data …' first")
-    from .backbones import DEFAULT_MODEL as default_model
-
-    plan = plan_extraction(model or default_model, data, cache=cache, **options)
+    settings = _extract_settings(settings, options)
+    plan = plan_extraction(model or DEFAULT_MODEL, data, settings, cache=cache)
     train = cache.load(plan.keys[plan.dataset.train.name])
     test = cache.load(plan.keys[plan.dataset.test.name])
     if train is None or test is None:
-        raise CacheError(f"no cached features for model {model or default_model!r} on {plan.dataset.source!r} with "
+        raise CacheError(f"no cached features for model {model or DEFAULT_MODEL!r} on {plan.dataset.source!r} with "
                          "these settings; run 'lowshot extract' with the same options first")
-    run = {"model": model or default_model, "data": plan.dataset.source, "train_key": train.key,
+    run = {"model": model or DEFAULT_MODEL, "data": plan.dataset.source, "train_key": train.key,
            "test_key": test.key, "train_split": plan.dataset.train.name, "test_split": plan.dataset.test.name,
-           "settings": plan.settings}
+           "settings": plan.settings, "extract_settings": settings.to_dict()}
     return train, test, run
+
+
+def _extract_settings(settings: ExtractSettings | None, options: dict) -> ExtractSettings:
+    if settings is not None and options:
+        raise TypeError(f"give an ExtractSettings or its fields, not both ({', '.join(options)})")
+    return settings if settings is not None else ExtractSettings(**options)
+
+
+def _listing_of(split: Split, found: Features | None) -> Listing:
+    unreadable = found.listing().unreadable if found is not None else frozenset()
+    return Listing(split.ids, split.labels, split.classes, unreadable)
+
+
+def _missing(split: Split, need: Need, found: Features | None) -> np.ndarray:
+    """Listing indices the request needs that the entry neither holds nor knows to be unreadable (sorted)."""
+    wanted = need(_listing_of(split, found))
+    wanted = np.arange(len(split), dtype=np.int64) if wanted is None else np.asarray(wanted, dtype=np.int64)
+    if found is None:
+        return wanted
+    known = np.fromiter(found.listing().unreadable, dtype=np.int64, count=len(found.listing().unreadable))
+    held = found.rows if found.rows is not None else np.arange(len(found))
+    return np.setdiff1d(wanted, np.concatenate([held, known]))
+
+
+def _ensure_split(split: Split, need: Need, plan: Plan, cache: FeatureCache, dist, backbone: Callable[[], Backbone],
+                  *, progress: Progress | None) -> SplitFeatures:
+    """Bring the split's entry up to what ``need`` asks for: load it, encode only what is missing (resumable,
+    locked, split between ranks), grow the entry, and repeat while newly found unreadable images make a subset
+    reach further into its class's order."""
+    key = plan.keys[split.name]
+    started = time.perf_counter()
+    found = cache.load(key)
+    missing = dist.broadcast(_missing(split, need, found) if dist.is_main else None)
+    if len(missing) == 0:  # rank 0 decides, so every rank takes the same path
+        found = found if found is not None else cache.load(key)
+        return SplitFeatures(split.name, found, cached=True, skipped=found.manifest.get("skipped", {}),
+                             needed=_needed(split, need, found))
+    embedded, grown = 0, False
+    model = backbone()
+    with contextlib.ExitStack() as stack:
+        if not dist.active:
+            stack.enter_context(cache.lock(key))  # one process per entry; the others wait, then reuse it
+        while True:
+            step = None
+            if dist.is_main:
+                found = cache.load(key)  # another process may have grown it while we waited
+                missing = _missing(split, need, found)
+                if len(missing):
+                    store = ShardStore(cache.partial_dir(key), dim=model.dim)
+                    step = (missing, np.setdiff1d(missing, store.covered()))
+                else:
+                    step = (missing, missing)
+            missing, todo = dist.broadcast(step)
+            if len(missing) == 0:
+                break
+            if not dist.is_main:
+                store = ShardStore(cache.partial_dir(key), dim=model.dim)  # rank 0 wrote meta.json: nothing reset
+            shards = [todo[lo:lo + SHARD_TARGET] for lo in range(0, len(todo), SHARD_TARGET)]
+            task = f"{split.name} ({len(missing):,} of {len(split):,} images)"
+            mine = _compute_shards(model, split, plan, store, shards[dist.rank::dist.world_size], task=task,
+                                   done=len(missing) - len(todo), total=len(missing), progress=progress,
+                                   progress_scale=dist.world_size)
+            embedded += dist.total(mine)  # also the barrier: every rank has written its shards
+            if dist.is_main:
+                with cache.lock(key) if dist.active else contextlib.nullcontext():
+                    cache.grow(key, cache.load(key), store, ids=split.ids, labels=split.labels,
+                               manifest=_manifest(split, plan, model, found))
+                store.discard()
+            grown = True
+            dist.barrier()
+    found = cache.load(key)
+    if found is None:
+        raise CacheError(f"rank {dist.rank}: cache entry {key} was not written (see rank 0's error)")
+    # not grown: another process encoded what we needed while we waited for the lock, and we reuse it
+    return SplitFeatures(split.name, found, cached=not grown, seconds=time.perf_counter() - started, images=embedded,
+                         skipped=found.manifest.get("skipped", {}), needed=_needed(split, need, found))
+
+
+def _needed(split: Split, need: Need, found: Features) -> int:
+    wanted = need(_listing_of(split, found))
+    return len(split) if wanted is None else len(wanted)
+
+
+def _manifest(split: Split, plan: Plan, backbone: Backbone, previous: Features | None) -> dict:
+    return {
+        "classes": split.classes, "split": split.name, "data": split.source, "data_identity": split.identity,
+        "model": plan.ref.name, "model_identity": plan.ref.identity, "model_info": plan.ref.info, **plan.settings,
+        "extract_settings": plan.options.to_dict(), "engine": backbone.engine,
+        "forward_batch": backbone.forward_batch,
+        "created": previous.manifest.get("created", now_iso()) if previous is not None else now_iso(),
+        "updated": now_iso(),
+        "versions": {"lowshot": __version__, "torch": torch.__version__, "transformers": _version("transformers")},
+    }
 
 
 def _decode(split: Split, transform: ImageTransform, index: int, max_pixels: int
@@ -254,131 +323,62 @@ def _decode(split: Split, transform: ImageTransform, index: int, max_pixels: int
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _batched_decode(split: Split, transform: ImageTransform, chunks: list[range], workers: int, max_pixels: int
-                    ) -> Iterator[list[tuple[np.ndarray | None, str | None]]]:
+def _batched_decode(split: Split, transform: ImageTransform, chunks: list[np.ndarray], workers: int,
+                    max_pixels: int) -> Iterator[list[tuple[np.ndarray | None, str | None]]]:
     """Decode chunk after chunk on a thread pool, keeping two chunks in flight ahead of the model."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowshot-decode") as pool:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append([pool.submit(_decode, split, transform, i, max_pixels) for i in chunk])
+            pending.append([pool.submit(_decode, split, transform, int(i), max_pixels) for i in chunk])
             if len(pending) > 2:
                 yield [f.result() for f in pending.popleft()]
         while pending:
             yield [f.result() for f in pending.popleft()]
 
 
-def _extract_split(backbone: Backbone, split: Split, plan: Plan, key: str, cache: FeatureCache, *,
-                   progress: Progress | None, **options) -> SplitFeatures:
-    """Single process: compute every unfinished shard, then assemble the entry."""
-    started = time.perf_counter()
-    store = ShardStore(cache.partial_dir(key), n_items=len(split), shard_size=SHARD_TARGET, dim=backbone.dim)
-    todo = [s for s in range(store.n_shards) if not store.done(s)]
-    embedded = _compute_shards(backbone, split, plan, store, todo, progress=progress, **options)
-    return _assemble(split, plan, key, cache, store, backbone, embedded, started)
-
-
-def _extract_split_distributed(backbone: Backbone, split: Split, plan: Plan, key: str, cache: FeatureCache,
-                               dist, *, progress: Progress | None, **options) -> SplitFeatures:
-    """One rank of several: rank 0 opens the shard store and lists the unfinished shards, each rank computes
-    every ``world_size``-th of them, and rank 0 assembles the entry once all have finished."""
-    started = time.perf_counter()
-    geometry = {"n_items": len(split), "shard_size": SHARD_TARGET, "dim": backbone.dim}
-    todo = None
-    if dist.is_main:
-        store = ShardStore(cache.partial_dir(key), **geometry)
-        todo = [s for s in range(store.n_shards) if not store.done(s)]
-    todo = dist.broadcast(todo)
-    if not dist.is_main:
-        store = ShardStore(cache.partial_dir(key), **geometry)  # rank 0 wrote meta.json: nothing is reset
-    mine = todo[dist.rank::dist.world_size]
-    embedded = _compute_shards(backbone, split, plan, store, mine, progress=progress,
-                               progress_scale=dist.world_size, **options)
-    embedded = dist.total(embedded)  # also the barrier: every rank has written its shards
-    result = None
-    if dist.is_main:
-        with cache.lock(key):
-            result = _assemble(split, plan, key, cache, store, backbone, embedded, started)
-    dist.barrier()
-    if result is None:
-        found = cache.load(key)
-        if found is None:
-            raise CacheError(f"rank {dist.rank}: rank 0 did not write cache entry {key} (see its error)")
-        result = SplitFeatures(split.name, found, cached=False, seconds=time.perf_counter() - started,
-                               images=embedded, skipped=found.manifest.get("skipped", {}))
-    return result
-
-
-def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardStore, shards: list[int], *,
-                    batch_size: int, strict: bool, workers: int | None, max_pixels: int,
-                    progress: Progress | None, progress_scale: int = 1) -> int:
-    """Embed the items of ``shards`` and write each shard as it finishes; returns the images embedded.
+def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardStore, shards: list[np.ndarray], *,
+                    task: str, done: int, total: int, progress: Progress | None, progress_scale: int = 1) -> int:
+    """Embed the images of ``shards`` (arrays of listing indices) and write each shard as it finishes; returns the
+    images embedded. ``done``/``total``: the request's progress so far (resumed shards count as done).
     ``progress_scale``: with N ranks, rank 0 reports its own count x N as the global estimate."""
-    task = f"{split.name} ({len(split):,} images)"
-    pending = sum(len(range(*store.bounds(s))) for s in range(store.n_shards) if not store.done(s))
-    initial = len(split) - pending
-    local = 0
+    options = plan.options
     if progress:
-        progress(task, initial, len(split))
-    workers = workers or max(2, min(8, os.cpu_count() or 2))
-    chunks = [range(lo, min(lo + batch_size, hi)) for s in shards for lo, hi in [store.bounds(s)]
-              for lo in range(lo, hi, batch_size)]
-    decoded = _batched_decode(split, plan.transform, chunks, workers, max_pixels)
-    embedded = 0
+        progress(task, done, total)
+    workers = options.workers or max(2, min(8, os.cpu_count() or 2))
+    batch = options.batch_size
+    chunks = [shard[lo:lo + batch] for shard in shards for lo in range(0, len(shard), batch)]
+    decoded = _batched_decode(split, plan.transform, chunks, workers, options.max_pixels)
+    feeder = Device.for_device(backbone.device)  # pinned uint8 batches, normalised on the device, on accelerators
+    embedded = local = 0
     for shard in shards:
-        start, stop = store.bounds(shard)
-        shard_features = np.zeros((stop - start, backbone.dim), dtype=np.float32)
+        shard_features = np.zeros((len(shard), backbone.dim), dtype=np.float32)
         failed: dict[int, str] = {}
-        for lo in range(start, stop, batch_size):
-            batch = next(decoded)
-            ok = [j for j, (array, _) in enumerate(batch) if array is not None]
-            for j, (_, reason) in enumerate(batch):
+        for lo in range(0, len(shard), batch):
+            items = shard[lo:lo + batch]
+            images = next(decoded)
+            ok = [j for j, (array, _) in enumerate(images) if array is not None]
+            for j, (_, reason) in enumerate(images):
                 if reason is not None:
-                    if strict:
-                        raise DataError(f"{split.source}/{split.ids[lo + j]}: unreadable image "
+                    if options.strict:
+                        raise DataError(f"{split.source}/{split.ids[items[j]]}: unreadable image "
                                         f"({reason}); drop --strict to skip and report such files")
-                    failed[lo + j] = reason
+                    failed[int(items[j])] = reason
             if ok:
-                pixels = plan.transform.normalize(torch.from_numpy(np.stack([batch[j][0] for j in ok])))
+                pixels = feeder.stage([images[j][0] for j in ok], plan.transform)
                 feats = backbone.embed(pixels).numpy()
                 if not np.isfinite(feats).all():
-                    bad = [split.ids[lo + ok[j]] for j in np.flatnonzero(~np.isfinite(feats).all(1))[:3]]
+                    bad = [split.ids[items[ok[j]]] for j in np.flatnonzero(~np.isfinite(feats).all(1))[:3]]
                     raise DataError(f"the model produced non-finite features (e.g. for {', '.join(bad)}) with "
                                     f"dtype {plan.settings['dtype']}; try --dtype float32")
-                shard_features[np.asarray(ok) + (lo - start)] = feats
+                shard_features[np.asarray(ok) + lo] = feats
                 embedded += len(ok)
-            local += len(batch)
+            local += len(images)
             if progress:
-                progress(task, min(len(split), initial + local * progress_scale), len(split))
+                progress(task, min(total, done + local * progress_scale), total)
         store.write(shard, shard_features, failed)
     if progress:
-        progress(task, initial + local if progress_scale == 1 else len(split), len(split))
+        progress(task, done + local if progress_scale == 1 else total, total)
     return embedded
-
-
-def _assemble(split: Split, plan: Plan, key: str, cache: FeatureCache, store: ShardStore, backbone: Backbone,
-              embedded: int, started: float) -> SplitFeatures:
-    """Join the finished shards (streamed), drop unreadable items, commit the entry, discard the shards."""
-    failed = store.failed()
-    keep = np.ones(len(split), dtype=bool)
-    keep[list(failed)] = False
-    if not keep.any():
-        raise DataError(f"{split.source}: no readable image in split {split.name!r} ({len(failed)} failed)")
-    ids = [i for i, k in zip(split.ids, keep, strict=True) if k]
-    skipped = {split.ids[i]: reason for i, reason in sorted(failed.items())}
-    manifest = {
-        "ids": ids, "classes": split.classes, "split": split.name, "data": split.source,
-        "data_identity": split.identity, "model": plan.ref.name, "model_identity": plan.ref.identity,
-        "model_info": plan.ref.info, **plan.settings, "engine": backbone.engine,
-        "forward_batch": backbone.forward_batch, "n": int(keep.sum()), "dim": backbone.dim,
-        "skipped": skipped, "created": now_iso(),
-        "versions": {"lowshot": __version__, "torch": torch.__version__, "transformers": _version("transformers")},
-    }
-    assembled = cache.partial_dir(key) / "features.npy"
-    store.write_npy(assembled, keep)  # streamed shard by shard: peak memory does not grow with the split
-    stored = cache.commit(key, assembled, split.labels[keep], manifest)
-    store.discard()
-    return SplitFeatures(split.name, stored, cached=False, seconds=time.perf_counter() - started,
-                         images=embedded, skipped=skipped)
 
 
 def _version(package: str) -> str:

@@ -1,199 +1,269 @@
-"""The protocol on cached features: which subsets, seeds and lambdas -> result rows."""
+"""The protocol on cached features: which subsets, seeds and lambdas -> result rows.
+
+The labelled subsets are drawn from the train split's *listing* (ids, labels, class names), never from the features:
+:func:`needed_indices` says which train images a protocol uses before a pixel is decoded, so extraction can encode
+only those (``lowshot.extract``), and :func:`run_probe` finds their rows in a feature entry that may hold only them.
+"""
 
 from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from .cache import Features, digest, now_iso
-from .errors import BadInputError, DataError, SplitError
+from .config import CLASSIFIERS, ProbeSettings
+from .errors import DataError, MissingFeaturesError, SplitError
 from .neighbors import KNN_K_GRID, KNNClassifier, NearestClassMean
-from .probe import DEFAULT_LAMBDA, LAMBDA_GRID, LogisticProbe, preprocess, select_lambda
+from .probe import DEFAULT_LAMBDA, LAMBDA_GRID, LogisticProbe, ScoreClassifier, preprocess, select_lambda
 from .results import Results, interval_key
 from .splits import (
+    Listing,
     Subset,
     class_orders,
     k_shot,
     match_split_file,
     percent_subset,
     read_split_file,
+    readable_orders,
     split_file_label,
 )
-from .stats import CI_LEVEL, DEFAULT_N_BOOT, bootstrap_ci
+from .stats import CI_LEVEL, bootstrap_ci
 
 Progress = Callable[[str, int, int], None]
-CLASSIFIERS = ("logistic", "knn", "ncm")  # the MSN probe, then the neighbour classifiers (lowshot.neighbors)
+__all__ = ["CLASSIFIERS", "ProbeSettings", "draw_subsets", "needed_indices", "run_probe", "build_meta"]
 
 
-def draw_subsets(train: Features, *, shots: Sequence[int] = (1, 2, 5), percents: Sequence[float] = (1.0,),
-                 seeds: int = 3, split_files: Sequence[str | Path] = (), allow_fewer: bool = False) -> list[Subset]:
-    """Every labelled subset of the run: per seed the k-shot and percent subsets (nested), then the split files
-    (files with the same content label are seeds of one row)."""
-    if seeds < 1:
-        raise BadInputError(f"--seeds {seeds}: need at least one seed")
-    for k in shots:
-        if k < 1:
-            raise BadInputError(f"--shots {k}: must be a positive number of images per class")
-    for p in percents:
-        if not 0 < p <= 100:
-            raise BadInputError(f"--percent {p:g}: must be in (0, 100] (use 0 alone to skip it)")
+# -- which images: a plain function of (probe settings, train listing) --------------------------------------------
+def draw_subsets(listing: Listing | Features, settings: ProbeSettings | None = None, **options) -> list[Subset]:
+    """Every labelled subset of the run, as indices into the train listing: per seed the k-shot and percent subsets
+    (nested), then the split files (files with the same content label are seeds of one row). Images known to be
+    unreadable are passed over: each subset takes the next image of its class's order instead."""
+    settings = _settings(settings, options)
+    if isinstance(listing, Features):
+        listing = listing.listing()
     subsets = []
-    for seed in range(seeds):
-        orders = class_orders(train.ids, train.labels, train.classes, seed)
-        for k in sorted(set(shots)):
-            subsets.append(Subset(f"{k}-shot", seed, k_shot(orders, train.classes, k, allow_fewer=allow_fewer),
-                                  shots=k))
-        for p in sorted(set(percents)):
-            subsets.append(Subset(f"{p:g}%", seed, percent_subset(orders, train.classes, p), percent=p))
+    for seed in range(settings.seeds):
+        if not settings.shots and not settings.percents:
+            break
+        full = class_orders(listing.ids, listing.labels, listing.classes, seed)
+        orders = readable_orders(full, listing.unreadable)
+        for k in settings.shots:
+            subsets.append(Subset(f"{k}-shot", seed, k_shot(orders, listing.classes, k,
+                                                            allow_fewer=settings.allow_fewer), shots=k))
+        for p in settings.percents:
+            subsets.append(Subset(f"{p:g}%", seed, percent_subset(orders, listing.classes, p,
+                                                                  class_sizes=[len(o) for o in full]), percent=p))
     seen: dict[str, int] = {}
-    for path in split_files:
+    for path in settings.split_files:
         names = read_split_file(path)
-        indices, missing = match_split_file(names, train.ids)
+        indices, missing = match_split_file(names, listing.ids)
         if len(indices) == 0:
             raise SplitError(f"--split-file {path}: none of its {len(names)} names is in the train split "
-                             f"(e.g. {names[0]!r}; train ids look like {train.ids[0]!r})")
-        label, k = split_file_label(path, names)
+                             f"(e.g. {names[0]!r}; train ids look like {listing.ids[0]!r})")
+        unreadable = [i for i in indices if int(i) in listing.unreadable]  # listed but undecodable: reported
+        indices = np.asarray([i for i in indices if int(i) not in listing.unreadable], dtype=np.int64)
+        matched = _matched_classes(names, indices, listing)
+        label, k = split_file_label(path, names, matched)
         seed = seen.get(label, 0)
         seen[label] = seed + 1
-        subsets.append(Subset(label, seed, indices, shots=k, source=str(path), missing=len(missing)))
+        subsets.append(Subset(label, seed, indices, shots=k, source=str(path),
+                              missing=len(missing) + len(unreadable)))
     return subsets
 
 
-def run_probe(
-    train: Features,
-    test: Features,
-    *,
-    shots: Sequence[int] = (1, 2, 5),
-    percents: Sequence[float] = (1.0,),
-    seeds: int = 3,
-    lam: float | str = DEFAULT_LAMBDA,
-    split_files: Sequence[str | Path] = (),
-    allow_fewer: bool = False,
-    backend: str = "torch",
-    classifiers: Sequence[str] = ("logistic",),
-    ci: bool = False,
-    n_boot: int = DEFAULT_N_BOOT,
-    ci_seed: int = 0,
-    meta: dict | None = None,
-    progress: Progress | None = None,
-) -> Results:
-    """Fit the MSN probe (and any neighbour classifiers in ``classifiers``: ``knn``, ``ncm``) on every subset and
-    score it on the whole test split.
+def needed_indices(settings: ProbeSettings, listing: Listing) -> np.ndarray:
+    """The train images (sorted listing indices) that the protocol's subsets use: what extraction must encode."""
+    subsets = draw_subsets(listing, settings)
+    if not subsets:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.concatenate([s.indices for s in subsets]))
 
-    ``lam`` is a number, or ``"auto"``: cross-validation inside each labelled subset over ``LAMBDA_GRID``
-    (1-shot subsets, where CV is impossible, use ``DEFAULT_LAMBDA``). ``ci=True`` adds a percentile bootstrap
-    95% interval over test images (``n_boot`` replicates, seeded by ``ci_seed``) to every row and summary entry."""
+
+def _matched_classes(names: list[str], indices: np.ndarray, listing: Listing) -> dict[str, str]:
+    """name -> class of the train image it matched (for labelling files of bare file names by content)."""
+    by_name = {Path(str(listing.ids[i])).name: listing.classes[int(listing.labels[i])] for i in indices}
+    by_path = {str(listing.ids[i]): listing.classes[int(listing.labels[i])] for i in indices}
+    return {n: by_path.get(n) or by_name.get(Path(n).name) for n in names if n in by_path or Path(n).name in by_name}
+
+
+# -- the classifiers: one fit function each, in a registry ------------------------------------------------------
+@dataclass
+class FitContext:
+    """What a classifier's fit may use besides its subset: the settings, the class count, and the warm starts of
+    the logistic probe (the last solution of each seed: nested subsets start from it)."""
+
+    settings: ProbeSettings
+    n_classes: int
+    warm: dict[int, np.ndarray]
+
+
+def fit_logistic(x, y, subset: Subset, ctx: FitContext) -> tuple[ScoreClassifier, dict]:
+    """The MSN probe at a fixed lambda, or ``lam="auto"``: CV inside the subset, then a fit from the folds' mean."""
+    lam, start_from = ctx.settings.lam, ctx.warm.get(subset.seed)
+    if lam == "auto":
+        choice = select_lambda(x, y, backend=ctx.settings.backend, seed=subset.seed)
+        chosen, source = choice.lam, choice.source
+        mean = choice.coefs.get(chosen)
+        if mean is not None and mean.shape[0] == ctx.n_classes:
+            start_from = mean  # the folds' mean solution: about half the iterations
+    else:
+        chosen, source = float(lam), "fixed"
+    model = LogisticProbe(chosen, backend=ctx.settings.backend, preprocess=False).fit(x, y, coef_init=start_from)
+    if len(model.classes_) == ctx.n_classes:
+        ctx.warm[subset.seed] = model.coef_
+    return model, {"lambda": chosen, "lambda_source": source, "n_iter": model.n_iter_}
+
+
+def fit_knn(x, y, subset: Subset, ctx: FitContext) -> tuple[ScoreClassifier, dict]:
+    model = KNNClassifier(preprocess=False).fit(x, y)
+    return model, {"lambda": None, "k": model.k_,
+                   "k_source": "leave-one-out" if model.loo_scores_ is not None else "1 (one image per class)"}
+
+
+def fit_ncm(x, y, subset: Subset, ctx: FitContext) -> tuple[ScoreClassifier, dict]:
+    return NearestClassMean(preprocess=False).fit(x, y), {"lambda": None}
+
+
+FITS: dict[str, Callable[..., tuple[ScoreClassifier, dict]]] = {"logistic": fit_logistic, "knn": fit_knn,
+                                                                "ncm": fit_ncm}
+assert tuple(FITS) == CLASSIFIERS  # one registry: config.CLASSIFIERS validates, FITS runs
+
+
+# -- the run ----------------------------------------------------------------------------------------------------------
+def run_probe(train: Features, test: Features, settings: ProbeSettings | None = None, *, meta: dict | None = None,
+              progress: Progress | None = None, **options) -> Results:
+    """Fit the MSN probe (and any neighbour classifiers in ``settings.classifiers``: ``knn``, ``ncm``) on every
+    subset and score it on the whole test split.
+
+    ``settings`` is a :class:`~lowshot.config.ProbeSettings`, or its fields as keyword arguments (``shots=(1, 2)``,
+    ``lam="auto"``, ...). ``lam="auto"``: cross-validation inside each labelled subset over ``LAMBDA_GRID`` (1-shot
+    subsets, where CV is impossible, use ``DEFAULT_LAMBDA``). ``ci=True`` adds a percentile bootstrap 95% interval
+    over test images to every row and summary entry. ``train`` may hold only some of its split's images: those
+    the subsets use must be there (else :class:`~lowshot.errors.MissingFeaturesError`, before any fit)."""
+    settings = _settings(settings, options)
     _check_compatible(train, test)
-    if lam != "auto" and not (isinstance(lam, int | float) and lam > 0):
-        raise BadInputError(f"--lambda {lam!r}: expected a positive number or 'auto'")
-    classifiers = list(dict.fromkeys(classifiers))
-    unknown = [c for c in classifiers if c not in CLASSIFIERS]
-    if unknown or not classifiers:
-        raise BadInputError(f"--classifier {','.join(unknown) or '(none)'!r}: expected some of "
-                            f"{', '.join(CLASSIFIERS)}")
-    if ci and n_boot < 1:
-        raise BadInputError(f"--n-boot {n_boot}: need at least one bootstrap replicate")
-    subsets = draw_subsets(train, shots=shots, percents=percents, seeds=seeds, split_files=split_files,
-                           allow_fewer=allow_fewer)
-    x_test = preprocess(np.asarray(test.features))
-    y_train, y_test = np.asarray(train.labels), np.asarray(test.labels)
-    rows = []
-    correct: dict[str, list[np.ndarray]] = {}  # interval_key -> per-seed correctness on the test images
-    warm: dict[int, np.ndarray] = {}
-    task = f"probe ({len(subsets) * len(classifiers)} fits)"
-    for i, subset in enumerate(subsets):
+    subsets = draw_subsets(train.listing(), settings)
+    rows_of = locate_rows(train, subsets)
+    x_test, y_test = preprocess(np.asarray(test.features)), np.asarray(test.labels)
+    ctx = FitContext(settings, len(train.classes), {})
+    rows, correct = [], {}
+    total = len(subsets) * len(settings.classifiers)
+    task = f"probe ({total} fits)"
+    for i, (subset, where) in enumerate(zip(subsets, rows_of, strict=True)):
         # row-wise preprocessing of the subset's rows only: the pool may be a memory-mapped ImageNet train split
-        x, y = preprocess(np.asarray(train.features[subset.indices])), y_train[subset.indices]
-        for j, classifier in enumerate(classifiers):
+        x, y = preprocess(np.asarray(train.features[where])), np.asarray(train.labels)[where]
+        for j, classifier in enumerate(settings.classifiers):
             if progress:
-                progress(task, i * len(classifiers) + j, len(subsets) * len(classifiers))
-            started = time.perf_counter()
-            row = {"subset": subset.name, "shots": subset.shots, "percent": subset.percent, "seed": subset.seed,
-                   "classifier": classifier}
-            if classifier == "logistic":
-                start_from = warm.get(subset.seed)  # nested subsets of a seed: warm start from the last
-                if lam == "auto":
-                    cv_coefs: dict[float, np.ndarray] = {}
-                    chosen, scores = select_lambda(x, y, backend=backend, seed=subset.seed, coefs=cv_coefs)
-                    source = "cv" if scores is not None else "default (CV needs 2+ images per class)"
-                    if chosen in cv_coefs and cv_coefs[chosen].shape[0] == len(train.classes):
-                        start_from = cv_coefs[chosen]  # the folds' mean solution: about half the iterations
-                else:
-                    chosen, source = float(lam), "fixed"
-                model = LogisticProbe(chosen, backend=backend, preprocess=False)
-                model.fit(x, y, coef_init=start_from)
-                if len(model.classes_) == len(train.classes):
-                    warm[subset.seed] = model.coef_
-                fitted = {"lambda": chosen, "lambda_source": source, "n_iter": model.n_iter_}
-            elif classifier == "knn":
-                model = KNNClassifier(preprocess=False).fit(x, y)
-                fitted = {"lambda": None, "k": model.k_,
-                          "k_source": "leave-one-out" if model.loo_scores_ is not None else "1 (one image per class)"}
-            else:
-                model = NearestClassMean(preprocess=False).fit(x, y)
-                fitted = {"lambda": None}
-            hit = model.predict(x_test) == y_test
+                progress(task, i * len(settings.classifiers) + j, total)
+            row, hit = score_subset(classifier, x, y, x_test, y_test, subset, ctx)
             correct.setdefault(interval_key(classifier, subset.name), []).append(hit)
-            row.update({"top1": round(100.0 * float(hit.mean()), 4), "n_train": int(len(subset.indices)),
-                        "n_test": int(len(y_test)), **fitted})
-            if ci:
-                low, high = bootstrap_ci(hit, n_boot=n_boot, seed=_ci_seed(ci_seed, classifier, subset.name,
-                                                                            subset.seed))
-                row.update(ci_low=low, ci_high=high)
-            row["seconds"] = round(time.perf_counter() - started, 3)
-            if subset.source:
-                row.update(split_file=subset.source, missing=subset.missing)
             rows.append(row)
     if progress:
-        progress(task, len(subsets) * len(classifiers), len(subsets) * len(classifiers))
+        progress(task, total, total)
+    return Results(build_meta(train, test, settings, meta), rows, summary_intervals(correct, settings))
+
+
+def locate_rows(train: Features, subsets: list[Subset]) -> list[np.ndarray]:
+    """Each subset's rows in ``train``; raises MissingFeaturesError (counting all of them) if any are not held."""
+    position = train.positions()
+    rows = [position[s.indices] for s in subsets]
+    absent = np.unique(np.concatenate([s.indices[r < 0] for s, r in zip(subsets, rows, strict=True)] or [[]]))
+    if len(absent):
+        needed = len(np.unique(np.concatenate([s.indices for s in subsets])))
+        listed = len(train.listing())
+        raise MissingFeaturesError(
+            f"features of {len(absent):,} of the {needed:,} train images these subsets use are not in the cache "
+            f"(entry {train.key[:12]} holds {len(train):,} of {listed:,})",
+            model=train.manifest.get("model"), data=_dataset_of(train), missing=len(absent))
+    return rows
+
+
+def score_subset(classifier: str, x, y, x_test, y_test, subset: Subset, ctx: FitContext) -> tuple[dict, np.ndarray]:
+    """Fit one classifier on one subset and score it: (result row, per-test-image correctness)."""
+    started = time.perf_counter()
+    model, fitted = FITS[classifier](x, y, subset, ctx)
+    hit = model.predict(x_test) == y_test
+    row = {"subset": subset.name, "shots": subset.shots, "percent": subset.percent, "seed": subset.seed,
+           "classifier": classifier, "top1": round(100.0 * float(hit.mean()), 4), "n_train": int(len(subset.indices)),
+           "n_test": int(len(y_test)), **fitted}
+    if ctx.settings.ci:
+        low, high = bootstrap_ci(hit, n_boot=ctx.settings.n_boot,
+                                 seed=_ci_seed(ctx.settings.ci_seed, classifier, subset.name, subset.seed))
+        row.update(ci_low=low, ci_high=high)
+    row["seconds"] = round(time.perf_counter() - started, 3)
+    if subset.source:
+        row.update(split_file=subset.source, missing=subset.missing)
+    return row, hit
+
+
+def summary_intervals(correct: dict[str, list[np.ndarray]], settings: ProbeSettings) -> dict[str, dict]:
+    """Bootstrap CI per (classifier, subset), paired over seeds: one resample of the test images for all of them."""
+    if not settings.ci:
+        return {}
     intervals = {}
-    if ci:
-        for key, hits in correct.items():  # paired over seeds: one resample of the test images for all of them
-            low, high = bootstrap_ci(np.stack(hits), n_boot=n_boot, seed=_ci_seed(ci_seed, *key.split("/", 1)))
-            intervals[key] = {"ci_low": low, "ci_high": high}
+    for key, hits in correct.items():
+        low, high = bootstrap_ci(np.stack(hits), n_boot=settings.n_boot,
+                                 seed=_ci_seed(settings.ci_seed, *key.split("/", 1)))
+        intervals[key] = {"ci_low": low, "ci_high": high}
+    return intervals
+
+
+def build_meta(train: Features, test: Features, settings: ProbeSettings, extra: dict | None = None) -> dict:
+    """The results' ``meta``: versions, data, features, the protocol (as the gate compares it) and the settings."""
+    lam = settings.lam
+    listing = train.listing()
     info = {
         "lowshot_version": __version__, "date": now_iso(),
         "model": train.manifest.get("model"), "data": _dataset_of(train),
         "train_split": train.manifest.get("split"), "test_split": test.manifest.get("split"),
-        "n_train_pool": len(train), "n_test": len(test), "n_classes": len(train.classes), "dim": train.dim,
+        "n_train_pool": len(listing), "n_test": len(test), "n_classes": len(train.classes), "dim": train.dim,
         "feature": train.manifest.get("feature"), "readout": train.manifest.get("readout"),
         "dtype": train.manifest.get("dtype"),
         "device": train.manifest.get("device"), "transform": train.manifest.get("transform"),
         "cache_keys": {"train": train.key, "test": test.key},
         "train_fingerprint": fingerprint(train), "test_fingerprint": fingerprint(test),
-        "classifiers": classifiers,
-        "probe": {"classifier": "logistic", "backend": backend, "preprocess": "row-centre + L2",
-                  "objective": "sum log-loss + lambda/2 ||W||^2, no intercept",
-                  "lambda": lam if lam == "auto" else float(lam),
+        "classifiers": list(settings.classifiers),
+        "probe": {"classifier": "logistic", "backend": settings.backend, "preprocess": "row-centre + L2",
+                  "objective": "sum log-loss + lambda/2 ||W||^2, no intercept", "lambda": lam,
                   "lambda_grid": list(LAMBDA_GRID) if lam == "auto" else None, "lambda_default": DEFAULT_LAMBDA},
-        "sampling": {"shots": sorted(set(shots)), "percents": sorted(set(percents)), "seeds": seeds,
-                     "split_files": [str(p) for p in split_files], "allow_fewer": allow_fewer},
-        **(meta or {}),
+        "sampling": {"shots": list(settings.shots), "percents": list(settings.percents), "seeds": settings.seeds,
+                     "split_files": list(settings.split_files), "allow_fewer": settings.allow_fewer},
+        "settings": {"probe": settings.to_dict(), **({"extract": train.manifest["extract_settings"]}
+                                                     if "extract_settings" in train.manifest else {})},
+        **(extra or {}),
     }
-    if "knn" in classifiers:
+    if "knn" in settings.classifiers:
         info["knn"] = {"similarity": "cosine (row-centred + L2)", "vote": "majority, ties by summed similarity",
                        "k": "leave-one-out on the labelled subset; 1 with one image per class",
                        "k_grid": list(KNN_K_GRID)}
-    if "ncm" in classifiers:
+    if "ncm" in settings.classifiers:
         info["ncm"] = {"similarity": "cosine to the L2-normalised class mean (row-centred + L2 features)"}
-    if ci:
+    if settings.ci:
         info["ci"] = {"method": "percentile bootstrap over test images (paired across seeds in the summary)",
-                      "level": CI_LEVEL, "n_boot": n_boot, "seed": ci_seed}
-    return Results(info, rows, intervals)
+                      "level": CI_LEVEL, "n_boot": settings.n_boot, "seed": settings.ci_seed}
+    return info
 
 
 def fingerprint(features: Features) -> str:
-    """sha256 of a split's item ids and class names: the same images under the same labels give the same value
-    on any machine and in any folder (unlike the cache key, which sees paths' sizes and mtimes)."""
-    labels = np.asarray(features.labels)
-    return digest({"classes": list(features.classes),
-                   "items": sorted(f"{features.classes[int(c)]}/{i}" for i, c in zip(features.ids, labels,
-                                                                                      strict=True))})[:16]
+    """sha256 of a split's listed item ids and class names: the same images under the same labels give the same
+    value on any machine, in any folder, and whether the entry holds all of the split's features or some."""
+    listing = features.listing()
+    labels = np.asarray(listing.labels)
+    classes = list(listing.classes)
+    return digest({"classes": classes,
+                   "items": sorted(f"{classes[int(c)]}/{i}" for i, c in zip(listing.ids, labels, strict=True))})[:16]
+
+
+def _settings(settings: ProbeSettings | None, options: dict) -> ProbeSettings:
+    if settings is not None and options:
+        raise TypeError(f"give a ProbeSettings or its fields, not both ({', '.join(options)})")
+    return settings if settings is not None else ProbeSettings(**options)
 
 
 def _dataset_of(features: Features) -> str | None:
@@ -216,3 +286,6 @@ def _check_compatible(train: Features, test: Features) -> None:
         raise DataError("train and test features have different classes; extract both from one dataset")
     if train.dim != test.dim:
         raise DataError(f"train and test features differ in dimension ({train.dim} vs {test.dim})")
+    if not test.complete:
+        raise DataError(f"the test features hold {len(test):,} of the {len(test.listing()):,} test images; "
+                        "the protocol scores the whole test split (extract it first)")

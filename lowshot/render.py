@@ -108,12 +108,13 @@ def comparison_table(comparison: Comparison) -> Table:
 
 def cache_table(manifests: list[dict]) -> Table:
     table = Table(title="lowshot feature cache", title_justify="left")
-    for column in ("key", "model", "data", "split", "n", "dim", "dtype", "size", "created"):
-        table.add_column(column, justify="right" if column in ("n", "dim", "size") else "left",
+    for column in ("key", "model", "data", "split", "images", "dim", "dtype", "size", "created"):
+        table.add_column(column, justify="right" if column in ("images", "dim", "size") else "left",
                          overflow="fold")
     for m in manifests:
+        held = f"{m.get('n', 0):,}" + (f" of {m['n_listed']:,}" if "n_listed" in m else "")  # of the split's images
         table.add_row(m.get("key", "?")[:12], _short(m.get("model")), _short(m.get("data")), str(m.get("split")),
-                      f"{m.get('n', 0):,}", str(m.get("dim")), str(m.get("dtype")),
+                      held, str(m.get("dim")), str(m.get("dtype")),
                       human_size(m.get("size_bytes", 0)), str(m.get("created", ""))[:16].replace("T", " "))
     return table
 

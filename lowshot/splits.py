@@ -34,17 +34,45 @@ class Subset:
     missing: int = 0  # listed names absent from the data
 
 
+@dataclass(frozen=True)
+class Listing:
+    """A split as the draws see it: every listed item (readable or not yet known), its label, the class names.
+
+    ``unreadable`` holds the indices of items known to fail decoding: a draw skips them and takes the next image of
+    the class's order instead, so a draw made before an image was ever decoded and one made after decoding the
+    whole split agree (see :func:`k_shot`)."""
+
+    ids: Sequence[str]
+    labels: np.ndarray
+    classes: Sequence[str]
+    unreadable: frozenset[int] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 def class_orders(ids: Sequence[str], labels: np.ndarray, classes: Sequence[str], seed: int) -> list[np.ndarray]:
-    """For each class, its item indices in the seed's shuffled order."""
+    """For each class, its item indices in the seed's shuffled order (members sorted by id, then permuted by a
+    generator seeded with ``(seed, crc32(class name))``)."""
     labels = np.asarray(labels)
     id_array = np.asarray(ids, dtype=object)
+    by_label = np.argsort(labels, kind="stable")  # one pass over the split, not one per class
+    bounds = np.searchsorted(labels[by_label], np.arange(len(classes) + 1))
     orders = []
     for label, name in enumerate(classes):
-        members = np.flatnonzero(labels == label)
+        members = by_label[bounds[label]:bounds[label + 1]]
         members = members[np.argsort(id_array[members], kind="stable")]
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(name.encode())])))
         orders.append(members[rng.permutation(len(members))])
     return orders
+
+
+def readable_orders(orders: list[np.ndarray], unreadable: frozenset[int] | set[int]) -> list[np.ndarray]:
+    """``orders`` without the items known to be unreadable (each subset then takes the next image of the order)."""
+    if not unreadable:
+        return orders
+    bad = np.fromiter(unreadable, dtype=np.int64)
+    return [o[~np.isin(o, bad)] for o in orders]
 
 
 def k_shot(orders: list[np.ndarray], classes: Sequence[str], k: int, *, allow_fewer: bool = False) -> np.ndarray:
@@ -67,14 +95,17 @@ def percent_count(class_size: int, percent: float) -> int:
     return max(1, min(class_size, math.floor(class_size * percent / 100.0 + 0.5)))
 
 
-def percent_subset(orders: list[np.ndarray], classes: Sequence[str], percent: float) -> np.ndarray:
-    """A stratified ``percent`` of the labels: ``percent_count`` images from each class."""
+def percent_subset(orders: list[np.ndarray], classes: Sequence[str], percent: float, *,
+                   class_sizes: Sequence[int] | None = None) -> np.ndarray:
+    """A stratified ``percent`` of the labels: ``percent_count`` images from each class. ``class_sizes`` (default:
+    the orders' lengths) are the listed sizes, so the count does not change when an unreadable image is found."""
     if not 0 < percent <= 100:
         raise BadInputError(f"--percent {percent:g}: must be in (0, 100]")
     empty = [classes[c] for c, o in enumerate(orders) if len(o) == 0]
     if empty:
         raise SplitError(f"class {empty[0]} has no train images")
-    return np.sort(np.concatenate([o[:percent_count(len(o), percent)] for o in orders]))
+    sizes = class_sizes if class_sizes is not None else [len(o) for o in orders]
+    return np.sort(np.concatenate([o[:percent_count(n, percent)] for o, n in zip(orders, sizes, strict=True)]))
 
 
 def read_split_file(path: str | Path) -> list[str]:
@@ -109,10 +140,13 @@ def match_split_file(names: Sequence[str], ids: Sequence[str]) -> tuple[np.ndarr
     return np.unique(np.asarray(found, dtype=np.int64)), missing
 
 
-def split_file_label(path: str | Path, names: Sequence[str]) -> tuple[str, int | None]:
-    """A row label for a split file from its content: every class (by ImageNet-style ``wnid_`` prefix or folder)
-    exactly k times -> ``k-shot``; else the file name (``1percent.txt`` -> ``1percent``)."""
-    keys = [_class_of(name) for name in names]
+def split_file_label(path: str | Path, names: Sequence[str], matched: dict[str, str] | None = None
+                     ) -> tuple[str, int | None]:
+    """A row label for a split file from its content: every class exactly k times -> ``k-shot``; else the file name
+    (``1percent.txt`` -> ``1%``, others their stem). A name's class is its ImageNet-style ``wnid_`` prefix or folder,
+    else the class of the train image it matched (``matched``: name -> class), so bare file names count too."""
+    matched = matched or {}
+    keys = [_class_of(name) or matched.get(name) for name in names]
     counts = Counter(keys) if all(keys) else Counter()
     if counts and len(set(counts.values())) == 1:
         k = next(iter(counts.values()))

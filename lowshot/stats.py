@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_N_BOOT = 1000  # bootstrap replicates (torchgeo-bench and most papers: 1,000)
+from .config import DEFAULT_N_BOOT  # noqa: F401 (declared with the probe settings; re-exported)
+
 CI_LEVEL = 0.95
 _CHUNK_ELEMENTS = 1 << 22  # replicates are drawn in chunks of at most this many indices (32 MB of int64)
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .config import TRANSFORMS  # noqa: F401 (declared with the extraction settings; re-exported)
 from .errors import BadInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision / MSN logistic_eval.py
@@ -82,7 +83,6 @@ class ImageTransform:
         return x.mul_(scale).add_(shift).to(dtype)
 
 
-TRANSFORMS = ("msn", "msn-draft", "processor")
 
 
 def msn_transform(*, draft: bool = False) -> ImageTransform:

@@ -22,9 +22,10 @@ def test_committed_benchmark_config_points_at_shared_data_and_matches_its_baseli
     assert config.data == str(IMAGENETTE.resolve()) and config.models[0].path == str(DEIT_TINY.resolve())
     baseline = Results.load(config.models[0].baseline)
     meta = baseline.meta
-    assert meta["sampling"]["shots"] == list(config.shots) and meta["sampling"]["seeds"] == config.seeds
-    assert meta["sampling"]["percents"] == list(config.percents) and meta["probe"]["lambda"] == config.lam
-    assert meta["classifiers"] == list(config.classifiers) and meta["dtype"] == config.extract["dtype"]
+    probe = config.probe
+    assert meta["sampling"]["shots"] == list(probe.shots) and meta["sampling"]["seeds"] == probe.seeds
+    assert meta["sampling"]["percents"] == list(probe.percents) and meta["probe"]["lambda"] == probe.lam
+    assert meta["classifiers"] == list(probe.classifiers) and meta["dtype"] == config.extract.dtype
     assert meta["n_test"] == 3925 and meta["n_train_pool"] == 9469 and protocol(baseline)["test set"]
     summary = {(s["classifier"], s["subset"]): s for s in baseline.summary}
     assert summary[("logistic", "5-shot")]["mean"] > 90  # real DeiT-Tiny features, not a placeholder
@@ -32,12 +33,13 @@ def test_committed_benchmark_config_points_at_shared_data_and_matches_its_baseli
 
 
 def write_config(path, model, data, **extra) -> None:
+    extract = {"device": "cpu", "batch_size": 8, **extra.pop("extract", {})}
     top = {"title": "small bench", "data": str(data), "shots": [1, 2], "percents": [], "seeds": 2,
            "classifiers": ["logistic", "knn", "ncm"], "ci": True, "n_boot": 100, "max_drop": 1.0, "output": "out",
            **extra}
-    lines = [f"{k} = {json.dumps(v)}" for k, v in top.items()] + ["", "[extract]",
-             'device = "cpu"', "batch_size = 8", "", "[[models]]", 'name = "tiny"', f'path = "{model}"',
-             'baseline = "baseline/tiny.json"']
+    lines = [f"{k} = {json.dumps(v)}" for k, v in top.items()] + ["", "[extract]"] + [
+        f"{k} = {json.dumps(v)}" for k, v in extract.items()] + [
+        "", "[[models]]", 'name = "tiny"', f'path = "{model}"', 'baseline = "baseline/tiny.json"']
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -88,8 +90,12 @@ def test_small_bench_writes_results_report_and_plot_and_gates_against_its_baseli
 @pytest.mark.parametrize("extra,message", [
     ({"seed": 3}, "unknown key 'seed'"),
     ({"seeds": "3"}, "seeds = '3' has the wrong type"),
-    ({"classifiers": ["svm"]}, "classifiers ['svm']"),
+    ({"classifiers": ["svm"]}, "classifiers 'svm'"),
     ({"lambda": "big"}, "lambda 'big'"),
+    ({"lambda": -1}, "lambda -1"),
+    ({"shots": [0]}, "shots 0"),
+    ({"extract": {"dtype": "int3"}}, "dtype 'int3'"),
+    ({"extract": {"batch_size": 0}}, "batch_size 0"),
 ])
 def test_bad_bench_configs_are_one_clear_error(tmp_path, extra, message):
     config = tmp_path / "bench.toml"

@@ -17,7 +17,7 @@ def invoke(*args):
 
 @pytest.fixture
 def extracted(tiny_model, image_data, cache_dir):
-    result = invoke("extract", "--model", tiny_model, "--data", image_data, "--device", "cpu", "-b", "8")
+    result = invoke("extract", "--model", tiny_model, "--data", image_data, "--device", "cpu", "-b", "8", "--all")
     assert result.exit_code == 0, result.output
     return result
 

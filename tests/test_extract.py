@@ -11,6 +11,8 @@ from lowshot.errors import CacheError, DataError
 
 
 def run(model, data, cache_dir, **kw):
+    """Whole splits (``--all``): these tests are about reading, caching and resuming, not about which images."""
+    kw.setdefault("all_images", True)
     return lowshot.extract_features(str(model), str(data), cache_dir=cache_dir, device="cpu", batch_size=4, **kw)
 
 

@@ -33,7 +33,7 @@ def golden_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("golden")
     data = make_image_folder(root / "nette", classes=10, train=20, test=30)
     return lowshot.extract_features(str(DEIT_TINY), str(data), cache_dir=root / "cache", device="cpu",
-                                    dtype="float32")
+                                    dtype="float32", all_images=True)  # every train image: features are pinned
 
 
 @pytest.mark.slow

@@ -63,7 +63,7 @@ def test_one_classifier_keeps_the_original_table(train_test):
 
 
 def test_unknown_classifier_is_a_clear_error(train_test):
-    with pytest.raises(BadInputError, match="--classifier 'svm'"):
+    with pytest.raises(BadInputError, match="classifiers 'svm'"):  # the core names the parameter
         run_probe(*train_test, shots=(1,), percents=(), seeds=1, classifiers=("logistic", "svm"))
 
 

@@ -23,6 +23,8 @@ from .conftest import REPO, make_image_folder
 
 
 def run(model, data, cache_dir, **kw):
+    """Whole splits (``--all``): these tests are about reading, caching and resuming, not about which images."""
+    kw.setdefault("all_images", True)
     return lowshot.extract_features(str(model), str(data), cache_dir=cache_dir, device="cpu", batch_size=4, **kw)
 
 
@@ -99,8 +101,8 @@ def test_kill_9_mid_extraction_then_rerun_resumes_and_matches_an_uninterrupted_r
     resumed = worker(tiny_model, data, cache_dir, "--shard", 8, "--out", tmp_path / "resumed.npy")
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
-    first_progress = next(line for line in out.splitlines() if line.startswith("train"))
-    assert not first_progress.endswith(" 0/48"), "the rerun must start from the finished shards"
+    done, total = map(int, next(line for line in out.splitlines() if line.startswith("train")).split()[-1].split("/"))
+    assert done >= 2 * 8 and total > done, "the rerun must start from the finished shards"
     np.testing.assert_array_equal(np.load(tmp_path / "resumed.npy"), np.load(reference))
     assert FeatureCache(cache_dir).verify() == []
 

@@ -113,7 +113,7 @@ def photos(tmp_path_factory):
 def test_two_extractions_into_fresh_caches_agree(name, zoo_dir, photos, tmp_path):
     path = zoo.save(name, zoo_dir)
     runs = [lowshot.extract_features(str(path), str(photos), cache_dir=tmp_path / f"cache{i}", device="cpu",
-                                     dtype="float32", batch_size=4) for i in range(2)]
+                                     dtype="float32", batch_size=4, all_images=True) for i in range(2)]
     for a, b in zip(runs[0].splits(), runs[1].splits(), strict=True):
         assert not a.cached and not b.cached
         assert np.abs(np.asarray(a.features.features) - np.asarray(b.features.features)).max() <= 1e-6
@@ -121,7 +121,7 @@ def test_two_extractions_into_fresh_caches_agree(name, zoo_dir, photos, tmp_path
 
 def test_vit_mae_masking_is_off_and_recorded(zoo_dir, photos, tmp_path):
     run = lowshot.extract_features(str(zoo.save("vit-mae", zoo_dir)), str(photos), cache_dir=tmp_path, device="cpu",
-                                   dtype="float32")
+                                   dtype="float32", all_images=True)
     assert run.settings["readout"]["masking"].startswith("off")
     assert run.train.features.manifest["readout"]["masking"].startswith("off")
     assert len(run.train.features) == 4  # every image, all 196 patches seen (the reference test checks the values)
@@ -129,7 +129,7 @@ def test_vit_mae_masking_is_off_and_recorded(zoo_dir, photos, tmp_path):
 
 def test_a_384px_model_runs_at_224_with_interpolated_positions_in_the_key(zoo_dir, photos, tmp_path):
     run = lowshot.extract_features(str(zoo.save("vit-384", zoo_dir)), str(photos), cache_dir=tmp_path, device="cpu",
-                                   dtype="float32")
+                                   dtype="float32", all_images=True)
     readout = run.settings["readout"]
     assert (readout["input_size"], readout["native_size"]) == (224, 384)
     assert readout["position_embeddings"].startswith("interpolated")

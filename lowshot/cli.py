@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, FEATURE_PRENORM
+from .config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_READOUT
 from .errors import BadInputError, LowshotError, SettingError
 
 app = typer.Typer(
@@ -67,7 +67,7 @@ _hide_flag_placeholders()
 FLAGS = {"shots": "--shots", "percents": "--percent", "seeds": "--seeds", "split_files": "--split-file",
          "lam": "--lambda", "classifiers": "--classifier", "n_boot": "--n-boot", "ci_seed": "--ci-seed",
          "backend": "--backend", "batch_size": "--batch-size", "max_pixels": "--max-pixels", "dtype": "--dtype",
-         "transform": "--transform", "engine": "--engine", "device": "--device", "feature": "--feature",
+         "transform": "--transform", "engine": "--engine", "device": "--device", "feature": "--readout",
          "train_split": "--train-split", "test_split": "--test-split", "workers": "--workers"}
 
 # Protocol options shared by extract (which images to encode) and probe (which subsets to fit): same defaults.
@@ -84,6 +84,11 @@ SplitFile = Annotated[list[Path] | None, _option(
 AllowFewer = Annotated[bool, _option(
     help="Let a class with fewer than k train images contribute all it has instead of failing.")]
 
+READOUT_HELP = ("Which vector is the feature (--feature is an alias). auto: the family's default (cls-prenorm "
+                "with a CLS token, else pooled); cls-prenorm: CLS before the final norm (MSN); cls-postnorm; avgpool: "
+                "mean of the normed patch tokens; cls+avgpool; last4-cls: normed CLS of the last 4 blocks (DINOv2); "
+                "pooled: the model's own pooled output.")
+Readout = Annotated[str, _option("--readout", "--feature", help=READOUT_HELP)]
 CacheDir = Annotated[Path | None, _option(
     "--cache-dir", envvar="LOWSHOT_CACHE_DIR", show_envvar=True,
     help="Feature cache folder [default: the platform's user cache dir, e.g. ~/.cache/lowshot].")]
@@ -136,8 +141,9 @@ def _main(
 @_friendly
 def extract(
     model: Annotated[str, _option(
-        "--model", "-m", help="Hugging Face hub id or local folder (config.json + weights); any ViT-family "
-                              "backbone with a CLS token (ViTMSN, ViT, DeiT).")] = DEFAULT_MODEL,
+        "--model", "-m", help="Hugging Face hub id, local folder (config.json + weights) or raw MSN checkpoint "
+                              "(.pth.tar): ViT, ViTMSN, DeiT, DINOv2, CLIP/SigLIP (vision tower), BEiT, Data2Vec, "
+                              "ViTMAE, Swin, ConvNeXt, or any vision model's pooled output.")] = DEFAULT_MODEL,
     data: Annotated[str | None, _option(
         "--data", "-d", help="Folder with train/ and val/ (or test/) ImageFolder splits, a datasets.save_to_disk "
                              "folder, or a Hugging Face dataset id. [default: a tiny bundled Imagenette demo "
@@ -153,9 +159,7 @@ def extract(
              "msn-draft: the same, but big JPEGs are decoded at 1/2-1/8 scale first (faster, slightly different "
              "pixels). processor: the model's preprocessor_config.json (HF ViT: resize straight to "
              "224x224).")] = "msn",
-    feature: Annotated[str, _option(
-        help="cls-prenorm: CLS of the last block before the final LayerNorm (MSN). "
-             "cls-postnorm: last_hidden_state[:, 0].")] = FEATURE_PRENORM,
+    feature: Readout = DEFAULT_READOUT,
     batch_size: Annotated[int, _option(
         "--batch-size", "-b", help="Images decoded per batch; a forward pass takes at most this many (fewer on "
                                    "the CPU and for large-token models, to stay in cache and memory).")] = 64,
@@ -219,6 +223,7 @@ def _report_extraction(run) -> None:
     err.print(f"model {run.model} · {s['feature']} · {s['dtype']} ({s['dtype_reason']}) · {s['device']} · "
               f"engine {s['engine']} ({s['engine_reason']}) · transform {s['transform']['name']}{ranks}",
               highlight=False)
+    _readout_notes(s)
     for split in run.splits():
         f = split.features
         if split.cached:
@@ -258,6 +263,53 @@ def _protocol_flags(settings) -> str:
     return " ".join(parts + (["--allow-fewer"] if settings.allow_fewer else []))
 
 
+def _readout_notes(settings: dict) -> None:
+    """Say what the readout resolved to where it is not the plain case: equal to another, interpolated, unmasked."""
+    readout = settings.get("readout") or {}
+    if readout.get("same_as"):
+        err.print(f"note: readout {readout['readout']} equals {readout['same_as']} for this model", highlight=False)
+    if readout.get("position_embeddings", "native") not in ("native", "any size"):
+        err.print(f"note: {readout['family']} trained at {readout['native_size']} px runs at {readout['input_size']} "
+                  f"px, position embeddings {readout['position_embeddings']}", highlight=False)
+    if readout.get("masking", "none") != "none":
+        err.print(f"note: {readout['family']} random masking {readout['masking']}", highlight=False)
+
+
+@app.command()
+@_friendly
+def export(
+    model: Annotated[str, _option("--model", "-m", help="As for extract.")] = DEFAULT_MODEL,
+    data: Annotated[str | None, _option("--data", "-d", help="As for extract.")] = None,
+    split: Annotated[str, _option(help="The split to export (train, val, test, …).")] = "val",
+    output: Annotated[Path, _option(
+        "--output", "-o", help="feats.npz (ids, labels, classes, features float32, meta) or feats.parquet.",
+        show_default=False)] = ...,
+    revision: Annotated[str | None, _option(help="Hub revision (branch, tag or commit).")] = None,
+    image_column: Annotated[str | None, _option(help="HF datasets: image column [default: detected].")] = None,
+    label_column: Annotated[str | None, _option(help="HF datasets: label column [default: detected].")] = None,
+    transform: Annotated[str, _option(help="As for extract: msn, msn-draft or processor.")] = "msn",
+    feature: Readout = DEFAULT_READOUT,
+    batch_size: Annotated[int, _option("--batch-size", "-b", help="As for extract.")] = 64,
+    device: Annotated[str, _option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, _option(help="As for extract.")] = "auto",
+    engine: Annotated[str, _option(help="As for extract.")] = "auto",
+    cache_dir: CacheDir = None,
+) -> None:
+    """Write one split's features (from the cache; every image of the split extracted first if missing) to .npz or
+    .parquet for use elsewhere: ids, labels, class names, float32 features and the settings that made them."""
+    from .config import ExtractSettings
+    from .export import export_features
+    from .render import progress_callback
+
+    settings = ExtractSettings(revision=revision, train_split=split, test_split=split, image_column=image_column,
+                               label_column=label_column, transform=transform, feature=feature,
+                               batch_size=batch_size, device=device, dtype=dtype, engine=engine)
+    with progress_callback(err) as progress:
+        done = export_features(model, data, settings, output=output, cache_dir=cache_dir, progress=progress)
+    state = "from the cache" if done.cached else "extracted"
+    err.print(f"wrote {done.path}: {done.split}, {done.n:,} x {done.dim} float32 features ({state})", highlight=False)
+
+
 def _parse_list(text: str, kind, flag: str) -> list:
     try:
         values = [kind(part) for part in text.replace(" ", "").split(",") if part]
@@ -283,7 +335,8 @@ def probe(
                               "cached yet (default: the most recent extraction, nothing encoded).")] = None,
     data: Annotated[str | None, _option("--data", "-d", help="… on this data.")] = None,
     transform: Annotated[str, _option(help="With --model/--data: the extraction's --transform.")] = "msn",
-    feature: Annotated[str, _option(help="With --model/--data: the extraction's --feature.")] = FEATURE_PRENORM,
+    feature: Annotated[str, _option("--readout", "--feature",
+                                    help="With --model/--data: the extraction's --readout.")] = DEFAULT_READOUT,
     dtype: Annotated[str, _option(help="With --model/--data: the extraction's --dtype.")] = "auto",
     device: Annotated[str, _option(help="With --model/--data: the extraction's --device.")] = "auto",
     batch_size: Annotated[int, _option(

@@ -1,8 +1,14 @@
-"""Load a frozen vision backbone (hub id or local folder) and turn pixels into CLS features.
+"""Load a frozen vision backbone (hub id, local folder or raw MSN checkpoint) and turn pixels into features.
 
-Features (MSN ``logistic_eval.py``): the CLS token of the last transformer block, *before* the encoder's final
-LayerNorm -- ``hidden_states[-1][:, 0]`` in Hugging Face terms (``FEATURE_PRENORM``). ``FEATURE_POSTNORM`` is
-``last_hidden_state[:, 0]`` (final LayerNorm applied), offered as a named alternative.
+Any Hugging Face vision backbone loads through its Auto class (a full CLIP/SigLIP folder through its vision tower);
+the readout (:mod:`lowshot.readouts`) says which vector becomes the feature. The MSN default (``logistic_eval.py``)
+is the CLS token of the last block *before* the final LayerNorm -- ``hidden_states[-1][:, 0]``.
+
+Rules that keep a feature from being silently wrong: a readout the model cannot give is refused in one line;
+ViTMAE's random masking is switched off (and recorded); the input is the transform's size (224 for the MSN
+protocol) and a model trained at another size gets its position embeddings interpolated (recorded in the cache
+key); ``--dtype auto`` runs reduced precision only on the fast engine, whose mixed precision keeps every feature
+within cosine 0.999 of float32 -- the stock engine runs float32 (whole-model bfloat16 fell to 0.96 on ViT).
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoints, readouts
 from .config import DEFAULT_MODEL, FEATURE_POSTNORM, FEATURE_PRENORM, FEATURES  # noqa: F401 (re-exported)
 from .errors import BadInputError, ModelLoadError
-from .fast_engine import FastViT, unsupported_reason
+from .fast_engine import FAST_READOUTS, FastViT, unsupported_reason
+from .readouts import Family, ReadoutSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -29,6 +37,8 @@ ENGINES = ("auto", "fast", "stock")  # auto: the fast path where it covers the m
 # large-token models (patch 4: 3,137 tokens -> one image per forward).
 CPU_ROWS_PER_FORWARD = 16 * 197
 MAX_ACTIVATION_BYTES = 2 << 30  # any device: the activations of one forward pass stay under this
+PROTOCOL_INPUT = 224  # MSN logistic_eval.py CenterCrop(224): the input size the MSN transform produces
+POOLING_LAYER = {"vit": False, "deit": False, "beit": True, "data2vec-vision": True}  # add_pooling_layer on load
 
 
 @dataclass
@@ -48,10 +58,13 @@ class Backbone:
     engine_reason: str = ""
     fast: FastViT | None = None
     forward_batch: int = 64  # at most this many images per forward pass (embed splits bigger batches)
+    readout: ReadoutSpec | None = None  # None: the readout named by ``feature`` at the model's own size
+    family: Family | None = None
+    width: int | None = None  # the feature's width, measured on load (cls+avgpool, last4-cls: a multiple)
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.width or _hidden_size(self.model.config))
 
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -67,11 +80,11 @@ class Backbone:
 
     @torch.inference_mode()
     def stock_forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The reference: the transformers model's own forward, through its public outputs only."""
-        if self.feature == FEATURE_PRENORM:
-            out = self.model(pixel_values=pixels, output_hidden_states=True)
-            return out.hidden_states[-1][:, 0]
-        return self.model(pixel_values=pixels).last_hidden_state[:, 0]
+        """The reference: the transformers model's own forward, read out through its public outputs."""
+        family = self.family or readouts.family_of(self.model.config.model_type)
+        spec = self.readout or resolve_readout(family, self.model.config, self.feature,
+                                               input_size=int(pixels.shape[-1]), forward=self.model.forward)
+        return readouts.run_readout(self.model, family, spec, pixels)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -171,30 +184,156 @@ def weights_identity(folder: Path, *, memo: dict | None = None) -> dict:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model resolved to a local folder, with the identity of its exact weights and config."""
+    """A model resolved to local files, with the identity of its exact weights and config. ``config`` is the
+    (vision) config that decides the architecture; ``checkpoint`` marks a raw MSN ``.pth.tar`` (``folder`` is then
+    that file)."""
 
     name: str
     folder: Path
     identity: dict
     info: dict
+    config: object = None
+    checkpoint: bool = False
+
+    @property
+    def family(self) -> Family:
+        return readouts.family_of(self.config.model_type)
 
 
 def resolve_model(model: str = DEFAULT_MODEL, *, revision: str | None = None,
                   hash_memo: dict | None = None) -> ModelRef:
-    """Find the model's files and hash them, without loading it (enough to look features up in the cache)."""
+    """Find the model's files, read its config and hash them, without loading the weights (enough for a cache
+    lookup). A full CLIP/SigLIP folder resolves to its vision tower; a ``.pth.tar`` to an MSN checkpoint."""
+    path = Path(model).expanduser()
+    if checkpoints.is_checkpoint(path):
+        config = checkpoints.msn_config(checkpoints.read_encoder(path), source=path)
+        info = {"model_type": config.model_type, "family": "ViTMSN", "hidden_size": config.hidden_size,
+                "patch_size": config.patch_size, "image_size": config.image_size, "source": "msn-checkpoint"}
+        return ModelRef(model, path.resolve(), checkpoints.file_identity(path, memo=hash_memo), info, config,
+                        checkpoint=True)
     folder, origin = resolve_model_folder(model, revision=revision)
     from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(folder)
+    config_dict = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if isinstance(config_dict, dict) and config_dict.get("auto_map"):
+        raise ModelLoadError(f"--model {model}: the folder's config needs its own Python code (auto_map); lowshot "
+                             "never runs code from a model folder (no trust_remote_code)")
+    try:  # trust_remote_code=False: refuse at once, never prompt or run the folder's code
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
         raise ModelLoadError(f"--model {model}: unreadable config.json ({str(exc).splitlines()[0]})") from exc
-    if not hasattr(config, "patch_size") or not hasattr(config, "hidden_size"):
-        raise ModelLoadError(f"--model {model}: {type(config).__name__} is not a vision transformer with a CLS "
-                             "token (need a ViT-family config with patch_size and hidden_size)")
-    info = {"model_type": config.model_type, "hidden_size": config.hidden_size, "patch_size": config.patch_size,
-            "image_size": getattr(config, "image_size", None), **origin}
-    return ModelRef(model, folder, weights_identity(folder, memo=hash_memo), info)
+    tower = None
+    if config.model_type in readouts.TOWERS:
+        tower, config = config.model_type, config.vision_config
+    family = readouts.family_of(config.model_type)
+    if family is readouts.OTHER:
+        _require_vision(model, config)
+    info = {"model_type": config.model_type, "family": family.name, "hidden_size": _hidden_size(config),
+            "patch_size": getattr(config, "patch_size", None), "image_size": readouts.native_size(config),
+            **({"tower_of": tower} if tower else {}), **origin}
+    return ModelRef(model, folder, weights_identity(folder, memo=hash_memo), info, config)
+
+
+def _require_vision(model: str, config) -> None:
+    """A config lowshot has no family table for must at least be an image model (forward takes pixel_values)."""
+    from transformers import MODEL_MAPPING
+
+    try:
+        model_class = MODEL_MAPPING[type(config)]
+    except (KeyError, ValueError):
+        raise ModelLoadError(f"--model {model}: {type(config).__name__} has no transformers AutoModel class; it is "
+                             "not a backbone lowshot can load") from None
+    if "pixel_values" not in inspect.signature(model_class.forward).parameters:
+        families = ", ".join(f.name for f in readouts.FAMILIES)
+        raise ModelLoadError(f"--model {model}: {type(config).__name__} is not a vision model (no pixel_values "
+                             f"input); supported: {families}, or any vision model through its pooled output")
+
+
+def _meta_net(config, *, name: str) -> torch.nn.Module:
+    """The model's architecture without weights (meta device): enough to check its layout and signature."""
+    from transformers import AutoModel
+
+    try:
+        with torch.device("meta"):
+            return AutoModel.from_config(config, **_load_kwargs(config))
+    except Exception as exc:  # noqa: BLE001 - an unknown config type, or one AutoModel cannot build
+        raise ModelLoadError(f"--model {name}: {type(config).__name__} is not a vision backbone transformers "
+                             f"can build ({str(exc).splitlines()[0][:160]})") from exc
+
+
+def _load_kwargs(config) -> dict:
+    pooling = POOLING_LAYER.get(config.model_type)
+    return {} if pooling is None else {"add_pooling_layer": pooling}
+
+
+def _hidden_size(config) -> int | None:
+    hidden = getattr(config, "hidden_size", None)
+    if hidden is None and getattr(config, "hidden_sizes", None):
+        hidden = config.hidden_sizes[-1]  # ConvNeXt: the last stage's width
+    return None if hidden is None else int(hidden)
+
+
+def resolve_readout(family: Family, config, feature: str, *, input_size: int, forward) -> ReadoutSpec:
+    """``feature`` (a readout name or ``auto``) resolved for this model and input size, or one clear error."""
+    if feature == readouts.AUTO:
+        feature = readouts.default_readout(family)
+    if feature not in readouts.READOUTS:
+        raise BadInputError(f"--readout {feature!r}: expected one of auto, {', '.join(readouts.READOUTS)}")
+    why_not = readouts.offered(family, config)[feature]
+    if why_not is not None:
+        options = [r for r, reason in readouts.offered(family, config).items() if reason is None]
+        raise BadInputError(f"--readout {feature}: {why_not}; this model offers {', '.join(options)}")
+    positions = readouts.position_mode(family, config, input_size, forward)
+    if positions.startswith("unsupported"):
+        raise ModelLoadError(f"{family.name}: {positions}; use --transform processor (the model's own size)")
+    return ReadoutSpec(feature, family.name, input_size, readouts.native_size(config), positions,
+                       masking="off (mask_ratio 0, patch order kept)" if family.random_masking else "none",
+                       same_as=readouts.same_as(family, config, feature))
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """What an extraction will compute and how, decided before any weight is loaded (it makes the cache key)."""
+
+    readout: ReadoutSpec
+    engine: str  # "fast" or "stock"
+    engine_reason: str
+    dtype: torch.dtype
+    dtype_reason: str
+
+
+def plan_forward(ref: ModelRef, *, feature: str = readouts.AUTO, engine: str = "auto", device: str = "auto",
+                 dtype: str = "auto", input_size: int = PROTOCOL_INPUT) -> ForwardPlan:
+    """Readout, engine and dtype for ``ref``. ``dtype="auto"`` runs reduced precision only on the fast engine
+    (its float32 norms and residuals keep cosine >= 0.999 to float32); the stock engine then runs float32."""
+    if engine not in ENGINES:
+        raise BadInputError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    torch_dtype, dtype_reason = resolve_dtype(dtype, resolve_device(device))
+    net = _meta_net(ref.config, name=ref.name)
+    spec = resolve_readout(ref.family, ref.config, feature, input_size=input_size, forward=net.forward)
+    engine_used, engine_reason = choose_engine(net, spec, engine, name=ref.name)
+    if dtype == "auto" and engine_used == "stock" and torch_dtype != torch.float32:
+        torch_dtype = torch.float32
+        dtype_reason = (f"auto: {dtype_reason.removeprefix('auto: ')}, but the stock engine runs float32 "
+                        "(whole-model bfloat16 loses cosine 0.999 to float32)")
+    return ForwardPlan(spec, engine_used, engine_reason, torch_dtype, dtype_reason)
+
+
+def choose_engine(net: torch.nn.Module, spec: ReadoutSpec, engine: str, *, name: str) -> tuple[str, str]:
+    """The one place the forward is chosen: ``(engine, why)``. The fast engine runs where it covers the model's
+    layout, the readout and the input size; ``engine="fast"`` elsewhere is an error."""
+    if engine == "stock":
+        return "stock", "stock engine requested"
+    why_not = unsupported_reason(net)
+    if why_not is None and spec.name not in FAST_READOUTS:
+        why_not = f"readout {spec.name} is not one the fast engine computes ({', '.join(FAST_READOUTS)})"
+    if why_not is None and spec.position_embeddings != "native":
+        why_not = f"input {spec.input_size} px differs from the model's {spec.native_size} px"
+    if why_not is None:
+        return "fast", "lowshot.fast_engine covers " + type(net).__name__
+    if engine == "fast":
+        raise ModelLoadError(f"--engine fast: {name}: {why_not} (use --engine auto or stock)")
+    return "stock", why_not
 
 
 def load_backbone(
@@ -203,82 +342,113 @@ def load_backbone(
     revision: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
-    feature: str = FEATURE_PRENORM,
+    feature: str = readouts.AUTO,
     engine: str = "auto",
+    input_size: int = PROTOCOL_INPUT,
 ) -> Backbone:
-    """Load ``model`` frozen and in eval mode, ready for :meth:`Backbone.embed`.
+    """Load ``model`` frozen and in eval mode, ready for :meth:`Backbone.embed` on ``input_size`` pixels.
 
-    ``engine``: ``"fast"`` runs :mod:`lowshot.fast_engine` (an error if it does not cover the model), ``"stock"`` the
-    transformers forward, ``"auto"`` the fast path where it covers the model and the stock one elsewhere."""
-    if feature not in FEATURES:
-        raise BadInputError(f"--feature {feature!r}: expected one of {', '.join(FEATURES)}")
-    if engine not in ENGINES:
-        raise BadInputError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    ``feature`` is the readout (:mod:`lowshot.readouts`; ``auto``: the family's default). ``engine``: ``"fast"``
+    runs :mod:`lowshot.fast_engine` (an error if it does not cover the model and readout), ``"stock"`` the
+    transformers forward, ``"auto"`` the fast path where it covers them and the stock one elsewhere. Every problem
+    (not a vision model, a readout it lacks, weights that do not load, a forward that fails on one image) is one
+    :class:`ModelLoadError` or :class:`BadInputError`, raised before any feature is written."""
     torch_device = resolve_device(device)
-    torch_dtype, reason = resolve_dtype(dtype, torch_device)
     ref = model if isinstance(model, ModelRef) else resolve_model(model, revision=revision)
-    from transformers import AutoModel
+    plan = plan_forward(ref, feature=feature, engine=engine, device=device, dtype=dtype, input_size=input_size)
+    net = _load_weights(ref)
+    if "pixel_values" not in inspect.signature(net.forward).parameters:
+        raise ModelLoadError(f"--model {ref.name}: {type(net).__name__} does not take images (no pixel_values)")
+    if ref.family.random_masking:
+        net.config.mask_ratio = 0.0  # ViTMAE: keep every patch (the patch order is kept by the readout's noise)
+    net.requires_grad_(False)
+    net.eval().to(torch_device)
+    info = {**ref.info, "class": type(net).__name__}
+    backbone = Backbone(net, ref.name, ref.folder, ref.identity, torch_device, plan.dtype, plan.readout.name,
+                        plan.dtype_reason, info, readout=plan.readout, family=ref.family)
+    use_engine(backbone, engine)  # from the float32 weights: the fast path keeps norms and residuals in float32
+    net.to(plan.dtype)
+    backbone.width = _measure_width(backbone, input_size)
+    return backbone
+
+
+def _load_weights(ref: ModelRef) -> torch.nn.Module:
+    """The float32 model: the vision tower of a two-tower folder, the converted ViTMSN of an MSN checkpoint."""
+    if ref.checkpoint:
+        return checkpoints.load_msn(ref.folder)[0]
+    from transformers import MODEL_MAPPING, AutoModel
     from transformers.utils import logging as hf_logging
 
-    kwargs = {"add_pooling_layer": False} if ref.info["model_type"] in ("vit", "deit") else {}
+    loader = MODEL_MAPPING[type(ref.config)] if "tower_of" in ref.info else AutoModel
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the load report lists the unused classifier head: noise for a backbone
+    hf_logging.set_verbosity_error()  # the load report lists the unused heads and text tower: noise for a backbone
     hf_logging.disable_progress_bar()
     try:
-        net = AutoModel.from_pretrained(ref.folder, dtype=torch.float32, **kwargs)
+        return loader.from_pretrained(ref.folder, dtype=torch.float32, trust_remote_code=False,
+                                      **_load_kwargs(ref.config))
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"--model {ref.name}: cannot load weights ({str(exc).splitlines()[0]})") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    if "pixel_values" not in inspect.signature(net.forward).parameters:
-        raise ModelLoadError(f"--model {ref.name}: {type(net).__name__} does not take images (no pixel_values)")
-    net.requires_grad_(False)
-    net.eval().to(torch_device)
-    info = {**ref.info, "class": type(net).__name__}
-    backbone = Backbone(net, ref.name, ref.folder, ref.identity, torch_device, torch_dtype, feature, reason, info)
-    use_engine(backbone, engine)  # from the float32 weights: the fast path keeps norms and residuals in float32
-    net.to(torch_dtype)
-    return backbone
+
+
+def _measure_width(backbone: Backbone, input_size: int) -> int:
+    """One blank image through the chosen forward: the feature's true width, and any failure of this model at this
+    input size surfaces here, as one line, before extraction opens a cache entry."""
+    blank = torch.zeros(1, 3, input_size, input_size)
+    try:
+        out = backbone.embed(blank)
+    except Exception as exc:  # noqa: BLE001 - any failure of a model's forward is this model's problem
+        raise ModelLoadError(f"--model {backbone.name}: a {input_size}-px image does not go through "
+                             f"{type(backbone.model).__name__} with readout {backbone.feature} "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    if out.ndim != 2:
+        raise ModelLoadError(f"--model {backbone.name}: readout {backbone.feature} gives shape {tuple(out.shape)}, "
+                             "not one vector per image")
+    return int(out.shape[1])
 
 
 def use_engine(backbone: Backbone, engine: str = "auto") -> Backbone:
     """Set up ``backbone`` to run on ``engine`` (see :func:`load_backbone`) with a forward batch that fits."""
     net = backbone.model
-    why_not = unsupported_reason(net) if engine != "stock" else "stock engine requested"
-    if engine == "fast" and why_not is not None:
-        raise ModelLoadError(f"--engine fast: {backbone.name}: {why_not} (use --engine auto or stock)")
-    tokens = model_tokens(net)
+    family = backbone.family or readouts.family_of(net.config.model_type)
+    spec = backbone.readout or resolve_readout(family, net.config, backbone.feature,
+                                               input_size=readouts.native_size(net.config) or PROTOCOL_INPUT,
+                                               forward=net.forward)
+    used, why = choose_engine(net, spec, engine, name=backbone.name)
+    tokens = model_tokens(net, input_size=spec.input_size)
     backbone.forward_batch = choose_forward_batch(net, tokens=tokens, device=backbone.device, dtype=backbone.dtype,
-                                           stock=why_not is not None)
-    if why_not is None:
+                                                  stock=used == "stock")
+    if used == "fast":
         backbone.fast = FastViT(net, dtype=backbone.dtype, rows_hint=backbone.forward_batch * tokens)
-        backbone.engine, backbone.engine_reason = "fast", "lowshot.fast_engine covers " + type(net).__name__
     else:
         backbone.fast = None
-        backbone.engine, backbone.engine_reason = "stock", why_not
+    backbone.engine, backbone.engine_reason = used, why
     return backbone
 
 
-def model_tokens(net: torch.nn.Module) -> int:
-    """Tokens per image (patches + CLS and any other prefix token) at the model's own image size."""
-    position = getattr(getattr(net, "embeddings", None), "position_embeddings", None)
-    if isinstance(position, torch.Tensor) and position.ndim == 3:
-        return int(position.shape[1])
+def model_tokens(net: torch.nn.Module, *, input_size: int | None = None) -> int:
+    """Tokens per image (patches + CLS and any other prefix token) at ``input_size`` (default: the model's own);
+    a CNN counts its first stage's positions (patch_size 4 in ConvNeXt and Swin configs)."""
     config = net.config
-    size, patch = config.image_size, config.patch_size
-    size = size if isinstance(size, int) else size[0]
+    position = getattr(getattr(net, "embeddings", None), "position_embeddings", None)
+    if input_size is None and isinstance(position, torch.Tensor) and position.ndim == 3:
+        return int(position.shape[1])
+    size = input_size or readouts.native_size(config) or PROTOCOL_INPUT
+    patch = getattr(config, "patch_size", None) or 4
     patch = patch if isinstance(patch, int) else patch[0]
-    return (size // patch) ** 2 + 1
+    prefix = readouts.family_of(config.model_type).prefix_tokens(config)
+    return (size // patch) ** 2 + prefix
 
 
 def choose_forward_batch(net: torch.nn.Module, *, tokens: int, device: torch.device, dtype: torch.dtype,
-                  stock: bool) -> int:
+                         stock: bool) -> int:
     """Images per forward pass: on the CPU about ``CPU_ROWS_PER_FORWARD`` token rows, anywhere within
     ``MAX_ACTIVATION_BYTES`` (so patch-4 and patch-7 models run with bounded memory)."""
     config = net.config
-    hidden = int(config.hidden_size)
+    hidden = _hidden_size(config) or 768
     width = 7 * hidden + int(getattr(config, "intermediate_size", 4 * hidden))  # live activations per token
     if stock:  # output_hidden_states keeps every layer's output until the forward returns
         width += (int(getattr(config, "num_hidden_layers", 12)) + 1) * hidden

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, FEATURE_PRENORM
+from .config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_READOUT
 from .errors import BadInputError, LowshotError, SettingError
 
 app = typer.Typer(
@@ -67,7 +67,7 @@ _hide_flag_placeholders()
 FLAGS = {"shots": "--shots", "percents": "--percent", "seeds": "--seeds", "split_files": "--split-file",
          "lam": "--lambda", "classifiers": "--classifier", "n_boot": "--n-boot", "ci_seed": "--ci-seed",
          "backend": "--backend", "batch_size": "--batch-size", "max_pixels": "--max-pixels", "dtype": "--dtype",
-         "transform": "--transform", "engine": "--engine", "device": "--device", "feature": "--feature",
+         "transform": "--transform", "engine": "--engine", "device": "--device", "feature": "--readout",
          "train_split": "--train-split", "test_split": "--test-split", "workers": "--workers"}
 
 # Protocol options shared by extract (which images to encode) and probe (which subsets to fit): same defaults.
@@ -84,6 +84,11 @@ SplitFile = Annotated[list[Path] | None, _option(
 AllowFewer = Annotated[bool, _option(
     help="Let a class with fewer than k train images contribute all it has instead of failing.")]
 
+READOUT_HELP = ("Which vector is the feature (--feature is an alias). auto: the family's default (cls-prenorm "
+                "with a CLS token, else pooled); cls-prenorm: CLS before the final norm (MSN); cls-postnorm; avgpool: "
+                "mean of the normed patch tokens; cls+avgpool; last4-cls: normed CLS of the last 4 blocks (DINOv2); "
+                "pooled: the model's own pooled output.")
+Readout = Annotated[str, _option("--readout", "--feature", help=READOUT_HELP)]
 CacheDir = Annotated[Path | None, _option(
     "--cache-dir", envvar="LOWSHOT_CACHE_DIR", show_envvar=True,
     help="Feature cache folder [default: the platform's user cache dir, e.g. ~/.cache/lowshot].")]
@@ -136,8 +141,9 @@ def _main(
 @_friendly
 def extract(
     model: Annotated[str, _option(
-        "--model", "-m", help="Hugging Face hub id or local folder (config.json + weights); any ViT-family "
-                              "backbone with a CLS token (ViTMSN, ViT, DeiT).")] = DEFAULT_MODEL,
+        "--model", "-m", help="Hugging Face hub id, local folder (config.json + weights) or raw MSN checkpoint "
+                              "(.pth.tar): ViT, ViTMSN, DeiT, DINOv2, CLIP/SigLIP (vision tower), BEiT, Data2Vec, "
+                              "ViTMAE, Swin, ConvNeXt, or any vision model's pooled output.")] = DEFAULT_MODEL,
     data: Annotated[str | None, _option(
         "--data", "-d", help="Folder with train/ and val/ (or test/) ImageFolder splits, a datasets.save_to_disk "
                              "folder, or a Hugging Face dataset id. [default: a tiny bundled Imagenette demo "
@@ -153,9 +159,7 @@ def extract(
              "msn-draft: the same, but big JPEGs are decoded at 1/2-1/8 scale first (faster, slightly different "
              "pixels). processor: the model's preprocessor_config.json (HF ViT: resize straight to "
              "224x224).")] = "msn",
-    feature: Annotated[str, _option(
-        help="cls-prenorm: CLS of the last block before the final LayerNorm (MSN). "
-             "cls-postnorm: last_hidden_state[:, 0].")] = FEATURE_PRENORM,
+    feature: Readout = DEFAULT_READOUT,
     batch_size: Annotated[int, _option(
         "--batch-size", "-b", help="Images decoded per batch; a forward pass takes at most this many (fewer on "
                                    "the CPU and for large-token models, to stay in cache and memory).")] = 64,
@@ -219,6 +223,7 @@ def _report_extraction(run) -> None:
     err.print(f"model {run.model} · {s['feature']} · {s['dtype']} ({s['dtype_reason']}) · {s['device']} · "
               f"engine {s['engine']} ({s['engine_reason']}) · transform {s['transform']['name']}{ranks}",
               highlight=False)
+    _readout_notes(s)
     for split in run.splits():
         f = split.features
         if split.cached:
@@ -258,6 +263,53 @@ def _protocol_flags(settings) -> str:
     return " ".join(parts + (["--allow-fewer"] if settings.allow_fewer else []))
 
 
+def _readout_notes(settings: dict) -> None:
+    """Say what the readout resolved to where it is not the plain case: equal to another, interpolated, unmasked."""
+    readout = settings.get("readout") or {}
+    if readout.get("same_as"):
+        err.print(f"note: readout {readout['readout']} equals {readout['same_as']} for this model", highlight=False)
+    if readout.get("position_embeddings", "native") not in ("native", "any size"):
+        err.print(f"note: {readout['family']} trained at {readout['native_size']} px runs at {readout['input_size']} "
+                  f"px, position embeddings {readout['position_embeddings']}", highlight=False)
+    if readout.get("masking", "none") != "none":
+        err.print(f"note: {readout['family']} random masking {readout['masking']}", highlight=False)
+
+
+@app.command()
+@_friendly
+def export(
+    model: Annotated[str, _option("--model", "-m", help="As for extract.")] = DEFAULT_MODEL,
+    data: Annotated[str | None, _option("--data", "-d", help="As for extract.")] = None,
+    split: Annotated[str, _option(help="The split to export (train, val, test, …).")] = "val",
+    output: Annotated[Path, _option(
+        "--output", "-o", help="feats.npz (ids, labels, classes, features float32, meta) or feats.parquet.",
+        show_default=False)] = ...,
+    revision: Annotated[str | None, _option(help="Hub revision (branch, tag or commit).")] = None,
+    image_column: Annotated[str | None, _option(help="HF datasets: image column [default: detected].")] = None,
+    label_column: Annotated[str | None, _option(help="HF datasets: label column [default: detected].")] = None,
+    transform: Annotated[str, _option(help="As for extract: msn, msn-draft or processor.")] = "msn",
+    feature: Readout = DEFAULT_READOUT,
+    batch_size: Annotated[int, _option("--batch-size", "-b", help="As for extract.")] = 64,
+    device: Annotated[str, _option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, _option(help="As for extract.")] = "auto",
+    engine: Annotated[str, _option(help="As for extract.")] = "auto",
+    cache_dir: CacheDir = None,
+) -> None:
+    """Write one split's features (from the cache; every image of the split extracted first if missing) to .npz or
+    .parquet for use elsewhere: ids, labels, class names, float32 features and the settings that made them."""
+    from .config import ExtractSettings
+    from .export import export_features
+    from .render import progress_callback
+
+    settings = ExtractSettings(revision=revision, train_split=split, test_split=split, image_column=image_column,
+                               label_column=label_column, transform=transform, feature=feature,
+                               batch_size=batch_size, device=device, dtype=dtype, engine=engine)
+    with progress_callback(err) as progress:
+        done = export_features(model, data, settings, output=output, cache_dir=cache_dir, progress=progress)
+    state = "from the cache" if done.cached else "extracted"
+    err.print(f"wrote {done.path}: {done.split}, {done.n:,} x {done.dim} float32 features ({state})", highlight=False)
+
+
 def _parse_list(text: str, kind, flag: str) -> list:
     try:
         values = [kind(part) for part in text.replace(" ", "").split(",") if part]
@@ -283,7 +335,8 @@ def probe(
                               "cached yet (default: the most recent extraction, nothing encoded).")] = None,
     data: Annotated[str | None, _option("--data", "-d", help="… on this data.")] = None,
     transform: Annotated[str, _option(help="With --model/--data: the extraction's --transform.")] = "msn",
-    feature: Annotated[str, _option(help="With --model/--data: the extraction's --feature.")] = FEATURE_PRENORM,
+    feature: Annotated[str, _option("--readout", "--feature",
+                                    help="With --model/--data: the extraction's --readout.")] = DEFAULT_READOUT,
     dtype: Annotated[str, _option(help="With --model/--data: the extraction's --dtype.")] = "auto",
     device: Annotated[str, _option(help="With --model/--data: the extraction's --device.")] = "auto",
     batch_size: Annotated[int, _option(
@@ -374,7 +427,8 @@ def report(
         help="Results JSON files (lowshot probe --output X.json): different models or checkpoints.",
         show_default=False)],
     fmt: Annotated[str, _option(
-        "--format", "-f", help="table, markdown (pastes into a job summary or PR comment), csv or json.")] = "table",
+        "--format", "-f", help="table, markdown (pastes into a job summary or PR comment), csv, json, or "
+                               "model-index (YAML for a Hugging Face model card; one results file).")] = "table",
     output: Annotated[Path | None, _option(
         "--output", "-o", help="Also write the report: .md, .csv or .json.")] = None,
     label: Annotated[list[str] | None, _option(
@@ -387,28 +441,46 @@ def report(
     baseline: Annotated[Path | None, _option(
         "--baseline", help="Regression gate: a results JSON to compare each RESULTS file against.")] = None,
     max_drop: Annotated[float, _option(
-        "--max-drop", help="With --baseline: fail (exit 1) when a split's mean top-1 is more than this many "
-                           "points below the baseline.")] = 1.0,
+        "--max-drop", help="With --baseline: fail (exit 1) when a subset's mean (of each --metric) is more than "
+                           "this many points below the baseline.")] = 1.0,
     force: Annotated[bool, _option(
         "--force", help="Compare results measured under different protocols (test set, feature, transform, λ, "
                         "seeds …) instead of refusing.")] = False,
     plot: Annotated[Path | None, _option(
-        "--plot", help="Save accuracy vs labels per class (log x, ± std bands) as a PNG (needs "
-                       "'lowshot[plot]').")] = None,
+        "--plot", help="Save accuracy vs labels per class (log x, ± std bands) as a PNG, one panel per metric "
+                       "(needs 'lowshot[plot]').")] = None,
+    metric: Annotated[str, _option(
+        "--metric", help="Comma-separated: top1 (the MSN protocol's number), top5, mean-per-class (balanced "
+                         "accuracy). Each gets its table, paired differences and gate.")] = "top1",
+    significant: Annotated[bool, _option(
+        "--significant", help="With --baseline: a subset fails only when its drop exceeds --max-drop AND its paired "
+                              "95% interval excludes 0 (needs per-image predictions in both files).")] = False,
+    n_boot: Annotated[int, _option(
+        "--n-boot", help="Bootstrap replicates of the paired 95% intervals.")] = 1000,
+    card: Annotated[Path | None, _option(
+        "--card", help="Merge the model-index results into this model card's YAML front matter (README.md), "
+                       "keeping the rest of the card.")] = None,
+    source_url: Annotated[str | None, _option(
+        "--source-url", help="model-index source url (the CI run or paper the numbers come from).")] = None,
 ) -> None:
-    """Compare results files in one table (rows = models, columns = splits, best per column marked), gate them
-    against a baseline, and plot them.
+    """Compare results files in one table (rows = models, columns = subsets, best per column marked), with the
+    paired differences of each file to the first; gate them against a baseline; plot them; write model-index
+    metadata for a Hugging Face model card.
 
-    Exit status: 0, or 1 when a split dropped more than --max-drop points below --baseline, or 2 when the
+    Exit status: 0, or 1 when a subset dropped more than --max-drop points below --baseline, or 2 when the
     protocols differ (without --force) or an input is bad.
     """
     from .outputs import REPORT_SUFFIXES, check_writable, output_format
-    from .render import comparison_table
+    from .render import comparison_table, paired_table
     from .report import REPORT_FORMATS, build_report, load_all
     from .results import Results
+    from .stats import parse_metrics
 
     if fmt not in REPORT_FORMATS:
         raise BadInputError(f"--format {fmt!r}: expected one of {', '.join(REPORT_FORMATS)}")
+    metrics = parse_metrics(metric)
+    if n_boot < 1:
+        raise BadInputError(f"--n-boot {n_boot}: need at least one bootstrap replicate")
     if output is not None:
         output_format(output, REPORT_SUFFIXES)
         check_writable(output)
@@ -418,36 +490,66 @@ def report(
         require_matplotlib()
         check_writable(plot, flag="--plot")
     loaded = load_all(results)
+    if fmt == "model-index" or card is not None:
+        _model_index(loaded, results, fmt=fmt, card=card, metrics=metrics, label=label, source_url=source_url)
+        if fmt == "model-index":
+            return
     base = Results.load(baseline) if baseline is not None else None
-    comparison = build_report(loaded, labels=label, sources=[str(p) for p in results], published=published,
-                              baseline=base, baseline_name=str(baseline), max_drop=max_drop, force=force)
+    comparisons = [build_report(loaded, labels=label, sources=[str(p) for p in results], published=published,
+                                baseline=base, baseline_name=str(baseline), max_drop=max_drop, force=force,
+                                metric=m, significant=significant, n_boot=n_boot) for m in metrics]
     if output is not None:
-        comparison.save(output)
-        err.print(f"wrote {output}", highlight=False)
+        from .report import save_comparisons
+
+        err.print(f"wrote {save_comparisons(comparisons, output)}", highlight=False)
     if plot is not None:
         from .plot import plot_comparison
 
-        plot_comparison(comparison, plot)
+        plot_comparison(comparisons, plot)
         err.print(f"wrote {plot}", highlight=False)
     if fmt == "table":
-        out.print(comparison_table(comparison))
-        for note in comparison.notes:
-            out.print(f"note: {note}", highlight=False)
+        for comparison in comparisons:
+            out.print(comparison_table(comparison))
+            for note in comparison.notes:
+                out.print(f"note: {note}", highlight=False)
+            if comparison.paired:
+                out.print(paired_table(comparison))
+            for name, reason in comparison.unpaired.items():
+                out.print(f"no paired differences for {name}: {reason}", highlight=False)
     else:
-        sys.stdout.write(comparison.render(fmt))
-    _gate_verdict(comparison)
+        from .report import render_comparisons
+
+        sys.stdout.write(render_comparisons(comparisons, fmt))
+    _gate_verdict(comparisons)
 
 
-def _gate_verdict(comparison) -> None:
-    """Say what the regression gate found (stderr) and exit 1 when it failed."""
+def _model_index(loaded, paths, *, fmt, card, metrics, label, source_url) -> None:
+    """--format model-index (stdout) and --card (merge into a model card): one results file, one model."""
+    from .modelcard import merge_into_card, model_index_yaml
+
+    if len(loaded) != 1:
+        raise BadInputError(f"--format model-index / --card describe one model: give one results file, not "
+                            f"{len(loaded)}")
+    name = label[0] if label else None
+    if fmt == "model-index":
+        sys.stdout.write(model_index_yaml(loaded[0], metrics=metrics, name=name, source_url=source_url))
+    if card is not None:
+        n = merge_into_card(card, loaded[0], metrics=metrics, name=name, source_url=source_url)
+        err.print(f"merged {n} result(s) from {paths[0]} into {card}", highlight=False)
+
+
+def _gate_verdict(comparisons) -> None:
+    """Say what the regression gates found (stderr) and exit 1 when one failed."""
     from .errors import RegressionError
 
-    for result in comparison.gates:
-        for text in result.differences:
-            err.print(f"protocol differs (compared anyway, --force): {text}", highlight=False)
-        if result.passed:
-            err.print(f"gate passed: {result.summary()}", highlight=False)
-    failed = comparison.failed
+    comparisons = comparisons if isinstance(comparisons, list) else [comparisons]
+    for comparison in comparisons:
+        for result in comparison.gates:
+            for text in result.differences:
+                err.print(f"protocol differs (compared anyway, --force): {text}", highlight=False)
+            if result.passed:
+                err.print(f"gate passed: {result.summary()}", highlight=False)
+    failed = [g for comparison in comparisons for g in comparison.failed]
     if failed:
         raise RegressionError("; ".join(g.summary() for g in failed))
 

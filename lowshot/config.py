@@ -17,6 +17,7 @@ DEFAULT_MODEL = "facebook/vit-msn-small"  # the MSN ViT-S/16 the product is buil
 FEATURE_PRENORM = "cls-prenorm"  # MSN logistic_eval.py: CLS of the last block before the final LayerNorm
 FEATURE_POSTNORM = "cls-postnorm"  # last_hidden_state[:, 0]
 FEATURES = (FEATURE_PRENORM, FEATURE_POSTNORM)
+DEFAULT_READOUT = "auto"  # the family's default readout (lowshot.readouts): cls-prenorm with a CLS token, else pooled
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # images above this are refused as decompression bombs (PIL's own error level)
 DEFAULT_LAMBDA = 0.0025  # MSN README, logistic_eval.py example for 5 images per class
 # msn: MSN logistic_eval.py; msn-draft: the same with libjpeg's draft decode of big JPEGs (opt-in, faster);
@@ -47,7 +48,7 @@ class ExtractSettings:
     image_column: str | None = None
     label_column: str | None = None
     transform: str = "msn"
-    feature: str = FEATURE_PRENORM
+    feature: str = DEFAULT_READOUT
     dtype: str = "auto"
     device: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE

@@ -28,8 +28,8 @@ from .backbones import (
     Backbone,
     ModelRef,
     load_backbone,
+    plan_forward,
     resolve_device,
-    resolve_dtype,
     resolve_model,
 )
 from .cache import FeatureCache, Features, ShardStore, now_iso, write_json_atomic
@@ -103,14 +103,20 @@ def plan_extraction(model: str, data: str | os.PathLike | None, settings: Extrac
     with contextlib.suppress(OSError):  # the memo only saves re-hashing; a read-only cache is reported elsewhere
         write_json_atomic(memo_path, memo)
     torch_device = resolve_device(settings.device)
-    torch_dtype, dtype_reason = resolve_dtype(settings.dtype, torch_device)
     tf = named_transform(settings.transform, ref.folder)
-    resolved = {"feature": settings.feature, "dtype": str(torch_dtype).removeprefix("torch."),
-                "dtype_reason": dtype_reason, "device": torch_device.type, "transform": tf.key()}
+    # The readout resolved for this model and input size, the engine, and the dtype (auto: reduced precision only on
+    # the fast engine): all decided before any weight is loaded, as the key needs them.
+    forward = plan_forward(ref, feature=settings.feature, engine=settings.engine, device=settings.device,
+                           dtype=settings.dtype, input_size=tf.crop)
+    resolved = {"feature": forward.readout.name, "readout": forward.readout.record(),
+                "dtype": str(forward.dtype).removeprefix("torch."), "dtype_reason": forward.dtype_reason,
+                "device": torch_device.type, "transform": tf.key()}
     keys = {}
     for split in dataset.splits():
-        inputs = {"model": ref.identity, "feature": settings.feature, "dtype": resolved["dtype"],
+        inputs = {"model": ref.identity, "feature": forward.readout.name, "dtype": resolved["dtype"],
                   "device": torch_device.type, "transform": tf.key(), "data": split.identity}
+        if forward.readout.key():  # readouts computed as before keep their keys (and cached entries)
+            inputs["readout"] = forward.readout.key()
         keys[split.name] = cache.key_for(inputs)
     return Plan(ref, dataset, tf, resolved, keys, settings)
 
@@ -150,7 +156,8 @@ def extract_features(
         def backbone() -> Backbone:
             if "model" not in state:
                 state["model"] = load_backbone(plan.ref, device=device, dtype=settings.dtype,
-                                               feature=settings.feature, engine=settings.engine)
+                                               feature=settings.feature, engine=settings.engine,
+                                               input_size=plan.transform.crop)
             return state["model"]
 
         results = {split.name: _ensure_split(split, needs[split.name], plan, cache, dist, backbone,
@@ -162,7 +169,7 @@ def extract_features(
         else:  # all cache hits: say which engine computed the stored features
             engine_used = {"engine": train.features.manifest.get("engine", "stock"), "engine_reason": "cached"}
         resolved = {**plan.settings, **engine_used, "world_size": dist.world_size}
-        if dist.is_main:
+        if dist.is_main and train.split != test.split:  # one split on both sides (an export) is no probe run
             cache.record_run({"model": model, "data": plan.dataset.source, "train_key": train.features.key,
                               "test_key": test.features.key, "train_split": train.split, "test_split": test.split,
                               "settings": resolved, "extract_settings": settings.to_dict(),

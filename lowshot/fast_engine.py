@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_CLASSES = ("ViTModel", "ViTMSNModel", "DeiTModel")
+# The readouts this engine computes (the last block runs the CLS row only); any other runs on the stock forward.
+FAST_READOUTS = ("cls-prenorm", "cls-postnorm")
 # transformers' activation names -> oneDNN's GELU algorithm ("none" is the exact erf GELU, as nn.GELU()).
 GELU_ALGORITHMS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
 PACKED_DTYPES = (torch.float32, torch.bfloat16)  # dtypes oneDNN's prepacked linear kernels take on the CPU

@@ -43,7 +43,7 @@ def test_folder_without_config_and_missing_folder_are_errors(tmp_path):
 
 def test_a_text_model_is_refused_as_not_a_vision_backbone(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
-    with pytest.raises(ModelLoadError, match="not a vision transformer"):
+    with pytest.raises(ModelLoadError, match="BertConfig is not a vision model"):
         resolve_model(str(tmp_path))
 
 
@@ -79,3 +79,17 @@ def test_bfloat16_features_stay_close_to_float32(tiny_model):
     fp32 = load_backbone(str(tiny_model), device="cpu", dtype="float32").embed(pixels)
     bf16 = load_backbone(str(tiny_model), device="cpu", dtype="bfloat16").embed(pixels)
     assert torch.nn.functional.cosine_similarity(fp32, bf16).min() > 0.99
+
+
+def test_dtype_auto_runs_the_stock_engine_in_float32_even_on_a_bf16_cpu(tiny_model, monkeypatch):
+    from lowshot.backbones import plan_forward
+
+    monkeypatch.setenv("LOWSHOT_CPU_FLAGS", "avx512_bf16 amx_bf16")
+    ref = resolve_model(str(tiny_model))
+    fast = plan_forward(ref, engine="auto", device="cpu", dtype="auto")
+    stock = plan_forward(ref, engine="stock", device="cpu", dtype="auto")
+    other_readout = plan_forward(ref, feature="avgpool", engine="auto", device="cpu", dtype="auto")
+    assert (fast.engine, fast.dtype) == ("fast", torch.bfloat16)
+    assert (stock.engine, stock.dtype) == ("stock", torch.float32) and "stock engine runs float32" in stock.dtype_reason
+    assert (other_readout.engine, other_readout.dtype) == ("stock", torch.float32)
+    assert plan_forward(ref, engine="stock", device="cpu", dtype="bfloat16").dtype == torch.bfloat16  # on request

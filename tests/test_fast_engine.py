@@ -156,7 +156,7 @@ def test_engine_is_recorded_and_a_rerun_with_the_other_engine_is_a_cache_hit(tin
 
     def run(engine):
         return lowshot.extract_features(str(tiny_model), str(image_data), cache_dir=cache_dir, device="cpu",
-                                        batch_size=4, engine=engine)
+                                        batch_size=4, engine=engine, dtype="float32")  # auto: stock means float32
 
     first = run("auto")
     assert first.settings["engine"] == "fast" and first.train.features.manifest["engine"] == "fast"

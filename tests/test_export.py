@@ -1,0 +1,158 @@
+"""`lowshot export` and the readout options at the CLI: features out in .npz/.parquet, --readout with its
+--feature alias, one-line refusals that leave no cache entry behind, legacy cache keys kept."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import lowshot
+from lowshot.cache import FeatureCache
+from lowshot.cli import app
+from lowshot.export import load_export
+
+from . import zoo
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def cache_is_empty(cache_dir) -> bool:
+    """No finished entry and no partial (shard) folder: nothing a failed run could leave behind."""
+    cache = FeatureCache(cache_dir)
+    partial = cache.root / "partial"
+    return not cache.manifests() and not (partial.is_dir() and any(partial.iterdir()))
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_export_writes_the_cached_features_ids_labels_and_classes(tiny_model, image_data, cache_dir, tmp_path,
+                                                                   suffix):
+    out = tmp_path / f"feats{suffix}"
+    result = invoke("export", "--model", tiny_model, "--data", image_data, "--split", "val", "--output", out,
+                    "--device", "cpu", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    assert "9 x 32 float32 features" in result.output
+    got = load_export(out)
+    cached = lowshot.load_features(str(tiny_model), str(image_data), cache_dir=cache_dir, train_split="val",
+                                   test_split="val", dtype="float32", device="cpu")[1]
+    np.testing.assert_array_equal(got["features"], np.asarray(cached.features))
+    assert got["features"].dtype == np.float32 and got["ids"] == cached.ids
+    assert [got["classes"][i] for i in got["labels"]] == [cached.classes[i] for i in cached.labels]
+    assert got["meta"]["split"] == "val" and got["meta"]["readout"]["readout"] == "cls-prenorm"
+    again = invoke("export", "--model", tiny_model, "--data", image_data, "--split", "val", "--output", out,
+                   "--device", "cpu", "--dtype", "float32")
+    assert "from the cache" in again.output
+
+
+def test_an_export_is_not_recorded_as_a_run_probe_would_use(tiny_model, image_data, cache_dir, tmp_path):
+    invoke("export", "--model", tiny_model, "--data", image_data, "--split", "val", "--output", tmp_path / "f.npz",
+           "--device", "cpu")
+    assert FeatureCache(cache_dir).runs() == []  # probe must never pick val-on-val as "the latest extraction"
+
+
+def test_export_refuses_an_unknown_format_in_one_line(tiny_model, image_data, cache_dir, tmp_path):
+    result = invoke("export", "--model", tiny_model, "--data", image_data, "--output", tmp_path / "f.csv")
+    assert result.exit_code == 2 and "unknown extension '.csv'; use one of .npz, .parquet" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_readout_the_model_lacks_is_one_line_and_leaves_no_cache_entry(image_data, cache_dir, tmp_path):
+    swin = zoo.save("swin", tmp_path)
+    result = invoke("extract", "--model", swin, "--data", image_data, "--device", "cpu", "--readout", "cls-prenorm")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: --readout cls-prenorm: Swin has no CLS token; this model offers avgpool, pooled"]
+    assert cache_is_empty(cache_dir)
+
+
+def test_weights_that_do_not_load_are_one_line_and_leave_no_cache_entry(image_data, cache_dir, tmp_path):
+    vit = zoo.save("vit", tmp_path)
+    (vit / "model.safetensors").write_bytes(b"damaged")
+    result = invoke("extract", "--model", vit, "--data", image_data, "--device", "cpu")
+    assert result.exit_code == 1 and "cannot load weights" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert cache_is_empty(cache_dir)
+
+
+def test_a_forward_that_fails_is_caught_on_load_before_any_cache_entry(image_data, cache_dir, tmp_path,
+                                                                        monkeypatch):
+    from lowshot import readouts
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shapes do not match\nmore traceback text")
+
+    monkeypatch.setattr(readouts, "run_readout", broken)
+    result = invoke("extract", "--model", zoo.save("beit", tmp_path), "--data", image_data, "--device", "cpu")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: --model " + str(tmp_path / "beit") + ": a 224-px image does not go through BeitModel with readout "
+        "cls-prenorm (RuntimeError: shapes do not match)"]
+    assert cache_is_empty(cache_dir)
+
+
+def test_a_text_model_folder_is_refused_in_one_line(image_data, cache_dir, tmp_path):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    result = invoke("extract", "--model", tmp_path / "bert", "--data", image_data)
+    assert result.exit_code == 1 and "BertConfig is not a vision model" in result.output
+    assert cache_is_empty(cache_dir)
+
+
+def test_feature_is_an_alias_of_readout_and_identical_readouts_are_said(image_data, cache_dir, tmp_path):
+    beit = zoo.save("beit", tmp_path)
+    a = invoke("extract", "--model", beit, "--data", image_data, "--device", "cpu", "--feature", "cls-postnorm")
+    assert a.exit_code == 0, a.output
+    assert "note: readout cls-postnorm equals cls-prenorm (with mean pooling BEiT has no final norm" in a.output
+    b = invoke("extract", "--model", beit, "--data", image_data, "--device", "cpu", "--readout", "cls-postnorm")
+    assert "cache hit" in b.output
+
+
+def test_legacy_readouts_keep_their_cache_keys_and_changed_ones_do_not(tiny_model, image_data, cache_dir, tmp_path):
+    """Entries cached before readouts were named stay valid where the features are the same (CLS readouts; DINOv2
+    interpolated itself before too), and CLIP's cls-postnorm, which now applies post_layernorm, gets a new key."""
+    from lowshot.config import ExtractSettings
+    from lowshot.extract import plan_extraction
+
+    cache = FeatureCache(cache_dir)
+    clip, dinov2 = str(zoo.save("clip-vision", tmp_path)), str(zoo.save("dinov2", tmp_path))
+    for model, feature, legacy in ((str(tiny_model), "cls-prenorm", True), (str(tiny_model), "cls-postnorm", True),
+                                   (clip, "cls-prenorm", True), (clip, "cls-postnorm", False),
+                                   (dinov2, "cls-prenorm", True), (str(tiny_model), "avgpool", False)):
+        plan = plan_extraction(model, str(image_data), ExtractSettings(feature=feature, device="cpu", dtype="float32"),
+                               cache=cache)
+        split = plan.dataset.train
+        before = cache.key_for({"model": plan.ref.identity, "feature": feature, "dtype": "float32", "device": "cpu",
+                                "transform": plan.transform.key(), "data": split.identity})
+        assert (plan.keys[split.name] == before) is legacy, (model, feature)
+
+
+def test_a_model_folder_with_its_own_code_is_refused_without_running_it(image_data, cache_dir, tmp_path):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "custom-vit", "hidden_size": 32,
+                                                    "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}))
+    marker = tmp_path / "code-ran"
+    (folder / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (folder / "model.safetensors").write_bytes(b"")
+    result = invoke("extract", "--model", folder, "--data", image_data, "--device", "cpu")
+    assert result.exit_code == 1 and "never runs code from a model folder" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not marker.exists() and cache_is_empty(cache_dir)
+
+
+def test_probe_picks_the_features_of_the_readout_it_is_given(tiny_model, image_data, cache_dir):
+    assert invoke("extract", "--model", tiny_model, "--data", image_data, "--device", "cpu", "--dtype", "float32",
+                  "--readout", "avgpool").exit_code == 0
+    found = invoke("probe", "--model", tiny_model, "--data", image_data, "--device", "cpu", "--dtype", "float32",
+                   "--readout", "avgpool", "--shots", "1", "--percent", "0", "--seeds", "1", "--format", "json")
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.stdout)["meta"]["readout"]["readout"] == "avgpool"
+    default = invoke("probe", "--model", tiny_model, "--data", image_data, "--device", "cpu", "--dtype", "float32",
+                     "--shots", "1", "--percent", "0", "--seeds", "1", "--format", "json")
+    assert json.loads(default.stdout)["meta"]["readout"]["readout"] == "cls-prenorm"  # not the avgpool entry

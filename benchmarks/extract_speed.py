@@ -242,13 +242,13 @@ def decode_rates(source: Path, reps: int) -> dict[str, float]:
     """Decode + transform, images per second on one thread, for both MSN transforms (interleaved)."""
     from PIL import Image
 
-    from lowshot.transforms import named_transform
+    from lowshot.transforms import msn_transform
 
     files = sorted(source.glob("train/*/*.JPEG"))[::4]
     out: dict[str, list[float]] = {name: [] for name in ("msn", "msn-draft")}
     for _ in range(reps):
         for name in out:
-            tf = named_transform(name)
+            tf = msn_transform(draft=name == "msn-draft")
             start = time.perf_counter()
             for f in files:
                 with Image.open(f) as image:

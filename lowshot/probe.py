@@ -113,8 +113,11 @@ class LogisticProbe(ScoreClassifier):
             self.objective_ = objective(coef, xt, codes, self.lam)
         else:
             tol = TORCH_TOL if self.tol is None else self.tol
-            coef, n_iter, self.objective_, self.gap_bound_ = _fit_torch(xt, torch.as_tensor(codes), self.lam,
-                                                                         self.max_iter, tol, coef_init)
+            coef, n_iter, _, self.gap_bound_ = _fit_torch(xt, torch.as_tensor(codes), self.lam, self.max_iter,
+                                                          tol, coef_init)
+            # reported in float64, as for sklearn: float32 logits put ~1e-6 of rounding into the value itself on
+            # nearly separable problems (large logits, small loss), more than the certified gap
+            self.objective_ = objective(coef, xt, codes, self.lam)
         self.coef_ = coef
         self.n_iter_ = n_iter
         return self

@@ -96,7 +96,9 @@ def run_probe_command(tree: Path, cache: Path, model: Path, output: Path, log: P
     started = time.perf_counter()
     loads = []
     with open(log, "w") as handle:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        # a job started in the background (nohup … &) inherits SIGINT ignored; restore it so Ctrl-C stops the child
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = started + limit_minutes * 60 if limit_minutes else None
         while proc.poll() is None:
             time.sleep(5)
@@ -143,11 +145,16 @@ def main() -> None:
     parser.add_argument("--plan-only", action="store_true", help="list and count the needed images; encode nothing")
     parser.add_argument("--limit-minutes", type=float, default=None,
                         help="interrupt the first run after this long and report the rate it measured instead")
+    parser.add_argument("--report-stopped-run", action="store_true",
+                        help="report the shards of a first run that was stopped from outside (its cache is kept in "
+                             "TREE/work): steady rate and projections; runs nothing")
     args = parser.parse_args()
     args.name = args.name or ("imagenet_shaped_plan" if args.plan_only else "imagenet_shaped")
     info = machine()
     print(describe(info), flush=True)
     tree, work = args.tree / "data", args.tree / ("work-plan" if args.plan_only else "work")
+    if args.report_stopped_run:
+        return report_stopped_run(args, info, tree, work)
     shape = {"classes": args.classes, "train": args.train, "val": args.val}
     try:
         if (tree / ".complete").is_file() and json.loads((tree / ".complete").read_text()) == shape:
@@ -240,6 +247,41 @@ def interrupted_report(args, info: dict, tree: Path, work: Path, shape: dict, bu
         f"| `lowshot probe --model deit-tiny --data <tree>` from an empty cache, stopped after | "
         f"{first['seconds'] / 60:.1f} min |",
         f"| train images encoded by then (finished shards) | {first['shards']['images']:,} |",
+        f"| steady encoding rate (first to last shard) | {rate} img/s |",
+        f"| images the default protocol encodes (union of its subsets + all val) | {needed:,} of {full:,} |",
+        f"| their encoding at that rate, projected | {payload['protocol_encode_projected_minutes']} min |",
+        f"| a full extraction ({full:,} images) at that rate, projected | "
+        f"{payload['full_extraction_projected_hours']} h |"])
+    publish(args.name, payload, md)
+
+
+def report_stopped_run(args, info: dict, tree: Path, work: Path) -> None:
+    """A first run stopped from outside (e.g. its parent died): measure its finished shards, as --limit-minutes
+    would have, from the time its partial entry was created to its last shard."""
+    from lowshot.config import ProbeSettings
+    from lowshot.datasets import open_dataset
+    from lowshot.protocol import needed_indices
+    from lowshot.splits import Listing
+
+    cache = work / "cache"
+    started = min(p.stat().st_mtime for p in cache.glob("partial/*/meta.json"))
+    shards = shard_rate(cache)
+    last = max(p.stat().st_mtime for p in cache.glob("partial/*/shard-*.json"))
+    train = open_dataset(tree, listing_cache=cache / "listings").train
+    needed = len(needed_indices(ProbeSettings(), Listing(train.ids, train.labels, train.classes))) + args.val
+    full = args.train + args.val
+    rate = shards["img_per_s"]
+    payload = {"machine": info, "shards": shards, "encoding_minutes": round((last - started) / 60, 1),
+               "protocol_images": needed, "full_extraction_images": full,
+               "protocol_encode_projected_minutes": round(needed / rate / 60, 1),
+               "full_extraction_projected_hours": round(full / rate / 3600, 1)}
+    md = "\n".join([
+        "# ImageNet-shaped run, stopped (`benchmarks/imagenet_shaped.py --report-stopped-run`)", "",
+        f"Machine at report time: {describe(info)}.", "",
+        "| step | value |", "| --- | --- |",
+        f"| `lowshot probe --model deit-tiny --data <tree>` from an empty cache: encoding ran for | "
+        f"{payload['encoding_minutes']} min |",
+        f"| train images encoded (finished shards) | {shards['images']:,} |",
         f"| steady encoding rate (first to last shard) | {rate} img/s |",
         f"| images the default protocol encodes (union of its subsets + all val) | {needed:,} of {full:,} |",
         f"| their encoding at that rate, projected | {payload['protocol_encode_projected_minutes']} min |",

@@ -49,5 +49,10 @@ check = lowshot.gate(results["deit-tiny-random"], results["deit-tiny"], max_drop
                      baseline_name="deit-tiny")
 print("passed" if check.passed else "failed", "-", check.summary())
 
+# %% Paired differences: the same test images and seeds, so Δ gets a paired interval and a McNemar p-value
+for d in lowshot.paired_differences(results["deit-tiny"], results["deit-tiny-random"]):
+    print(f"{d.classifier:8} {d.subset:7} Δ {d.delta:+6.1f}  95% CI [{d.ci_low:+.1f}, {d.ci_high:+.1f}]  "
+          f"p {d.p_value:.1e}  {'significant' if d.significant else 'not significant'}")
+
 # %% Accuracy vs labelled images per class (needs pip install 'lowshot[plot]')
 print(lowshot.plot_comparison(comparison, OUT / "compare-models.png"))

@@ -19,6 +19,7 @@ _EXPORTS = {
     "Results": "results", "FeatureCache": "cache", "compare": "report", "gate": "report",
     "build_report": "report", "plot_comparison": "plot", "load_config": "bench", "run_bench": "bench",
     "ExtractSettings": "config", "ProbeSettings": "config", "needed_indices": "protocol",
+    "paired_differences": "report", "model_index_yaml": "modelcard",
     "export_features": "export", "load_export": "export",
 }
 __all__ = ["__version__", *_EXPORTS]

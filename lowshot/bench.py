@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import ExtractSettings, ProbeSettings
@@ -35,7 +35,7 @@ from .errors import BadInputError, DataError, MissingDependencyError, SettingErr
 from .extract import extract_features
 from .outputs import check_writable, output_format, save_text
 from .protocol import Progress, run_probe
-from .report import DEFAULT_MAX_DROP, Comparison, build_report, gate
+from .report import DEFAULT_MAX_DROP, Comparison, build_report, gate, suite_table
 from .results import Results
 
 REPORT_NAME = "report.md"
@@ -46,10 +46,12 @@ EXTRACT_KEYS = {f.name: bool if isinstance(f.default, bool) else object for f in
                 if f.name not in ("revision", "train_split", "test_split")}
 TOML_NAMES = {"lam": "lambda"}
 MODEL_KEYS = {"name": str, "path": str, "baseline": str, "revision": str}
+DATASET_KEYS = {"name": str, "data": str, "train_split": str, "test_split": str}
+DATASET_PLACEHOLDER = "{dataset}"  # in a model's baseline path: one baseline file per dataset
 TOP_KEYS = {"title": str, "data": str, "output": str, "shots": list, "percents": list, "seeds": int,
             "lambda": (float, int, str), "classifiers": list, "ci": bool, "n_boot": int, "backend": str,
-            "max_drop": (float, int), "plot": bool, "published": bool, "allow_fewer": bool, "train_split": str,
-            "test_split": str, "extract": dict, "models": list}
+            "max_drop": (float, int), "significant": bool, "plot": bool, "published": bool, "allow_fewer": bool,
+            "train_split": str, "test_split": str, "extract": dict, "models": list, "datasets": list}
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,14 @@ class BenchModel:
     path: str  # a folder (resolved) or a hub id
     baseline: Path | None = None
     revision: str | None = None
+
+
+@dataclass(frozen=True)
+class BenchDataset:
+    name: str  # names the output sub-folder, the table's column group and the {dataset} of baseline paths
+    data: str  # a folder (resolved) or a Hugging Face dataset id
+    train_split: str = "train"
+    test_split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,14 +84,17 @@ class BenchConfig:
     max_drop: float = DEFAULT_MAX_DROP
     plot: bool = True
     published: bool = False
+    significant: bool = False  # gate only drops whose paired 95% interval excludes 0
+    datasets: tuple[BenchDataset, ...] = ()  # [[datasets]]: several run as a suite; empty: the single ``data``
 
 
 @dataclass
 class BenchOutcome:
     config: BenchConfig
-    results: dict[str, Results]
-    comparison: Comparison
+    results: dict[str, Results]  # by model name; a suite: by "dataset/model"
+    comparison: Comparison  # a suite: models x (dataset x subset) + mean over datasets, every dataset's gates
     written: list[Path]
+    datasets: dict[str, Comparison] = field(default_factory=dict)  # a suite: each dataset's own comparison
 
 
 def load_config(path: str | os.PathLike) -> BenchConfig:
@@ -92,8 +105,13 @@ def load_config(path: str | os.PathLike) -> BenchConfig:
     _check_keys(data, TOP_KEYS, where)
     _check_keys(data.get("extract", {}), EXTRACT_KEYS, f"{where} [extract]")
     base = path.resolve().parent
-    if "data" not in data:
-        raise BadInputError(f"{where}: 'data' is missing (an ImageFolder path relative to the config, or a dataset id)")
+    datasets = _datasets(data, base, where)
+    if datasets:
+        data = {**data, "data": datasets[0].data, "train_split": datasets[0].train_split,
+                **({"test_split": datasets[0].test_split} if datasets[0].test_split else {})}
+    elif "data" not in data:
+        raise BadInputError(f"{where}: 'data' is missing (an ImageFolder path relative to the config, or a dataset "
+                            "id), or list several as [[datasets]]")
     models = data.get("models") or []
     if not models:
         raise BadInputError(f"{where}: no [[models]] (each needs name and path)")
@@ -107,6 +125,10 @@ def load_config(path: str | os.PathLike) -> BenchConfig:
         if not m["name"] or any(c in m["name"] for c in "/\\"):
             raise BadInputError(f"{where}: model name {m['name']!r} must be non-empty and have no slashes "
                                 "(it names the results file)")
+        if len(datasets) > 1 and "baseline" in m and DATASET_PLACEHOLDER not in m["baseline"]:
+            raise BadInputError(f"{where}: models[{i}].baseline {m['baseline']!r} must contain {DATASET_PLACEHOLDER} "
+                                f"with several [[datasets]] (one baseline per dataset, e.g. "
+                                f"'baseline/{DATASET_PLACEHOLDER}/{m['name']}.json')")
         parsed.append(BenchModel(m["name"], _resolve(base, m["path"], f"{where} models[{i}].path"),
                                  base / m["baseline"] if "baseline" in m else None, m.get("revision")))
     names = [m.name for m in parsed]
@@ -123,11 +145,46 @@ def load_config(path: str | os.PathLike) -> BenchConfig:
                                   test_split=data.get("test_split"))
     except SettingError as exc:  # checked here, so a bad value fails before any extraction
         raise BadInputError(f"{where}: {exc.spelled(TOML_NAMES.get(exc.param, exc.param))}") from None
-    return BenchConfig(
-        source=path.resolve(), data=_resolve(base, data["data"], f"{where} data"), models=tuple(parsed),
-        output=base / data.get("output", f"out/{path.stem}"), probe=probe, extract=extract,
+    config = BenchConfig(
+        source=path.resolve(), data=datasets[0].data if datasets else _resolve(base, data["data"], f"{where} data"),
+        models=tuple(parsed), output=base / data.get("output", f"out/{path.stem}"), probe=probe, extract=extract,
         title=data.get("title", path.stem), max_drop=float(data.get("max_drop", DEFAULT_MAX_DROP)),
-        plot=data.get("plot", True), published=data.get("published", False))
+        plot=data.get("plot", True), published=data.get("published", False),
+        significant=data.get("significant", False), datasets=datasets)
+    return _for_dataset(config, datasets[0]) if len(datasets) == 1 else config
+
+
+def _datasets(data: dict, base: Path, where: str) -> tuple[BenchDataset, ...]:
+    """The [[datasets]] tables (each: name, data, optional train_split/test_split), checked."""
+    if "datasets" not in data:
+        return ()
+    if "data" in data or "train_split" in data or "test_split" in data:
+        raise BadInputError(f"{where}: give either 'data' (one dataset) or [[datasets]], not both")
+    out = []
+    for i, d in enumerate(data["datasets"]):
+        if not isinstance(d, dict):
+            raise BadInputError(f"{where}: datasets[{i}] must be a table with name and data")
+        _check_keys(d, DATASET_KEYS, f"{where} datasets[{i}]")
+        if "name" not in d or "data" not in d:
+            raise BadInputError(f"{where}: datasets[{i}] needs both 'name' and 'data'")
+        if not d["name"] or any(c in d["name"] for c in "/\\") or d["name"] == "mean":
+            raise BadInputError(f"{where}: dataset name {d['name']!r} must be non-empty, have no slashes and not be "
+                                "'mean' (it names a folder and a column group)")
+        out.append(BenchDataset(d["name"], _resolve(base, d["data"], f"{where} datasets[{i}].data"),
+                                d.get("train_split", "train"), d.get("test_split")))
+    names = [d.name for d in out]
+    if not out or len(set(names)) != len(names):
+        raise BadInputError(f"{where}: [[datasets]] must list at least one dataset, with unique names "
+                            f"({', '.join(names)})")
+    return tuple(out)
+
+
+def _for_dataset(config: BenchConfig, dataset: BenchDataset) -> BenchConfig:
+    """The single-dataset benchmark of one [[datasets]] entry: its data and splits, {dataset} in baselines filled."""
+    models = tuple(replace(m, baseline=Path(str(m.baseline).replace(DATASET_PLACEHOLDER, dataset.name)))
+                   if m.baseline is not None else m for m in config.models)
+    return replace(config, data=dataset.data, models=models, datasets=(dataset,),
+                   extract=replace(config.extract, train_split=dataset.train_split, test_split=dataset.test_split))
 
 
 def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None, output: Path | None = None,
@@ -136,9 +193,13 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
     """Extract (cached) and probe every model, write ``<name>.json`` per model, ``report.md`` and ``plot.png``
     into the output folder, and gate each model that has a baseline (``Comparison.failed`` lists the failures;
     a protocol mismatch raises unless ``force``). ``update_baseline`` writes the new results over the baselines
-    instead of gating."""
+    instead of gating. A config with several [[datasets]] runs each one into ``<output>/<dataset>/`` and writes
+    the suite's ``report.md`` (``suite_table`` + every dataset's section) at the top."""
     log = log or (lambda message: None)
     output = Path(output) if output is not None else config.output
+    if len(config.datasets) > 1:
+        return _run_suite(config, cache_dir=cache_dir, output=output, force=force, update_baseline=update_baseline,
+                          progress=progress, log=log)
     if config.plot:
         from .plot import require_matplotlib
 
@@ -181,7 +242,8 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
                 log(f"{model.name}: baseline updated ({model.baseline})")
     else:
         comparison.gates = [gate(results[name], base, max_drop=config.max_drop, force=force, label=name,
-                                 baseline_name=_relative(config.models, name, config.source.parent))
+                                 baseline_name=_relative(config.models, name, config.source.parent),
+                                 significant=config.significant, n_boot=config.probe.n_boot)
                             for name, base in baselines.items()]
     title = f"## {config.title}\n\n"
     report = output / REPORT_NAME
@@ -191,6 +253,27 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
 
         written.append(plot_comparison(comparison, output / PLOT_NAME))
     return BenchOutcome(config, results, comparison, written)
+
+
+def _run_suite(config: BenchConfig, *, output: Path, log: Callable[[str], None], **options) -> BenchOutcome:
+    """Every dataset as its own benchmark (results, report and plot in ``<output>/<dataset>/``, gated against its
+    own baselines), then one table over all of them."""
+    per_dataset: dict[str, Comparison] = {}
+    results: dict[str, Results] = {}
+    written: list[Path] = []
+    for dataset in config.datasets:
+        log(f"dataset {dataset.name}: {dataset.data}")
+        outcome = run_bench(_for_dataset(config, dataset), output=output / dataset.name, log=log, **options)
+        per_dataset[dataset.name] = outcome.comparison
+        results.update({f"{dataset.name}/{name}": r for name, r in outcome.results.items()})
+        written += outcome.written
+        for result in outcome.comparison.gates:
+            result.label = f"{result.label} on {dataset.name}"
+    suite = suite_table(per_dataset)
+    sections = [f"### {name}\n\n" + replace(c, gates=[]).to_markdown() for name, c in per_dataset.items()]
+    text = f"## {config.title}\n\n" + suite.to_markdown() + "\n" + "\n".join(sections)
+    written.append(save_text(output / REPORT_NAME, text, flag="report"))
+    return BenchOutcome(config, results, suite, written, per_dataset)
 
 
 def _write(results: Results, path: Path) -> Path:

@@ -427,7 +427,8 @@ def report(
         help="Results JSON files (lowshot probe --output X.json): different models or checkpoints.",
         show_default=False)],
     fmt: Annotated[str, _option(
-        "--format", "-f", help="table, markdown (pastes into a job summary or PR comment), csv or json.")] = "table",
+        "--format", "-f", help="table, markdown (pastes into a job summary or PR comment), csv, json, or "
+                               "model-index (YAML for a Hugging Face model card; one results file).")] = "table",
     output: Annotated[Path | None, _option(
         "--output", "-o", help="Also write the report: .md, .csv or .json.")] = None,
     label: Annotated[list[str] | None, _option(
@@ -440,28 +441,46 @@ def report(
     baseline: Annotated[Path | None, _option(
         "--baseline", help="Regression gate: a results JSON to compare each RESULTS file against.")] = None,
     max_drop: Annotated[float, _option(
-        "--max-drop", help="With --baseline: fail (exit 1) when a split's mean top-1 is more than this many "
-                           "points below the baseline.")] = 1.0,
+        "--max-drop", help="With --baseline: fail (exit 1) when a subset's mean (of each --metric) is more than "
+                           "this many points below the baseline.")] = 1.0,
     force: Annotated[bool, _option(
         "--force", help="Compare results measured under different protocols (test set, feature, transform, λ, "
                         "seeds …) instead of refusing.")] = False,
     plot: Annotated[Path | None, _option(
-        "--plot", help="Save accuracy vs labels per class (log x, ± std bands) as a PNG (needs "
-                       "'lowshot[plot]').")] = None,
+        "--plot", help="Save accuracy vs labels per class (log x, ± std bands) as a PNG, one panel per metric "
+                       "(needs 'lowshot[plot]').")] = None,
+    metric: Annotated[str, _option(
+        "--metric", help="Comma-separated: top1 (the MSN protocol's number), top5, mean-per-class (balanced "
+                         "accuracy). Each gets its table, paired differences and gate.")] = "top1",
+    significant: Annotated[bool, _option(
+        "--significant", help="With --baseline: a subset fails only when its drop exceeds --max-drop AND its paired "
+                              "95% interval excludes 0 (needs per-image predictions in both files).")] = False,
+    n_boot: Annotated[int, _option(
+        "--n-boot", help="Bootstrap replicates of the paired 95% intervals.")] = 1000,
+    card: Annotated[Path | None, _option(
+        "--card", help="Merge the model-index results into this model card's YAML front matter (README.md), "
+                       "keeping the rest of the card.")] = None,
+    source_url: Annotated[str | None, _option(
+        "--source-url", help="model-index source url (the CI run or paper the numbers come from).")] = None,
 ) -> None:
-    """Compare results files in one table (rows = models, columns = splits, best per column marked), gate them
-    against a baseline, and plot them.
+    """Compare results files in one table (rows = models, columns = subsets, best per column marked), with the
+    paired differences of each file to the first; gate them against a baseline; plot them; write model-index
+    metadata for a Hugging Face model card.
 
-    Exit status: 0, or 1 when a split dropped more than --max-drop points below --baseline, or 2 when the
+    Exit status: 0, or 1 when a subset dropped more than --max-drop points below --baseline, or 2 when the
     protocols differ (without --force) or an input is bad.
     """
     from .outputs import REPORT_SUFFIXES, check_writable, output_format
-    from .render import comparison_table
+    from .render import comparison_table, paired_table
     from .report import REPORT_FORMATS, build_report, load_all
     from .results import Results
+    from .stats import parse_metrics
 
     if fmt not in REPORT_FORMATS:
         raise BadInputError(f"--format {fmt!r}: expected one of {', '.join(REPORT_FORMATS)}")
+    metrics = parse_metrics(metric)
+    if n_boot < 1:
+        raise BadInputError(f"--n-boot {n_boot}: need at least one bootstrap replicate")
     if output is not None:
         output_format(output, REPORT_SUFFIXES)
         check_writable(output)
@@ -471,36 +490,66 @@ def report(
         require_matplotlib()
         check_writable(plot, flag="--plot")
     loaded = load_all(results)
+    if fmt == "model-index" or card is not None:
+        _model_index(loaded, results, fmt=fmt, card=card, metrics=metrics, label=label, source_url=source_url)
+        if fmt == "model-index":
+            return
     base = Results.load(baseline) if baseline is not None else None
-    comparison = build_report(loaded, labels=label, sources=[str(p) for p in results], published=published,
-                              baseline=base, baseline_name=str(baseline), max_drop=max_drop, force=force)
+    comparisons = [build_report(loaded, labels=label, sources=[str(p) for p in results], published=published,
+                                baseline=base, baseline_name=str(baseline), max_drop=max_drop, force=force,
+                                metric=m, significant=significant, n_boot=n_boot) for m in metrics]
     if output is not None:
-        comparison.save(output)
-        err.print(f"wrote {output}", highlight=False)
+        from .report import save_comparisons
+
+        err.print(f"wrote {save_comparisons(comparisons, output)}", highlight=False)
     if plot is not None:
         from .plot import plot_comparison
 
-        plot_comparison(comparison, plot)
+        plot_comparison(comparisons, plot)
         err.print(f"wrote {plot}", highlight=False)
     if fmt == "table":
-        out.print(comparison_table(comparison))
-        for note in comparison.notes:
-            out.print(f"note: {note}", highlight=False)
+        for comparison in comparisons:
+            out.print(comparison_table(comparison))
+            for note in comparison.notes:
+                out.print(f"note: {note}", highlight=False)
+            if comparison.paired:
+                out.print(paired_table(comparison))
+            for name, reason in comparison.unpaired.items():
+                out.print(f"no paired differences for {name}: {reason}", highlight=False)
     else:
-        sys.stdout.write(comparison.render(fmt))
-    _gate_verdict(comparison)
+        from .report import render_comparisons
+
+        sys.stdout.write(render_comparisons(comparisons, fmt))
+    _gate_verdict(comparisons)
 
 
-def _gate_verdict(comparison) -> None:
-    """Say what the regression gate found (stderr) and exit 1 when it failed."""
+def _model_index(loaded, paths, *, fmt, card, metrics, label, source_url) -> None:
+    """--format model-index (stdout) and --card (merge into a model card): one results file, one model."""
+    from .modelcard import merge_into_card, model_index_yaml
+
+    if len(loaded) != 1:
+        raise BadInputError(f"--format model-index / --card describe one model: give one results file, not "
+                            f"{len(loaded)}")
+    name = label[0] if label else None
+    if fmt == "model-index":
+        sys.stdout.write(model_index_yaml(loaded[0], metrics=metrics, name=name, source_url=source_url))
+    if card is not None:
+        n = merge_into_card(card, loaded[0], metrics=metrics, name=name, source_url=source_url)
+        err.print(f"merged {n} result(s) from {paths[0]} into {card}", highlight=False)
+
+
+def _gate_verdict(comparisons) -> None:
+    """Say what the regression gates found (stderr) and exit 1 when one failed."""
     from .errors import RegressionError
 
-    for result in comparison.gates:
-        for text in result.differences:
-            err.print(f"protocol differs (compared anyway, --force): {text}", highlight=False)
-        if result.passed:
-            err.print(f"gate passed: {result.summary()}", highlight=False)
-    failed = comparison.failed
+    comparisons = comparisons if isinstance(comparisons, list) else [comparisons]
+    for comparison in comparisons:
+        for result in comparison.gates:
+            for text in result.differences:
+                err.print(f"protocol differs (compared anyway, --force): {text}", highlight=False)
+            if result.passed:
+                err.print(f"gate passed: {result.summary()}", highlight=False)
+    failed = [g for comparison in comparisons for g in comparison.failed]
     if failed:
         raise RegressionError("; ".join(g.summary() for g in failed))
 

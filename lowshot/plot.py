@@ -7,11 +7,13 @@ alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import BadInputError, MissingDependencyError
 from .outputs import save_with
 from .report import Comparison
+from .stats import METRIC_LABELS
 
 INSTALL_HINT = "pip install 'lowshot[plot]'"
 LINESTYLES = {"logistic": "-", "knn": "--", "ncm": ":"}
@@ -26,21 +28,31 @@ def require_matplotlib() -> None:
         raise MissingDependencyError(f"plots need matplotlib, which is not installed: {INSTALL_HINT}") from None
 
 
-def plot_comparison(comparison: Comparison, path: str | Path, *, dpi: int = 150) -> Path:
+def plot_comparison(comparison: Comparison | Sequence[Comparison], path: str | Path, *, dpi: int = 150) -> Path:
     """Draw the measured rows of ``comparison`` (published rows are another dataset and are left out) and save a
-    PNG at ``path``. x is the mean number of labelled images per class of each split (1% of Imagenette is ~9.7)."""
+    PNG at ``path``; several comparisons (one per metric) become panels side by side. x is the mean number of
+    labelled images per class of each subset (1% of Imagenette is ~9.7)."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    panels = [comparison] if isinstance(comparison, Comparison) else list(comparison)
+    path = Path(path)
+    for panel in panels:
+        if not any(c.per_class for r in panel.rows if r.kind != "published" for c in r.cells.values()):
+            raise BadInputError("nothing to plot: the results have no subsets with a known number of images per "
+                                "class")
+    fig = Figure(figsize=(7.5 * len(panels), 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, panel in enumerate(panels):
+        _draw(fig.add_subplot(1, len(panels), i + 1), panel)
+    return save_with(path, "wb", lambda handle: fig.savefig(handle, format="png", dpi=dpi), flag="--plot")
+
+
+def _draw(ax, comparison: Comparison) -> None:
     from matplotlib.ticker import NullLocator
 
-    path = Path(path)
     rows = [r for r in comparison.rows if r.kind != "published"]
-    if not any(c.per_class for r in rows for c in r.cells.values()):
-        raise BadInputError("nothing to plot: the results have no splits with a known number of images per class")
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     by_model = len({r.label for r in rows}) > 1  # colour per model; with one model, per classifier
     colours = _palette(len({r.label if by_model else r.classifier for r in rows}))
     colour_of: dict[str, tuple] = {}
@@ -61,19 +73,19 @@ def plot_comparison(comparison: Comparison, path: str | Path, *, dpi: int = 150)
         for px, _, _, split in points:
             ticks.setdefault(round(px, 2), f"{px:g}" if split.endswith("-shot") else f"{px:.3g}\n({split})")
     n_classes = comparison.context.get("n_classes")
-    if n_classes:
+    if n_classes and comparison.metric != "top5":  # chance of top-5 is 5/C, and top-5 of <= 5 classes is 100%
         ax.axhline(100.0 / n_classes, color="grey", linestyle=":", linewidth=1, label=f"chance (1/{n_classes})")
     ax.set_xscale("log")
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticks(sorted(ticks), [ticks[t] for t in sorted(ticks)])
     ax.set_xlabel("labelled images per class (log scale)")
-    ax.set_ylabel("top-1 (%)")
+    name = METRIC_LABELS[comparison.metric]
+    ax.set_ylabel(f"{name} (%)")
     ctx = comparison.context
-    ax.set_title(f"Low-shot top-1 on {ctx.get('data')} {ctx.get('test_split')} (n={ctx.get('n_test')}), "
+    ax.set_title(f"Low-shot {name} on {ctx.get('data')} {ctx.get('test_split')} (n={ctx.get('n_test')}), "
                  f"mean ± std over seeds", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return save_with(path, "wb", lambda handle: fig.savefig(handle, format="png", dpi=dpi), flag="--plot")
 
 
 def _palette(n: int) -> list:

@@ -21,7 +21,7 @@ from .config import CLASSIFIERS, ProbeSettings
 from .errors import DataError, MissingFeaturesError, SplitError
 from .neighbors import KNN_K_GRID, KNNClassifier, NearestClassMean
 from .probe import DEFAULT_LAMBDA, LAMBDA_GRID, LogisticProbe, ScoreClassifier, preprocess, select_lambda
-from .results import Results, interval_key
+from .results import Predictions, Results, interval_key, row_key
 from .splits import (
     Listing,
     Subset,
@@ -33,7 +33,7 @@ from .splits import (
     readable_orders,
     split_file_label,
 )
-from .stats import CI_LEVEL, bootstrap_ci
+from .stats import CI_LEVEL, METRICS, bootstrap_ci, metric_value, true_class_rank
 
 Progress = Callable[[str, int, int], None]
 __all__ = ["CLASSIFIERS", "ProbeSettings", "draw_subsets", "needed_indices", "run_probe", "build_meta"]
@@ -152,7 +152,7 @@ def run_probe(train: Features, test: Features, settings: ProbeSettings | None = 
     rows_of = locate_rows(train, subsets)
     x_test, y_test = preprocess(np.asarray(test.features)), np.asarray(test.labels)
     ctx = FitContext(settings, len(train.classes), {})
-    rows, correct = [], {}
+    rows, correct, kept = [], {}, []
     total = len(subsets) * len(settings.classifiers)
     task = f"probe ({total} fits)"
     for i, (subset, where) in enumerate(zip(subsets, rows_of, strict=True)):
@@ -161,12 +161,15 @@ def run_probe(train: Features, test: Features, settings: ProbeSettings | None = 
         for j, classifier in enumerate(settings.classifiers):
             if progress:
                 progress(task, i * len(settings.classifiers) + j, total)
-            row, hit = score_subset(classifier, x, y, x_test, y_test, subset, ctx)
-            correct.setdefault(interval_key(classifier, subset.name), []).append(hit)
+            row, predicted, rank = score_subset(classifier, x, y, x_test, y_test, subset, ctx)
+            correct.setdefault(interval_key(classifier, subset.name), []).append(rank == 0)
+            kept.append((row_key(row), predicted, rank))  # per-image predictions: paired comparisons later
             rows.append(row)
     if progress:
         progress(task, total, total)
-    return Results(build_meta(train, test, settings, meta), rows, summary_intervals(correct, settings))
+    predictions = Predictions(y_test, np.stack([p for _, p, _ in kept]), np.stack([r for _, _, r in kept]),
+                              [k for k, _, _ in kept], order_fingerprint(test)) if kept else None
+    return Results(build_meta(train, test, settings, meta), rows, summary_intervals(correct, settings), predictions)
 
 
 def locate_rows(train: Features, subsets: list[Subset]) -> list[np.ndarray]:
@@ -184,14 +187,18 @@ def locate_rows(train: Features, subsets: list[Subset]) -> list[np.ndarray]:
     return rows
 
 
-def score_subset(classifier: str, x, y, x_test, y_test, subset: Subset, ctx: FitContext) -> tuple[dict, np.ndarray]:
-    """Fit one classifier on one subset and score it: (result row, per-test-image correctness)."""
+def score_subset(classifier: str, x, y, x_test, y_test, subset: Subset,
+                 ctx: FitContext) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Fit one classifier on one subset and score it: (result row with top-1, top-5 and mean-per-class, predicted
+    class of every test image, rank of its true class: ``stats.true_class_rank``)."""
     started = time.perf_counter()
     model, fitted = FITS[classifier](x, y, subset, ctx)
-    hit = model.predict(x_test) == y_test
+    predicted, rank = true_class_rank(model.decision_function(x_test), model.classes_, y_test)
+    hit = rank == 0
     row = {"subset": subset.name, "shots": subset.shots, "percent": subset.percent, "seed": subset.seed,
-           "classifier": classifier, "top1": round(100.0 * float(hit.mean()), 4), "n_train": int(len(subset.indices)),
-           "n_test": int(len(y_test)), **fitted}
+           "classifier": classifier,
+           **{field: round(metric_value(metric, rank, y_test), 4) for metric, field in METRICS.items()},
+           "n_train": int(len(subset.indices)), "n_test": int(len(y_test)), **fitted}
     if ctx.settings.ci:
         low, high = bootstrap_ci(hit, n_boot=ctx.settings.n_boot,
                                  seed=_ci_seed(ctx.settings.ci_seed, classifier, subset.name, subset.seed))
@@ -199,7 +206,7 @@ def score_subset(classifier: str, x, y, x_test, y_test, subset: Subset, ctx: Fit
     row["seconds"] = round(time.perf_counter() - started, 3)
     if subset.source:
         row.update(split_file=subset.source, missing=subset.missing)
-    return row, hit
+    return row, predicted, rank
 
 
 def summary_intervals(correct: dict[str, list[np.ndarray]], settings: ProbeSettings) -> dict[str, dict]:
@@ -248,6 +255,11 @@ def build_meta(train: Features, test: Features, settings: ProbeSettings, extra: 
         info["ci"] = {"method": "percentile bootstrap over test images (paired across seeds in the summary)",
                       "level": CI_LEVEL, "n_boot": settings.n_boot, "seed": settings.ci_seed}
     return info
+
+
+def order_fingerprint(features: Features) -> str:
+    """sha256 of the test ids in feature order: predictions of two files pair image by image only when equal."""
+    return digest(list(features.ids))[:16]
 
 
 def fingerprint(features: Features) -> str:

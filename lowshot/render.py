@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .report import PUBLISHED_SOURCE, PUBLISHED_TAG, Comparison
+from .report import PAIRED_METHOD, PUBLISHED_SOURCE, PUBLISHED_TAG, Comparison, format_p
 from .results import Results, format_ci, setting
 
 
@@ -103,6 +103,21 @@ def comparison_table(comparison: Comparison) -> Table:
         table.add_row(*cells)
     if any(r.kind == "published" for r in comparison.rows):
         table.caption = f"† {PUBLISHED_TAG} ({PUBLISHED_SOURCE}): a reference, not comparable with this test set"
+    return table
+
+
+def paired_table(comparison: Comparison) -> Table:
+    """Δ of each file vs the first, with its paired interval and p-value; significant intervals in bold."""
+    table = Table(title=f"Paired differences vs {comparison.labels[0]} ({comparison.metric}, points)",
+                  title_justify="left", caption=PAIRED_METHOD + "; bold: the interval excludes 0")
+    for column, justify in (("model", "left"), ("classifier", "left"), ("subset", "left"), ("Δ", "right"),
+                            ("95% CI", "right"), ("p", "right"), ("B only / A only", "right")):
+        table.add_column(column, justify=justify)
+    for label, deltas in comparison.paired.items():
+        for d in deltas:
+            table.add_row(label, d.classifier, d.subset, f"{d.delta:+.1f}",
+                          Text(f"[{d.ci_low:+.1f}, {d.ci_high:+.1f}]", style="bold" if d.significant else ""),
+                          format_p(d.p_value), f"{d.b_only} / {d.a_only}")
     return table
 
 

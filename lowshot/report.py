@@ -14,12 +14,26 @@ import csv
 import io
 import json
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .errors import BadInputError, ProtocolMismatchError
-from .results import Results, format_ci
+from .results import Results, classifier_of, format_ci, row_key
+from .stats import (
+    DEFAULT_METRIC,
+    DEFAULT_N_BOOT,
+    METRIC_LABELS,
+    class_weights,
+    mcnemar_exact,
+    metric_hits,
+    paired_bootstrap_ci,
+    seed_correlation,
+    stouffer,
+)
 
 # Top-1 (%) on ImageNet-1k, mean over the three published splits (± std where the paper gives it).
 # Provenance: MSN paper (Assran et al., ECCV 2022) Tables 1 and 2, as copied into shared/PROTOCOL.md.
@@ -34,7 +48,9 @@ PUBLISHED: dict[str, dict[str, tuple[float, float | None]]] = {
     "iBOT ViT-S/16": {"1-shot": (40.4, None), "2-shot": (50.8, None), "5-shot": (59.9, None), "1%": (65.9, None)},
 }
 DEFAULT_MAX_DROP = 1.0  # points of top-1; below the 1-shot std over seeds on Imagenette, above solver noise
-REPORT_FORMATS = ("table", "markdown", "csv", "json")
+REPORT_FORMATS = ("table", "markdown", "csv", "json", "model-index")
+CSV_FIELDS = ("label", "classifier", "kind", "metric", "subset", "mean", "std", "n_seeds", "ci_low", "ci_high", "best",
+              "delta", "delta_ci_low", "delta_ci_high", "p_value")
 
 
 # -- protocol ------------------------------------------------------------------------------------------------------
@@ -87,6 +103,85 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# -- paired differences -------------------------------------------------------------------------------------------
+PAIRED_METHOD = ("Δ = row − reference, mean over paired seeds; 95% CI: paired bootstrap over test images (one "
+                 "resample for both files and every seed; stratified by class for mean-per-class); p: exact McNemar "
+                 "per seed, combined by Stouffer's signed Z corrected for the seeds' correlation (top-1, top-5)")
+
+
+@dataclass(frozen=True)
+class PairedDelta:
+    """B − A for one (classifier, subset, metric), from the two files' predictions on the same test images."""
+
+    classifier: str
+    subset: str
+    metric: str
+    delta: float  # points, mean over seeds
+    ci_low: float
+    ci_high: float
+    p_value: float | None  # None for mean-per-class (McNemar tests per-image outcomes, not class-weighted means)
+    n_seeds: int
+    b_only: int  # images right in B and wrong in A, summed over seeds (McNemar's discordant pairs)
+    a_only: int
+
+    @property
+    def significant(self) -> bool:
+        """The 95% interval excludes 0 (an interval of [0, 0], a file against itself, never is)."""
+        return self.ci_low > 0 or self.ci_high < 0
+
+
+def unpaired_reason(reference: Results, other: Results, names: tuple[str, str] = ("A", "B")) -> str | None:
+    """Why the two files cannot be compared image by image (one line), or None when they can."""
+    for results, name in zip((reference, other), names, strict=True):
+        if results.predictions is None:
+            return (f"paired statistics need per-image predictions, and {name} has none (written before lowshot "
+                    "kept them); rerun 'lowshot probe' to get them")
+    a, b = reference.predictions, other.predictions
+    if a.order != b.order or len(a.labels) != len(b.labels) or not np.array_equal(a.labels, b.labels):
+        return f"paired statistics need the same test images in the same order, and {names[0]} and {names[1]} differ"
+    return None
+
+
+def paired_differences(reference: Results, other: Results, *, metric: str = DEFAULT_METRIC,
+                       n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
+                       names: tuple[str, str] = ("A", "B")) -> list[PairedDelta]:
+    """Δ = other − reference for every (classifier, subset) both measured with the same seeds, from the kept
+    per-image predictions: the paired bootstrap interval and the combined McNemar p-value (``PAIRED_METHOD``).
+    Raises BadInputError (one line) when the files cannot be paired."""
+    reason = unpaired_reason(reference, other, names)
+    if reason:
+        raise BadInputError(reason)
+    a, b = reference.predictions, other.predictions
+    labels = a.labels
+    weights = class_weights(labels) if metric == "mean-per-class" else None
+    groups: dict[tuple[str, str], list[str]] = {}
+    for row in reference.rows:
+        groups.setdefault((classifier_of(row), row["subset"]), []).append(row_key(row))
+    out = []
+    for (classifier, subset), keys in groups.items():
+        if not all(k in b.keys for k in keys):
+            continue  # not measured with the same seeds in the other file (the gate says so)
+        a_hits = np.stack([metric_hits(metric, a.of(k)[1]) for k in keys])
+        b_hits = np.stack([metric_hits(metric, b.of(k)[1]) for k in keys])
+        diff = b_hits - a_hits
+        delta = 100.0 * float(diff.mean(axis=0) @ weights) if weights is not None else 100.0 * float(diff.mean())
+        low, high = paired_bootstrap_ci(diff, labels=labels if weights is not None else None, n_boot=n_boot,
+                                        seed=[seed, zlib.crc32(f"{classifier}/{subset}/{metric}".encode())])
+        tests = [mcnemar_exact(x, y) for x, y in zip(a_hits, b_hits, strict=True)]
+        p_value = None if weights is not None else stouffer([t[0] for t in tests],
+                                                            [int(np.sign(t[1] - t[2])) for t in tests],
+                                                            correlation=seed_correlation(diff))
+        out.append(PairedDelta(classifier, subset, metric, round(delta, 4), low, high, p_value, len(keys),
+                               sum(t[1] for t in tests), sum(t[2] for t in tests)))
+    return out
+
+
+def format_p(p: float | None) -> str:
+    if p is None:
+        return "–"
+    return "1" if p >= 0.9995 else (f"{p:.3f}" if p >= 0.001 else f"{p:.0e}")
+
+
 # -- the gate ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SubsetCheck:
@@ -94,6 +189,7 @@ class SubsetCheck:
     subset: str
     baseline: float
     current: float | None  # None: not measured in the current results
+    paired: PairedDelta | None = None  # the paired interval and p-value, when both files kept predictions
 
     @property
     def delta(self) -> float | None:
@@ -110,10 +206,19 @@ class GateResult:
     checks: list[SubsetCheck]
     differences: list[str] = field(default_factory=list)  # protocol differences (only when forced)
     notes: list[str] = field(default_factory=list)
+    metric: str = DEFAULT_METRIC
+    significant: bool = False  # --significant: a drop counts only when its paired interval is below 0 too
+    unpaired: str | None = None  # why there are no paired intervals (None: there are, or none were asked for)
 
     @property
     def drops(self) -> list[SubsetCheck]:
-        return [c for c in self.checks if c.delta is not None and -c.delta > self.max_drop]
+        return [c for c in self.checks if c.delta is not None and -c.delta > self.max_drop
+                and (not self.significant or (c.paired is not None and c.paired.ci_high < 0))]
+
+    @property
+    def rule(self) -> str:
+        what = f"a {METRIC_LABELS[self.metric]} drop of more than {points(self.max_drop)}"
+        return what + (" whose paired 95% CI excludes 0" if self.significant else "")
 
     @property
     def passed(self) -> bool:
@@ -121,13 +226,16 @@ class GateResult:
 
     def summary(self) -> str:
         """One line: the verdict, and which subsets dropped."""
+        metric = "" if self.metric == DEFAULT_METRIC else f" in {METRIC_LABELS[self.metric]}"
+        sig = " significantly" if self.significant else ""
         if self.passed:
-            return (f"{self.label}: no subset dropped more than {points(self.max_drop)} vs {self.baseline} "
-                    f"({len([c for c in self.checks if c.current is not None])} checked)")
-        what = "; ".join(f"{c.classifier} {c.subset} {c.baseline:.1f} -> {c.current:.1f} ({c.delta:+.1f})"
+            return (f"{self.label}: no subset dropped{sig} more than {points(self.max_drop)}{metric} vs "
+                    f"{self.baseline} ({len([c for c in self.checks if c.current is not None])} checked)")
+        what = "; ".join(f"{c.classifier} {c.subset} {c.baseline:.1f} -> {c.current:.1f} ({c.delta:+.1f}"
+                         + (f", CI [{c.paired.ci_low:+.1f}, {c.paired.ci_high:+.1f}]" if c.paired else "") + ")"
                          for c in self.drops)
-        return f"{self.label}: {len(self.drops)} subset(s) dropped more than {points(self.max_drop)} vs " \
-               f"{self.baseline}: {what}"
+        return f"{self.label}: {len(self.drops)} subset(s) dropped{sig} more than {points(self.max_drop)}{metric} " \
+               f"vs {self.baseline}: {what}"
 
 
 def points(value: float) -> str:
@@ -135,15 +243,17 @@ def points(value: float) -> str:
 
 
 def gate(current: Results, baseline: Results, *, max_drop: float = DEFAULT_MAX_DROP, force: bool = False,
-         label: str = "results", baseline_name: str = "the baseline") -> GateResult:
-    """Check every (classifier, split) of ``baseline`` in ``current``: a mean more than ``max_drop`` points lower
-    fails. A protocol difference, or a baseline split the current results lack, raises ProtocolMismatchError
-    unless ``force``."""
+         label: str = "results", baseline_name: str = "the baseline", metric: str = DEFAULT_METRIC,
+         significant: bool = False, n_boot: int = DEFAULT_N_BOOT) -> GateResult:
+    """Check every (classifier, subset) of ``baseline`` in ``current``: a mean ``metric`` more than ``max_drop``
+    points lower fails (with ``significant``, only when the paired 95% interval of the difference is below 0 too).
+    A protocol difference, or a baseline subset the current results lack, raises ProtocolMismatchError unless
+    ``force``; ``significant`` without predictions in both files is a BadInputError saying why."""
     if not max_drop >= 0:
         raise BadInputError(f"--max-drop {max_drop}: must be zero or a positive number of points")
-    now = {(s["classifier"], s["subset"]): s["mean"] for s in current.summary}
+    now = {(s["classifier"], s["subset"]): s["mean"] for s in current.summary_of(metric)}
     checks = [SubsetCheck(s["classifier"], s["subset"], s["mean"], now.get((s["classifier"], s["subset"])))
-              for s in baseline.summary]
+              for s in baseline.summary_of(metric)]
     differences = protocol_differences(baseline, current)
     missing = [f"{c.classifier} {c.subset}" for c in checks if c.current is None]
     if missing:
@@ -151,8 +261,16 @@ def gate(current: Results, baseline: Results, *, max_drop: float = DEFAULT_MAX_D
     if differences and not force:
         raise ProtocolMismatchError(f"{label} and {baseline_name} differ in protocol ({'; '.join(differences)}); "
                                     "fix the run or pass --force to compare anyway")
+    unpaired = unpaired_reason(baseline, current, (baseline_name, label))
+    if unpaired and significant:
+        raise BadInputError(f"--significant: {unpaired}")
+    if not unpaired:
+        deltas = {(d.classifier, d.subset): d for d in paired_differences(baseline, current, metric=metric,
+                                                                          n_boot=n_boot)}
+        checks = [SubsetCheck(c.classifier, c.subset, c.baseline, c.current, deltas.get((c.classifier, c.subset)))
+                  for c in checks]
     return GateResult(label, baseline_name, max_drop, checks, differences if force else [],
-                      environment_notes(baseline, current))
+                      environment_notes(baseline, current), metric, significant, unpaired)
 
 
 # -- the comparison ------------------------------------------------------------------------------------------------
@@ -187,6 +305,9 @@ class Comparison:
     labels: list[str]  # of the measured results, in order
     notes: list[str] = field(default_factory=list)
     gates: list[GateResult] = field(default_factory=list)
+    metric: str = DEFAULT_METRIC
+    paired: dict[str, list[PairedDelta]] = field(default_factory=dict)  # label -> Δ vs labels[0]
+    unpaired: dict[str, str] = field(default_factory=dict)  # label -> why it has no paired Δ
 
     def best(self, column: str) -> float | None:
         """The highest measured mean in a column (published rows never compete: another dataset)."""
@@ -207,9 +328,11 @@ class Comparison:
 
     def caption(self) -> str:
         c = self.context
+        if c.get("caption"):  # a suite over several datasets says what it holds itself
+            return c["caption"]
         seeds = c.get("seeds")
-        text = (f"Top-1 (%) on `{c.get('test_split')}` of {c.get('data')} (n={c.get('n_test')}, "
-                f"{c.get('n_classes')} classes), mean ± std over {seeds if seeds else 'the'} seeds")
+        text = (f"{METRIC_LABELS[self.metric].capitalize()} (%) on `{c.get('test_split')}` of {c.get('data')} "
+                f"(n={c.get('n_test')}, {c.get('n_classes')} classes), mean ± std over {seeds or 'the'} seeds")
         if self.has_ci:
             text += "; [95% CI]: bootstrap over test images"
         return text + "; **bold**: best measured value per column."
@@ -235,33 +358,61 @@ class Comparison:
                           "a reference for the protocol, not comparable with another test set."]
         for note in self.notes:
             lines += ["", f"Note: {note}"]
+        lines += self.paired_markdown()
         for result in self.gates:
             lines += ["", *gate_markdown(result)]
         return "\n".join(lines) + "\n"
 
+    def paired_markdown(self) -> list[str]:
+        """The paired differences vs the first file: one table, significant intervals in bold."""
+        if not self.paired and not self.unpaired:
+            return []
+        lines = ["", f"**Paired differences** vs `{self.labels[0]}` in {METRIC_LABELS[self.metric]} points "
+                     f"({PAIRED_METHOD}; **bold**: the interval excludes 0):"]
+        if self.paired:
+            lines += ["", "| model | classifier | subset | Δ | 95% CI | p | B only / A only |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
+            for label, deltas in self.paired.items():
+                for d in deltas:
+                    ci = f"[{d.ci_low:+.1f}, {d.ci_high:+.1f}]"
+                    lines.append(f"| {label} | {d.classifier} | {d.subset} | {d.delta:+.1f} | "
+                                 f"{f'**{ci}**' if d.significant else ci} | {format_p(d.p_value)} | "
+                                 f"{d.b_only} / {d.a_only} |")
+        lines += ["", *[f"{label}: {reason}" for label, reason in self.unpaired.items()]] if self.unpaired else []
+        return lines
+
     def to_dict(self) -> dict:
-        return {"context": self.context, "columns": self.columns, "notes": self.notes,
+        return {"context": self.context, "metric": self.metric, "columns": self.columns, "notes": self.notes,
+                "paired": {"reference": self.labels[0], "method": PAIRED_METHOD,
+                           "differences": {label: [{**asdict(d), "significant": d.significant} for d in deltas]
+                                           for label, deltas in self.paired.items()},
+                           "unavailable": self.unpaired} if self.paired or self.unpaired else None,
                 "rows": [{"label": r.label, "classifier": r.classifier, "kind": r.kind, "source": r.source,
                           "cells": {k: {f: v for f, v in asdict(c).items() if v is not None}
                                     for k, c in r.cells.items()}} for r in self.rows],
-                "gates": [{"label": g.label, "baseline": g.baseline, "max_drop": g.max_drop, "passed": g.passed,
-                           "differences": g.differences, "notes": g.notes,
+                "gates": [{"label": g.label, "baseline": g.baseline, "metric": g.metric, "max_drop": g.max_drop,
+                           "significant": g.significant, "passed": g.passed, "differences": g.differences,
+                           "notes": g.notes, "unpaired": g.unpaired,
                            "checks": [{**asdict(c), "delta": c.delta} for c in g.checks]} for g in self.gates]}
 
-    def to_csv(self) -> str:
-        """Long form: one line per row x split."""
+    def to_csv(self, *, header: bool = True) -> str:
+        """Long form: one line per row x subset, with the metric, and the paired Δ vs the first file where known."""
         buffer = io.StringIO()
-        fields = ["label", "classifier", "kind", "subset", "mean", "std", "n_seeds", "ci_low", "ci_high", "best"]
-        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
+        writer = csv.DictWriter(buffer, fieldnames=list(CSV_FIELDS), lineterminator="\n")
+        if header:
+            writer.writeheader()
+        deltas = {(label, d.classifier, d.subset): d for label, ds in self.paired.items() for d in ds}
         for row in self.rows:
             for column in self.columns:
                 if column in row.cells:
                     cell = row.cells[column]
+                    d = deltas.get((row.label, row.classifier, column))
                     writer.writerow({"label": row.label, "classifier": row.classifier, "kind": row.kind,
-                                     "subset": column, "mean": cell.mean, "std": cell.std, "n_seeds": cell.n_seeds,
-                                     "ci_low": cell.ci_low, "ci_high": cell.ci_high,
-                                     "best": row.kind != "published" and cell.mean == self.best(column)})
+                                     "metric": self.metric, "subset": column, "mean": cell.mean, "std": cell.std,
+                                     "n_seeds": cell.n_seeds, "ci_low": cell.ci_low, "ci_high": cell.ci_high,
+                                     "best": row.kind != "published" and cell.mean == self.best(column),
+                                     **({"delta": d.delta, "delta_ci_low": d.ci_low, "delta_ci_high": d.ci_high,
+                                         "p_value": d.p_value} if d else {})})
         return buffer.getvalue()
 
     def render(self, fmt: str) -> str:
@@ -280,20 +431,51 @@ class Comparison:
         return save_text(path, self.render(output_format(path, REPORT_SUFFIXES, flag=flag)), flag=flag)
 
 
+def render_comparisons(comparisons: Sequence[Comparison], fmt: str) -> str:
+    """Several metrics' comparisons as one document: Markdown sections one after the other, one long CSV (a
+    ``metric`` column), or JSON (one object for one metric, a list for several)."""
+    if fmt == "csv":
+        return "".join(c.to_csv(header=i == 0) for i, c in enumerate(comparisons))
+    if fmt == "json":
+        data = [c.to_dict() for c in comparisons]
+        return json.dumps(data[0] if len(data) == 1 else data, indent=2) + "\n"
+    if fmt == "markdown":
+        return "\n".join(c.to_markdown() for c in comparisons)
+    raise BadInputError(f"--format {fmt!r}: expected one of markdown, csv, json")
+
+
+def save_comparisons(comparisons: Sequence[Comparison], path: str | Path, *, flag: str = "--output") -> Path:
+    """Write atomically, in the format the extension names (.md, .csv, .json; anything else is an error)."""
+    from .outputs import REPORT_SUFFIXES, output_format, save_text
+
+    return save_text(path, render_comparisons(comparisons, output_format(path, REPORT_SUFFIXES, flag=flag)),
+                     flag=flag)
+
+
 def gate_markdown(result: GateResult) -> list[str]:
-    """The verdict in bold, then the per-split table (folded away in a <details> block when it passed)."""
+    """The verdict in bold, then the per-subset table (folded away in a <details> block when it passed); the
+    paired interval and p-value of each Δ when both files kept their predictions."""
     verdict = "✅ passed" if result.passed else f"❌ failed: {len(result.drops)} subset(s) dropped"
-    head = (f"**Regression gate** `{result.label}` vs `{result.baseline}` (fails on a drop of more than "
-            f"{points(result.max_drop)}): {verdict}")
-    table = ["| classifier | subset | baseline | current | Δ |", "| --- | --- | --- | --- | --- |"]
+    head = f"**Regression gate** `{result.label}` vs `{result.baseline}` (fails on {result.rule}): {verdict}"
+    paired = any(c.paired for c in result.checks)
+    extra = " 95% CI of Δ | p |" if paired else ""
+    table = [f"| classifier | subset | baseline | current | Δ |{extra}",
+             "| --- | --- | --- | --- | --- |" + (" --- | --- |" if paired else "")]
     for c in result.checks:
         if c.current is None:
-            table.append(f"| {c.classifier} | {c.subset} | {c.baseline:.1f} | – | not measured |")
+            table.append(f"| {c.classifier} | {c.subset} | {c.baseline:.1f} | – | not measured |"
+                         + (" – | – |" if paired else ""))
             continue
         flag = " ❌" if c in result.drops else ""
-        table.append(f"| {c.classifier} | {c.subset} | {c.baseline:.1f} | {c.current:.1f} | {c.delta:+.1f}{flag} |")
+        cells = f"| {c.classifier} | {c.subset} | {c.baseline:.1f} | {c.current:.1f} | {c.delta:+.1f}{flag} |"
+        if paired:
+            cells += (f" [{c.paired.ci_low:+.1f}, {c.paired.ci_high:+.1f}] | {format_p(c.paired.p_value)} |"
+                      if c.paired else " – | – |")
+        table.append(cells)
     lines = [head, ""] + (table if not result.passed else
                           ["<details><summary>per subset</summary>", "", *table, "", "</details>"])
+    if result.unpaired:
+        lines += ["", f"No paired intervals: {result.unpaired}"]
     for text in result.differences:
         lines += ["", f"Protocol differs (compared anyway, --force): {text}"]
     if result.notes:
@@ -315,10 +497,11 @@ def label_of(results: Results, path: str | Path | None = None) -> str:
     return results.meta.get("label") or _name(results.meta.get("model")) or (Path(path).stem if path else "results")
 
 
-def rows_of(results: Results, label: str, *, kind: str = "measured", source: str | None = None) -> list[Row]:
+def rows_of(results: Results, label: str, *, kind: str = "measured", source: str | None = None,
+            metric: str = DEFAULT_METRIC) -> list[Row]:
     n_classes = results.meta.get("n_classes")
     out: dict[str, Row] = {}
-    for s in results.summary:
+    for s in results.summary_of(metric):
         row = out.setdefault(s["classifier"], Row(label, s["classifier"], {}, kind, source))
         row.cells[s["subset"]] = Cell(s["mean"], s["std"], s["n_seeds"], s.get("ci_low"), s.get("ci_high"),
                                      s["n_train"] / n_classes if n_classes else None)
@@ -332,9 +515,12 @@ def load_all(paths: Sequence[str | Path]) -> list[Results]:
 
 
 def compare(results: Sequence[Results], *, labels: Sequence[str] | None = None, sources: Sequence[str] = (),
-            published: bool = False, force: bool = False) -> Comparison:
-    """A comparison table of several results (same protocol, or ``force``), optionally with the published MSN
-    rows. Raises ProtocolMismatchError when protocols differ and ``force`` is not set."""
+            published: bool = False, force: bool = False, metric: str = DEFAULT_METRIC, paired: bool = True,
+            n_boot: int = DEFAULT_N_BOOT) -> Comparison:
+    """A comparison table of several results (same protocol, or ``force``) in one ``metric``, optionally with the
+    published MSN rows (top-1 only). With ``paired`` (and two or more files), each file after the first gets its
+    paired differences to the first (``paired_differences``) where both kept predictions. Raises
+    ProtocolMismatchError when protocols differ and ``force`` is not set."""
     if not results:
         raise BadInputError("nothing to compare: no results")
     sources = [*sources, *[None] * (len(results) - len(sources))]
@@ -352,9 +538,9 @@ def compare(results: Sequence[Results], *, labels: Sequence[str] | None = None, 
         notes += [f"{labels[0]} vs {label}: protocol differs ({d})" for d in differences]
         notes += [f"{labels[0]} vs {label}: {d}" for d in environment_notes(reference, other)]
     rows = [row for r, label, src in zip(results, labels, sources, strict=True)
-            for row in rows_of(r, label, source=src)]
+            for row in rows_of(r, label, source=src, metric=metric)]
     columns = sorted({c for row in rows for c in row.cells}, key=split_order)
-    if published:
+    if published and metric == DEFAULT_METRIC:  # the paper publishes top-1 only
         rows += [Row(name, None, {k: Cell(m, s) for k, (m, s) in values.items() if k in columns}, "published",
                      PUBLISHED_SOURCE) for name, values in PUBLISHED.items()]
     m = reference.meta
@@ -362,18 +548,70 @@ def compare(results: Sequence[Results], *, labels: Sequence[str] | None = None, 
     context = {"test_split": m.get("test_split"), "data": _name(m.get("data")) or "?", "n_test": m.get("n_test"),
                "n_classes": m.get("n_classes"), "seeds": "/".join(map(str, seeds)) if seeds else None,
                "feature": m.get("feature"), "lambda": (m.get("probe") or {}).get("lambda")}
-    return Comparison(columns, rows, context, labels, notes)
+    comparison = Comparison(columns, rows, context, labels, notes, metric=metric)
+    if paired:
+        for label, other in zip(labels[1:], results[1:], strict=True):
+            reason = unpaired_reason(reference, other, (labels[0], label))
+            if reason:
+                comparison.unpaired[label] = reason
+            else:
+                comparison.paired[label] = paired_differences(reference, other, metric=metric, n_boot=n_boot)
+    return comparison
+
+
+SUITE_MEAN = "mean"  # the column group of the mean over datasets
+
+
+def suite_table(per_dataset: dict[str, Comparison]) -> Comparison:
+    """One table over several datasets: rows = model (x classifier), columns = dataset x subset, then ``mean``
+    x subset: the unweighted mean over the datasets of each dataset's mean over seeds (every dataset counts the
+    same, as VTAB and ELEVATER average their tasks), where the row has that subset on every dataset. Gates stay
+    those of each dataset (``Comparison.gates``, labelled by dataset)."""
+    if not per_dataset:
+        raise BadInputError("no datasets to put in one table")
+    rows: dict[tuple[str, str | None], Row] = {}
+    columns: list[str] = []
+    subsets: list[str] = []
+    for name, comparison in per_dataset.items():
+        columns += [f"{name} {c}" for c in comparison.columns]
+        subsets += [c for c in comparison.columns if c not in subsets]
+        for row in comparison.rows:
+            if row.kind == "published":
+                continue
+            target = rows.setdefault((row.label, row.classifier), Row(row.label, row.classifier, {}))
+            target.cells.update({f"{name} {c}": cell for c, cell in row.cells.items()})
+    for subset in sorted(subsets, key=split_order):
+        keys = [f"{name} {subset}" for name in per_dataset]
+        for row in rows.values():
+            if all(k in row.cells for k in keys):
+                row.cells[f"{SUITE_MEAN} {subset}"] = Cell(round(sum(row.cells[k].mean for k in keys) / len(keys), 4))
+        if any(f"{SUITE_MEAN} {subset}" in r.cells for r in rows.values()):
+            columns.append(f"{SUITE_MEAN} {subset}")
+    first = next(iter(per_dataset.values()))
+    seeds = first.context.get("seeds")
+    described = "; ".join(f"{name}: `{c.context.get('test_split')}`, n={c.context.get('n_test')}, "
+                          f"{c.context.get('n_classes')} classes" for name, c in per_dataset.items())
+    context = {"caption": f"{METRIC_LABELS[first.metric].capitalize()} (%) per dataset and subset, mean ± std over "
+                          f"{seeds or 'the'} seeds ({described}); {SUITE_MEAN}: unweighted mean over the "
+                          f"{len(per_dataset)} datasets; **bold**: best measured value per column.",
+               "seeds": seeds, "datasets": list(per_dataset)}
+    labels = list(dict.fromkeys(label for label, _ in rows))
+    gates = [g for c in per_dataset.values() for g in c.gates]
+    return Comparison(columns, list(rows.values()), context, labels, gates=gates, metric=first.metric)
 
 
 def build_report(results: Sequence[Results], *, labels: Sequence[str] | None = None, sources: Sequence[str] = (),
                  published: bool = False, baseline: Results | None = None, baseline_name: str = "baseline",
-                 max_drop: float = DEFAULT_MAX_DROP, force: bool = False) -> Comparison:
-    """``compare`` the results, then gate each one against ``baseline`` when given (``Comparison.gates``)."""
-    comparison = compare(results, labels=labels, sources=sources, published=published, force=force)
+                 max_drop: float = DEFAULT_MAX_DROP, force: bool = False, metric: str = DEFAULT_METRIC,
+                 significant: bool = False, paired: bool = True, n_boot: int = DEFAULT_N_BOOT) -> Comparison:
+    """``compare`` the results in ``metric``, then gate each one against ``baseline`` when given
+    (``Comparison.gates``; ``significant``: only drops whose paired interval excludes 0 fail)."""
+    comparison = compare(results, labels=labels, sources=sources, published=published, force=force, metric=metric,
+                         paired=paired, n_boot=n_boot)
     if baseline is not None:
         comparison.gates = [gate(r, baseline, max_drop=max_drop, force=force, label=label,
-                                 baseline_name=baseline_name) for r, label in zip(results, comparison.labels,
-                                                                                  strict=True)]
+                                 baseline_name=baseline_name, metric=metric, significant=significant, n_boot=n_boot)
+                            for r, label in zip(results, comparison.labels, strict=True)]
     return comparison
 
 

@@ -3,6 +3,7 @@ Markdown writers."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -10,10 +11,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInputError
+import numpy as np
 
-ROW_FIELDS = ("subset", "shots", "percent", "seed", "top1", "n_train", "n_test", "lambda", "lambda_source",
-              "n_iter", "seconds", "classifier", "k", "ci_low", "ci_high")
+from .errors import BadInputError
+from .stats import DEFAULT_METRIC, METRICS
+
+ROW_FIELDS = ("subset", "shots", "percent", "seed", "top1", "top5", "mean_per_class", "n_train", "n_test", "lambda",
+              "lambda_source", "n_iter", "seconds", "classifier", "k", "ci_low", "ci_high")
+PREDICTIONS_FORMAT = "lowshot-predictions/1"  # bump when the arrays or their meaning change
 DEFAULT_CLASSIFIER = "logistic"  # rows written before k-NN/NCM existed have no "classifier" field
 FORMATS = ("table", "json", "csv", "markdown")
 
@@ -24,6 +29,66 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return mean, 0.0
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def row_key(row: dict) -> str:
+    """``logistic/5-shot/0``: what pairs a row with its twin in another results file (classifier, subset, seed)."""
+    return f"{classifier_of(row)}/{row['subset']}/{row['seed']}"
+
+
+@dataclass
+class Predictions:
+    """Every row's test predictions, kept so that two results files can be compared image by image afterwards.
+
+    ``labels`` (n_test,) are the true class ids of the test images, in the order of the test features; ``predicted``
+    (n_rows, n_test) each row's predicted class id; ``rank`` (n_rows, n_test) the rank of the true class in the
+    row's scores (uint8, 0 = right, ``stats.RANK_CAP`` = that far or further: any top-k up to 255). ``keys`` name
+    the rows (``row_key``); ``order`` is a hash of the test ids in order, so files are paired only image by image.
+
+    Stored inside the results JSON as one base64 field of a compressed ``.npz`` (uint16 class ids where they fit):
+    one file to commit, upload or attach, written in one atomic save. ImageNet's 50,000 test images x 12 rows fit
+    in a few MB (``tests/test_predictions.py`` checks the budget)."""
+
+    labels: np.ndarray
+    predicted: np.ndarray
+    rank: np.ndarray
+    keys: list[str]
+    order: str
+
+    def encode(self) -> dict:
+        kind = np.uint16 if max(int(self.labels.max(initial=0)), int(self.predicted.max(initial=0))) < 2 ** 16 \
+            else np.uint32
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, labels=self.labels.astype(kind), predicted=self.predicted.astype(kind),
+                            rank=self.rank.astype(np.uint8))
+        return {"format": PREDICTIONS_FORMAT, "order": self.order, "keys": self.keys,
+                "npz_base64": base64.b64encode(buffer.getvalue()).decode("ascii")}
+
+    @classmethod
+    def decode(cls, data: dict, where: str) -> Predictions:
+        if not isinstance(data, dict) or data.get("format") != PREDICTIONS_FORMAT:
+            raise BadInputError(f"{where}: predictions in an unknown format ({_short_value(data)}); expected "
+                                f"{PREDICTIONS_FORMAT}")
+        try:
+            with np.load(io.BytesIO(base64.b64decode(data["npz_base64"], validate=True)), allow_pickle=False) as z:
+                labels, predicted, rank = z["labels"], z["predicted"], z["rank"]
+        except (KeyError, ValueError, OSError) as exc:
+            raise BadInputError(f"{where}: damaged predictions field ({exc})") from None
+        keys = list(data.get("keys") or [])
+        if predicted.shape != rank.shape or predicted.shape != (len(keys), len(labels)):
+            raise BadInputError(f"{where}: damaged predictions field (shapes {predicted.shape}, {rank.shape} for "
+                                f"{len(keys)} rows x {len(labels)} test images)")
+        return cls(labels.astype(np.int64), predicted.astype(np.int64), rank, keys, str(data.get("order")))
+
+    def of(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """The predicted ids and true-class ranks of one row."""
+        i = self.keys.index(key)
+        return self.predicted[i], self.rank[i]
+
+
+def _short_value(value: object) -> str:
+    text = str(value)
+    return text if len(text) < 60 else text[:57] + "…"
 
 
 def classifier_of(row: dict) -> str:
@@ -43,6 +108,7 @@ class Results:
     meta: dict
     rows: list[dict] = field(default_factory=list)
     intervals: dict[str, dict] = field(default_factory=dict)
+    predictions: Predictions | None = None  # None: a file written before predictions were kept
 
     @property
     def classifiers(self) -> list[str]:
@@ -51,8 +117,21 @@ class Results:
 
     @property
     def summary(self) -> list[dict]:
-        """One entry per classifier x split (classifiers, then splits, in the order they first appear): mean and
-        std of top-1 over seeds, and the bootstrap CI when there is one."""
+        """One entry per classifier x subset: mean and std of top-1 over seeds (and of top-5 and mean-per-class
+        under ``metrics`` when the rows have them), and the top-1 bootstrap CI when there is one."""
+        return self.summary_of(DEFAULT_METRIC)
+
+    def has_metric(self, metric: str) -> bool:
+        return bool(self.rows) and all(r.get(METRICS[metric]) is not None for r in self.rows)
+
+    def summary_of(self, metric: str) -> list[dict]:
+        """``summary`` with ``mean``/``std`` of ``metric`` (``top1``, ``top5``, ``mean-per-class``); the CI is
+        kept only for top-1, the metric it was computed for."""
+        field_name = METRICS[metric]
+        if not self.has_metric(metric):
+            raise BadInputError(f"--metric {metric}: the results ({self.meta.get('label') or self.meta.get('model')})"
+                                f" have no {field_name} per row (written before lowshot recorded it); rerun "
+                                "'lowshot probe'")
         groups: dict[tuple[str, str], list[dict]] = {}
         for row in self.rows:
             groups.setdefault((classifier_of(row), row["subset"]), []).append(row)
@@ -60,7 +139,7 @@ class Results:
         out = []
         for classifier, name in order:
             rows = groups[(classifier, name)]
-            mean, std = mean_std([r["top1"] for r in rows])
+            mean, std = mean_std([r[field_name] for r in rows])
             lambdas = sorted({r["lambda"] for r in rows if r.get("lambda") is not None})
             entry = {"subset": name, "classifier": classifier, "mean": round(mean, 4), "std": round(std, 4),
                      "n_seeds": len(rows), "n_train": round(sum(r["n_train"] for r in rows) / len(rows), 1),
@@ -68,12 +147,20 @@ class Results:
             ks = sorted({r["k"] for r in rows if r.get("k") is not None})
             if ks:
                 entry["k"] = ks[0] if len(ks) == 1 else ks
-            entry.update(self.intervals.get(interval_key(classifier, name), {}))
+            if metric == DEFAULT_METRIC:
+                entry.update(self.intervals.get(interval_key(classifier, name), {}))
+                others = {m: mean_std([r[f] for r in rows]) for m, f in METRICS.items()
+                          if m != metric and all(r.get(f) is not None for r in rows)}
+                if others:
+                    entry["metrics"] = {m: {"mean": round(a, 4), "std": round(b, 4)} for m, (a, b) in others.items()}
             out.append(entry)
         return out
 
     def to_dict(self) -> dict:
-        return {"meta": self.meta, "rows": self.rows, "summary": self.summary}
+        data = {"meta": self.meta, "rows": self.rows, "summary": self.summary}
+        if self.predictions is not None:
+            data["predictions"] = self.predictions.encode()
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -135,7 +222,10 @@ class Results:
         intervals = {interval_key(s.get("classifier") or DEFAULT_CLASSIFIER, s["subset"]):
                      {"ci_low": s["ci_low"], "ci_high": s["ci_high"]}
                      for s in summary if "ci_low" in s and "subset" in s}
-        return cls(data["meta"], rows, intervals)
+        predictions = Predictions.decode(data["predictions"], str(path)) if data.get("predictions") else None
+        if predictions is not None and predictions.keys != [row_key(r) for r in rows]:
+            raise BadInputError(f"{path}: its predictions do not match its rows (edited by hand?)")
+        return cls(data["meta"], rows, intervals, predictions)
 
 
 def _renamed(entry: dict) -> dict:

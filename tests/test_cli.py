@@ -45,7 +45,7 @@ def test_full_extract_then_probe_writes_json_with_meta_rows_and_summary(extracte
     assert result.exit_code == 0, result.output
     assert "most recent extraction" in result.output and "5-shot" in result.output
     data = json.loads(out.read_text())
-    assert set(data) == {"meta", "rows", "summary"}
+    assert set(data) == {"meta", "rows", "summary", "predictions"}
     assert [s["subset"] for s in data["summary"]] == ["1-shot", "2-shot", "5-shot", "10%"]
     assert len(data["rows"]) == 8
     row = data["rows"][0]

@@ -67,7 +67,8 @@ def test_several_classifiers_get_a_classifier_column_and_ci_cells(tmp_path):
     assert "| vit-a | logistic | **80.0 ± 1.0 [78.1, 81.9]** |" in md and "| vit-a | knn | 75.0 ± 1.0 |" in md
     assert "[95% CI]" in md
     csv_text = comparison.render("csv")
-    assert csv_text.splitlines()[0] == "label,classifier,kind,subset,mean,std,n_seeds,ci_low,ci_high,best"
+    assert csv_text.splitlines()[0] == ("label,classifier,kind,metric,subset,mean,std,n_seeds,ci_low,ci_high,best,"
+                                        "delta,delta_ci_low,delta_ci_high,p_value")
     assert json.loads(comparison.render("json"))["rows"][1]["classifier"] == "knn"
 
 

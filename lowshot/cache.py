@@ -56,10 +56,22 @@ def digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _file_mode(path: Path) -> int:
+    """The permissions a plain ``open(path, "w")`` would give: the existing file's, else 0o666 less the umask
+    (``mkstemp`` makes its temp files 0o600, which would leave results unreadable to anyone else)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_atomic(path: Path, mode: str, write: Callable[[IO], None]) -> None:
     """Write through a temp file in the same folder, fsync, then rename: readers see the old file or the new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode(path))
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()

@@ -87,6 +87,9 @@ def test_results_are_saved_atomically_into_new_folders_and_refuse_unknown_extens
     saved = results.save(tmp_path / "new" / "deeper" / "r.json")
     assert Results.load(saved).rows == results.rows
     assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert saved.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0o600
     with pytest.raises(BadInputError, match="unknown extension '.txt'"):
         results.save(tmp_path / "r.txt")
 

@@ -222,19 +222,10 @@ def main() -> None:
 def interrupted_report(args, info: dict, tree: Path, work: Path, shape: dict, built: float | None, listing: dict,
                        first: dict) -> None:
     """The run did not finish within --limit-minutes: what it encoded, at what steady rate, and projections."""
-    from lowshot.config import ProbeSettings
-    from lowshot.datasets import open_dataset
-    from lowshot.protocol import needed_indices
-    from lowshot.splits import Listing
-
-    train = open_dataset(tree, listing_cache=work / "cache" / "listings").train
-    needed = len(needed_indices(ProbeSettings(), Listing(train.ids, train.labels, train.classes))) + args.val
-    full = args.train + args.val
     rate = first["shards"]["img_per_s"]
+    projection, projected_rows = project(args, tree, work / "cache", rate)
     payload = {"machine": info, "shape": shape, "tree_build_seconds": built, "listing_seconds": listing,
-               "first_run": first, "protocol_images": needed, "full_extraction_images": full,
-               "protocol_encode_projected_minutes": round(needed / rate / 60, 1) if rate else None,
-               "full_extraction_projected_hours": round(full / rate / 3600, 1) if rate else None}
+               "first_run": first, **projection}
     md = "\n".join([
         "# ImageNet-shaped run, interrupted (`benchmarks/imagenet_shaped.py --limit-minutes "
         f"{args.limit_minutes:g}`)", "",
@@ -247,34 +238,42 @@ def interrupted_report(args, info: dict, tree: Path, work: Path, shape: dict, bu
         f"| `lowshot probe --model deit-tiny --data <tree>` from an empty cache, stopped after | "
         f"{first['seconds'] / 60:.1f} min |",
         f"| train images encoded by then (finished shards) | {first['shards']['images']:,} |",
-        f"| steady encoding rate (first to last shard) | {rate} img/s |",
-        f"| images the default protocol encodes (union of its subsets + all val) | {needed:,} of {full:,} |",
-        f"| their encoding at that rate, projected | {payload['protocol_encode_projected_minutes']} min |",
-        f"| a full extraction ({full:,} images) at that rate, projected | "
-        f"{payload['full_extraction_projected_hours']} h |"])
+        *projected_rows])
     publish(args.name, payload, md)
 
 
-def report_stopped_run(args, info: dict, tree: Path, work: Path) -> None:
-    """A first run stopped from outside (e.g. its parent died): measure its finished shards, as --limit-minutes
-    would have, from the time its partial entry was created to its last shard."""
+def project(args, tree: Path, cache: Path, rate: float) -> tuple[dict, list[str]]:
+    """What the default protocol encodes on the tree, and the time that and a full extraction take at ``rate``
+    (img/s): payload entries and the markdown rows that report them."""
     from lowshot.config import ProbeSettings
     from lowshot.datasets import open_dataset
     from lowshot.protocol import needed_indices
     from lowshot.splits import Listing
 
+    train = open_dataset(tree, listing_cache=cache / "listings").train
+    needed = len(needed_indices(ProbeSettings(), Listing(train.ids, train.labels, train.classes))) + args.val
+    full = args.train + args.val
+    minutes = round(needed / rate / 60, 1) if rate else None
+    hours = round(full / rate / 3600, 1) if rate else None
+    payload = {"protocol_images": needed, "full_extraction_images": full,
+               "protocol_encode_projected_minutes": minutes, "full_extraction_projected_hours": hours}
+    rows = [f"| steady encoding rate (first to last shard) | {rate} img/s |",
+            f"| images the default protocol encodes (union of its subsets + all val) | {needed:,} of {full:,} |",
+            f"| their encoding at that rate, projected | {minutes} min |",
+            f"| a full extraction ({full:,} images) at that rate, projected | {hours} h |"]
+    return payload, rows
+
+
+def report_stopped_run(args, info: dict, tree: Path, work: Path) -> None:
+    """A first run stopped from outside (e.g. its parent died): measure its finished shards, as --limit-minutes
+    would have, from the time its partial entry was created to its last shard."""
     cache = work / "cache"
     started = min(p.stat().st_mtime for p in cache.glob("partial/*/meta.json"))
     shards = shard_rate(cache)
     last = max(p.stat().st_mtime for p in cache.glob("partial/*/shard-*.json"))
-    train = open_dataset(tree, listing_cache=cache / "listings").train
-    needed = len(needed_indices(ProbeSettings(), Listing(train.ids, train.labels, train.classes))) + args.val
-    full = args.train + args.val
-    rate = shards["img_per_s"]
+    projection, projected_rows = project(args, tree, cache, shards["img_per_s"])
     payload = {"machine": info, "shards": shards, "encoding_minutes": round((last - started) / 60, 1),
-               "protocol_images": needed, "full_extraction_images": full,
-               "protocol_encode_projected_minutes": round(needed / rate / 60, 1),
-               "full_extraction_projected_hours": round(full / rate / 3600, 1)}
+               **projection}
     md = "\n".join([
         "# ImageNet-shaped run, stopped (`benchmarks/imagenet_shaped.py --report-stopped-run`)", "",
         f"Machine at report time: {describe(info)}.", "",
@@ -282,11 +281,7 @@ def report_stopped_run(args, info: dict, tree: Path, work: Path) -> None:
         f"| `lowshot probe --model deit-tiny --data <tree>` from an empty cache: encoding ran for | "
         f"{payload['encoding_minutes']} min |",
         f"| train images encoded (finished shards) | {shards['images']:,} |",
-        f"| steady encoding rate (first to last shard) | {rate} img/s |",
-        f"| images the default protocol encodes (union of its subsets + all val) | {needed:,} of {full:,} |",
-        f"| their encoding at that rate, projected | {payload['protocol_encode_projected_minutes']} min |",
-        f"| a full extraction ({full:,} images) at that rate, projected | "
-        f"{payload['full_extraction_projected_hours']} h |"])
+        *projected_rows])
     publish(args.name, payload, md)
 
 

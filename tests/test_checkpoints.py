@@ -11,15 +11,10 @@ import lowshot
 from lowshot.backbones import load_backbone, resolve_model
 from lowshot.errors import ModelLoadError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
+
 WIDTH, DEPTH, HEADS, PATCH, GRID = 192, 2, 3, 16, 14  # deit_tiny's width and heads, 2 blocks, 224 px
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def msn_state(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ from lowshot.readouts import READOUTS
 from . import zoo
 from .conftest import make_image_folder
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
+
 PREFIX = {"deit": 2, "dinov2-registers": 5, "siglip-vision": 0, "siglip-full": 0, "swin": 0}  # before the patches
 # Readouts each family gives (the rest must be refused in one line): the README table says the same.
 CLS_READOUTS = {"cls-prenorm", "cls-postnorm", "avgpool", "cls+avgpool", "last4-cls"}
@@ -30,14 +32,6 @@ GIVES = {
 }
 DEFAULT = {name: "cls-prenorm" if "cls-prenorm" in gives else "pooled" for name, gives in GIVES.items()}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: on a shared 2-core machine, threading their 32-wide GEMMs costs 100x more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

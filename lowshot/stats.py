@@ -28,15 +28,26 @@ def bootstrap_ci(correct: np.ndarray, *, n_boot: int = DEFAULT_N_BOOT, level: fl
     if not 0 < level < 1:
         raise ValueError(f"level {level}: must be in (0, 1)")
     per_image = np.atleast_2d(np.asarray(correct, dtype=np.float64)).mean(axis=0)
-    n = len(per_image)
-    if n == 0:
+    if len(per_image) == 0:
         raise ValueError("no test images to resample")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
+    return _percentile_interval(_resampled_means(per_image, n_boot, rng), level)
+
+
+def _resampled_means(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``n_boot`` means of ``len(values)`` draws with replacement, drawn in chunks of at most ``_CHUNK_ELEMENTS``
+    indices (memory stays bounded for 50,000 test images x 1,000 replicates)."""
+    n = len(values)
     stats = np.empty(n_boot)
     chunk = max(1, _CHUNK_ELEMENTS // n)
     for start in range(0, n_boot, chunk):
         stop = min(start + chunk, n_boot)
-        stats[start:stop] = per_image[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        stats[start:stop] = values[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    return stats
+
+
+def _percentile_interval(stats: np.ndarray, level: float) -> tuple[float, float]:
+    """The central ``level`` percentile interval of replicate fractions, in points."""
     tail = 100.0 * (1 - level) / 2
     low, high = np.percentile(100.0 * stats, [tail, 100.0 - tail])
     return round(float(low), 4), round(float(high), 4)
@@ -119,29 +130,18 @@ def paired_bootstrap_ci(diff: np.ndarray, *, labels: np.ndarray | None = None, n
     if n_boot < 1:
         raise ValueError(f"n_boot {n_boot}: need at least one bootstrap replicate")
     per_image = np.atleast_2d(np.asarray(diff, dtype=np.float64)).mean(axis=0)
-    n = len(per_image)
-    if n == 0:
+    if len(per_image) == 0:
         raise ValueError("no test images to resample")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
     if labels is None:
-        stats = np.empty(n_boot)
-        chunk = max(1, _CHUNK_ELEMENTS // n)
-        for start in range(0, n_boot, chunk):
-            stop = min(start + chunk, n_boot)
-            stats[start:stop] = per_image[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        stats = _resampled_means(per_image, n_boot, rng)
     else:
         groups = [np.flatnonzero(np.asarray(labels) == c) for c in np.unique(labels)]
         stats = np.zeros(n_boot)
         for members in groups:
-            values = per_image[members]
-            chunk = max(1, _CHUNK_ELEMENTS // len(members))
-            for start in range(0, n_boot, chunk):
-                stop = min(start + chunk, n_boot)
-                stats[start:stop] += values[rng.integers(0, len(members), size=(stop - start, len(members)))].mean(1)
+            stats += _resampled_means(per_image[members], n_boot, rng)
         stats /= len(groups)
-    tail = 100.0 * (1 - level) / 2
-    low, high = np.percentile(100.0 * stats, [tail, 100.0 - tail])
-    return round(float(low), 4), round(float(high), 4)
+    return _percentile_interval(stats, level)
 
 
 def mcnemar_exact(a_hit: np.ndarray, b_hit: np.ndarray) -> tuple[float, int, int]:

@@ -9,6 +9,10 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"  # ../shared/data beside the clone (see its PROVENANCE.md)
+DEIT_TINY = SHARED / "models" / "deit-tiny-patch16-224"
+IMAGENETTE = SHARED / "datasets" / "imagenette2-224"
 CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
 
 

@@ -26,12 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import describe, machine, median, publish  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-DEIT_TINY = SHARED / "models" / "deit-tiny-patch16-224"
-IMAGENETTE = SHARED / "datasets" / "imagenette2-224"
+from benchmarks._common import DEIT_TINY, IMAGENETTE, describe, machine, median, publish  # noqa: E402
 
 
 def make_big_photos(root: Path, *, train: int, val: int, seed: int = 0) -> Path:

@@ -32,10 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, describe, machine, median, publish  # noqa: E402
+from benchmarks._common import IMAGENETTE, REPO, RESULTS, describe, machine, median, publish  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-IMAGENETTE = REPO.parent / "shared" / "data" / "datasets" / "imagenette2-224"
 BATCH = 64
 VIT_S16 = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536,
            "image_size": 224, "patch_size": 16, "qkv_bias": True, "hidden_act": "gelu", "layer_norm_eps": 1e-6}

@@ -24,12 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, describe, machine, publish  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-DEIT_TINY = SHARED / "models" / "deit-tiny-patch16-224"
-IMAGENETTE = SHARED / "datasets" / "imagenette2-224"
+from benchmarks._common import DEIT_TINY, IMAGENETTE, RESULTS, describe, machine, publish  # noqa: E402
 
 
 def load_pixels(split: str, per_class: int) -> tuple[torch.Tensor, np.ndarray, list[str], list[str]]:

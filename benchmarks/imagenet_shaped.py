@@ -37,12 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import describe, machine, publish  # noqa: E402
+from benchmarks._common import DEIT_TINY, IMAGENETTE, REPO, describe, machine, publish  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-IMAGENETTE = SHARED / "datasets" / "imagenette2-224"
-DEIT_TINY = SHARED / "models" / "deit-tiny-patch16-224"
 IMAGENET_TRAIN = 1_281_167  # ILSVRC-2012 train images
 IMAGENET_VAL = 50_000  # ILSVRC-2012 val images
 IMAGENET_CLASSES = 1_000

@@ -341,6 +341,13 @@ def probe(
     device: Annotated[str, _option(help="With --model/--data: the extraction's --device.")] = "auto",
     batch_size: Annotated[int, _option(
         "--batch-size", "-b", help="With --model/--data: images decoded per batch when encoding.")] = 64,
+    engine: Annotated[str, _option(help="With --model/--data: the extraction's --engine.")] = "auto",
+    revision: Annotated[str | None, _option(help="With --model/--data: the model's hub revision.")] = None,
+    train_split: Annotated[str, _option(
+        help="With --model/--data: the split to draw the labelled shots from.")] = "train",
+    test_split: Annotated[str | None, _option(
+        help="With --model/--data: the split to evaluate on. [default: the first of val, validation, "
+             "test]")] = None,
     backend: Annotated[str, _option(help="Solver: torch (full-batch L-BFGS) or sklearn (reference).")] = "torch",
     classifier: Annotated[str, _option(
         "--classifier", help="Comma-separated: logistic (the MSN probe), knn (cosine k-NN, k by leave-one-out on "
@@ -384,7 +391,8 @@ def probe(
         check_writable(output)
     if model is not None or data is not None:
         extract_settings = ExtractSettings(transform=transform, feature=feature, dtype=dtype, device=device,
-                                           batch_size=batch_size)
+                                           batch_size=batch_size, engine=engine, revision=revision,
+                                           train_split=train_split, test_split=test_split)
         with progress_callback(err) as progress:
             extraction = extract_features(model or DEFAULT_MODEL, data, extract_settings, subsets=settings,
                                           cache_dir=cache_dir, progress=progress)
@@ -636,13 +644,17 @@ def cache_verify(cache_dir: CacheDir = None) -> None:
 
     cache = FeatureCache(cache_dir)
     problems = cache.verify()
-    n = len(cache.manifests())
+    stale = cache.stale()
+    n = len(cache.manifests()) - len(stale)
+    for key, note in stale:
+        err.print(f"{key[:12]}: {note}", highlight=False)
     for key, problem in problems:
         err.print(f"{key[:12]}: {problem}", highlight=False)
     if problems:
         raise CacheError(f"{len(problems)} problem(s) in {cache.root}; remove damaged entries with "
                          "'lowshot cache rm KEY' and extract again")
-    err.print(f"{n} entr{'y' if n == 1 else 'ies'} OK in {cache.root}")
+    err.print(f"{n} entr{'y' if n == 1 else 'ies'} OK in {cache.root}"
+              + (f" ({len(stale)} of an older format, not checked)" if stale else ""))
 
 
 def main() -> None:

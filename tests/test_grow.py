@@ -141,6 +141,18 @@ def test_probe_with_model_and_data_encodes_what_is_missing_then_probes(tiny_mode
     assert f"{held} of 30" in listing.stdout.replace(",", "") and "9 of 9" in listing.stdout
 
 
+def test_probe_with_model_and_data_forwards_the_extraction_options(tiny_model, data, cache_dir):
+    common = ["probe", "--model", str(tiny_model), "--data", str(data), "--device", "cpu", "--dtype", "float32",
+              "--shots", "1", "--percent", "0", "--seeds", "1"]
+    ran = runner.invoke(app, [*common, "--engine", "stock", "--train-split", "train", "--test-split", "val",
+                              "--format", "json"])
+    assert ran.exit_code == 0, ran.output
+    recorded = json.loads(ran.stdout)["meta"]["settings"]["extract"]
+    assert (recorded["engine"], recorded["train_split"], recorded["test_split"]) == ("stock", "train", "val")
+    wrong = runner.invoke(app, [*common, "--test-split", "nonesuch"])
+    assert wrong.exit_code != 0 and "nonesuch" in wrong.output and "Traceback" not in wrong.output
+
+
 def test_extract_takes_the_probe_protocol_options_and_all(tiny_model, data, cache_dir):
     base = ["extract", "--model", str(tiny_model), "--data", str(data), "--device", "cpu", "--dtype", "float32"]
     some = runner.invoke(app, [*base, "--shots", "1", "--percent", "0", "--seeds", "1"])

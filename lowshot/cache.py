@@ -333,15 +333,23 @@ class FeatureCache:
                 run.unlink(missing_ok=True)
         return sorted(set(removed))
 
+    def stale(self) -> list[tuple[str, str]]:
+        """Entries of another cache format, (key, note) pairs: not damaged, never read as this format; the next
+        extraction that needs one writes a current entry (``cache rm`` frees the old one's space)."""
+        return [(folder.name, f"format {manifest.get('cache_format')} (current {CACHE_FORMAT}): not read; "
+                 "rebuilt when needed")
+                for folder, manifest in self._entries()
+                if manifest is not None and manifest.get("cache_format") != CACHE_FORMAT]
+
     def verify(self) -> list[tuple[str, str]]:
-        """Check every finished entry's files against the sha256 in its manifest: (key, problem) pairs."""
+        """Check every finished entry of the current format against the sha256 in its manifest: (key, problem)
+        pairs. Entries of another format are not problems (see :meth:`stale`)."""
         problems = []
         for folder, manifest in self._entries():
             if manifest is None:
                 problems.append((folder.name, "manifest.json missing or unreadable"))
                 continue
             if manifest.get("cache_format") != CACHE_FORMAT:
-                problems.append((folder.name, f"format {manifest.get('cache_format')} (current {CACHE_FORMAT})"))
                 continue
             for name, expected in manifest.get("sha256", {}).items():
                 path = folder / name

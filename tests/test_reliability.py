@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 import lowshot
 from lowshot import cache as cache_module
 from lowshot import extract
 from lowshot.backbones import Backbone
 from lowshot.cache import CACHE_FORMAT, FeatureCache
+from lowshot.cli import app
 from lowshot.errors import CacheError, DataError
 
 from .conftest import REPO, make_image_folder
@@ -126,6 +128,10 @@ def test_an_entry_of_an_incompatible_format_is_rebuilt_not_misread(tiny_model, i
     manifest = json.loads(manifest_path.read_text())
     manifest["cache_format"] = CACHE_FORMAT - 1
     manifest_path.write_text(json.dumps(manifest))
+    cache = FeatureCache(cache_dir)
+    assert cache.verify() == [] and [key for key, _ in cache.stale()] == [first.train.features.key]
+    checked = CliRunner().invoke(app, ["cache", "verify", "--cache-dir", str(cache_dir)])
+    assert checked.exit_code == 0 and "1 entry OK" in checked.stderr and "older format" in checked.stderr
     again = run(tiny_model, image_data, cache_dir)
     assert not again.train.cached and again.test.cached
     assert json.loads(manifest_path.read_text())["cache_format"] == CACHE_FORMAT

@@ -327,7 +327,7 @@ def choose_engine(net: torch.nn.Module, spec: ReadoutSpec, engine: str, *, name:
     why_not = unsupported_reason(net)
     if why_not is None and spec.name not in FAST_READOUTS:
         why_not = f"readout {spec.name} is not one the fast engine computes ({', '.join(FAST_READOUTS)})"
-    if why_not is None and spec.position_embeddings != "native":
+    if why_not is None and spec.position_embeddings not in ("native", readouts.BUILT_IN):  # DINOv2: its own
         why_not = f"input {spec.input_size} px differs from the model's {spec.native_size} px"
     if why_not is None:
         return "fast", "lowshot.fast_engine covers " + type(net).__name__

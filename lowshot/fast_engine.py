@@ -1,4 +1,5 @@
-"""A lean inference forward for Hugging Face ViT-layout backbones (ViT, ViTMSN, DeiT): same weights, same math.
+"""A lean inference forward for Hugging Face ViT-layout backbones (ViT, ViTMSN, DeiT, DINOv2 with or without
+registers): same weights, same math.
 
 The stock forward is kept as the reference and the fallback (``engine="stock"``); this one differs only in how the
 work is scheduled, measured in ``benchmarks/extract_speed.py``:
@@ -10,7 +11,10 @@ work is scheduled, measured in ``benchmarks/extract_speed.py``:
   keys and values): the feature reads nothing else;
 - in bfloat16/float16 only the blocks' linear layers and attention run in it; pixels, patch embedding, residual
   stream and LayerNorms stay in float32, so the features keep a cosine >= 0.999 to float32;
-- no ``output_hidden_states`` bookkeeping.
+- no ``output_hidden_states`` bookkeeping;
+- DINOv2: its layer scales are folded into the attention output and fc2 weights (diag(lambda) W, lambda b: the
+  same products, no extra pass), SwiGLU's gate and up projections run as one GEMM, and the tokens come from the
+  model's own embedding module (in float32), which interpolates its position embeddings to any input size.
 
 Anything else -- another architecture, an activation we do not fuse, a module layout this version of
 ``transformers`` does not have -- is reported by :func:`unsupported_reason` and runs on the stock path instead.
@@ -19,16 +23,69 @@ Agreement with the stock path is tested (``tests/test_fast_engine.py``).
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_CLASSES = ("ViTModel", "ViTMSNModel", "DeiTModel")
+VIT_CLASSES = ("ViTModel", "ViTMSNModel", "DeiTModel")
+DINOV2_CLASSES = ("Dinov2Model", "Dinov2WithRegistersModel")
+SUPPORTED_CLASSES = VIT_CLASSES + DINOV2_CLASSES
 # The readouts this engine computes (the last block runs the CLS row only); any other runs on the stock forward.
 FAST_READOUTS = ("cls-prenorm", "cls-postnorm")
 # transformers' activation names -> oneDNN's GELU algorithm ("none" is the exact erf GELU, as nn.GELU()).
 GELU_ALGORITHMS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
 PACKED_DTYPES = (torch.float32, torch.bfloat16)  # dtypes oneDNN's prepacked linear kernels take on the CPU
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """One block's modules, whatever the family calls them: pre-norms, attention projections, the MLP (fc1/fc2, or
+    SwiGLU's gate/up/down) and DINOv2's layer scales (None: none)."""
+
+    norm1: nn.LayerNorm
+    norm2: nn.LayerNorm
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    mlp: tuple[nn.Linear, ...]  # (fc1, fc2) or (gate, up, down)
+    scale1: torch.Tensor | None = None
+    scale2: torch.Tensor | None = None
+
+    @property
+    def swiglu(self) -> bool:
+        return len(self.mlp) == 3
+
+
+def _block_parts(net: nn.Module) -> list[_Parts] | str:
+    """Every block's :class:`_Parts`, or why this layout is not one the engine knows."""
+    dinov2 = type(net).__name__ in DINOV2_CLASSES
+    layers = getattr(getattr(net, "encoder", None), "layer", None) if dinov2 else getattr(net, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        where = "encoder.layer" if dinov2 else "layers"
+        return f"no '{where}' list (a transformers version with another module layout)"
+    names = ("norm1", "norm2") if dinov2 else ("layernorm_before", "layernorm_after")
+    found = []
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "attention", None), getattr(layer, "mlp", None)
+        norms = [getattr(layer, n, None) for n in names]
+        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        swiglu = dinov2 and hasattr(mlp, "gate_proj")
+        mlp_names = ("gate_proj", "up_proj", "down_proj") if swiglu else ("fc1", "fc2")
+        mlp_linears = [getattr(mlp, n, None) for n in mlp_names]
+        if not all(isinstance(m, nn.Linear) for m in projections + mlp_linears) or \
+                not all(isinstance(m, nn.LayerNorm) for m in norms):
+            return f"layer {i} does not have q/k/v/o_proj, {'/'.join(mlp_names)} and {'/'.join(names)}"
+        scales = [None, None]
+        if dinov2:
+            scales = [getattr(getattr(layer, n, None), "lambda1", None) for n in ("layer_scale1", "layer_scale2")]
+            if not all(isinstance(t, torch.Tensor) for t in scales):
+                return f"layer {i} does not have layer_scale1/2.lambda1"
+        found.append(_Parts(*norms, *projections, tuple(mlp_linears), *scales))
+    return found
 
 
 def unsupported_reason(net: nn.Module) -> str | None:
@@ -37,8 +94,11 @@ def unsupported_reason(net: nn.Module) -> str | None:
     if name not in SUPPORTED_CLASSES:
         return f"{name} is not one of {', '.join(SUPPORTED_CLASSES)}"
     config = net.config
+    parts = _block_parts(net)
+    if isinstance(parts, str):
+        return parts
     act = getattr(config, "hidden_act", None)
-    if not isinstance(act, str) or act not in GELU_ALGORITHMS:
+    if not all(p.swiglu for p in parts) and (not isinstance(act, str) or act not in GELU_ALGORITHMS):
         return f"activation {act!r} is not one of {', '.join(GELU_ALGORITHMS)}"
     emb = getattr(net, "embeddings", None)
     proj = getattr(getattr(emb, "patch_embeddings", None), "projection", None)
@@ -47,24 +107,21 @@ def unsupported_reason(net: nn.Module) -> str | None:
         return "patch embedding is not a non-overlapping Conv2d"
     if getattr(emb, "cls_token", None) is None or getattr(emb, "position_embeddings", None) is None:
         return "no CLS token or position embeddings"
-    layers = getattr(net, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or not isinstance(getattr(net, "layernorm", None),
-                                                                                  nn.LayerNorm):
-        return "no 'layers' list and final 'layernorm' (a transformers version with another module layout)"
+    if not isinstance(getattr(net, "layernorm", None), nn.LayerNorm):
+        return "no final 'layernorm' (a transformers version with another module layout)"
     hidden = config.hidden_size
-    for i, layer in enumerate(layers):
-        attn, mlp = getattr(layer, "attention", None), getattr(layer, "mlp", None)
-        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        linears += [getattr(mlp, n, None) for n in ("fc1", "fc2")]
-        norms = [getattr(layer, n, None) for n in ("layernorm_before", "layernorm_after")]
-        if not all(isinstance(m, nn.Linear) for m in linears) or not all(isinstance(m, nn.LayerNorm) for m in norms):
-            return f"layer {i} does not have q/k/v/o_proj, fc1/fc2 and layernorm_before/after"
+    for i, (layer, p) in enumerate(zip(_layers(net), parts, strict=True)):
+        attn = layer.attention
         heads, head_dim = getattr(attn, "num_attention_heads", 0), getattr(attn, "head_dim", 0)
-        if heads * head_dim != linears[0].out_features or linears[3].out_features != hidden:
+        if heads * head_dim != p.q.out_features or p.o.out_features != hidden:
             return f"layer {i}: attention shapes are not heads x head_dim"
         if abs(getattr(attn, "scaling", head_dim ** -0.5) - head_dim ** -0.5) > 1e-12:
             return f"layer {i}: attention scaling is not 1/sqrt(head_dim)"
     return None
+
+
+def _layers(net: nn.Module) -> nn.ModuleList:
+    return net.encoder.layer if type(net).__name__ in DINOV2_CLASSES else net.layers
 
 
 def _packable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -126,23 +183,37 @@ class _Norm:
         return F.layer_norm(h, self.shape, self.weight, self.bias, self.eps).to(self.compute)
 
 
+def _scaled(linear: nn.Linear, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of ``scale * linear(x)``: a layer scale folded into the layer (float32, before any cast)."""
+    weight, bias = linear.weight.detach().float(), None if linear.bias is None else linear.bias.detach().float()
+    if scale is None:
+        return weight, bias
+    scale = scale.detach().float()
+    return scale[:, None] * weight, None if bias is None else scale * bias
+
+
 class _Block:
-    def __init__(self, layer: nn.Module, *, stream: torch.dtype, compute: torch.dtype, packed: bool, rows_hint: int,
-                 last: bool):
-        attn, mlp = layer.attention, layer.mlp
-        self.heads, self.head_dim = attn.num_attention_heads, attn.head_dim
-        self.norm1 = _Norm(layer.layernorm_before, stream=stream, compute=compute)
-        self.norm2 = _Norm(layer.layernorm_after, stream=stream, compute=compute)
+    def __init__(self, parts: _Parts, heads: int, head_dim: int, *, stream: torch.dtype, compute: torch.dtype,
+                 packed: bool, rows_hint: int, last: bool):
+        self.heads, self.head_dim = heads, head_dim
+        self.norm1 = _Norm(parts.norm1, stream=stream, compute=compute)
+        self.norm2 = _Norm(parts.norm2, stream=stream, compute=compute)
         linear = {"dtype": compute, "packed": packed, "rows_hint": rows_hint}
-        q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+        q, k, v = parts.q, parts.k, parts.v
         if last:  # only the CLS row needs a query; every token needs a key and a value
             self.q = _Linear(q.weight, q.bias, **linear)
             self.kv = _Linear(torch.cat([k.weight, v.weight]), _cat_bias(k, v), **linear)
         else:
             self.qkv = _Linear(torch.cat([q.weight, k.weight, v.weight]), _cat_bias(q, k, v), **linear)
-        self.out = _Linear(attn.o_proj.weight, attn.o_proj.bias, **linear)
-        self.fc1 = _Linear(mlp.fc1.weight, mlp.fc1.bias, **linear)
-        self.fc2 = _Linear(mlp.fc2.weight, mlp.fc2.bias, **linear)
+        self.out = _Linear(*_scaled(parts.o, parts.scale1), **linear)
+        self.swiglu = parts.swiglu
+        if self.swiglu:  # gate and up in one GEMM; silu(gate) * up in the compute dtype
+            gate, up, down = parts.mlp
+            self.fc1 = _Linear(torch.cat([gate.weight, up.weight]), _cat_bias(gate, up), **linear)
+            self.fc2 = _Linear(*_scaled(down, parts.scale2), **linear)
+        else:
+            self.fc1 = _Linear(parts.mlp[0].weight, parts.mlp[0].bias, **linear)
+            self.fc2 = _Linear(*_scaled(parts.mlp[1], parts.scale2), **linear)
         self.last = last
 
     def __call__(self, h: torch.Tensor, gelu: str) -> torch.Tensor:
@@ -158,6 +229,9 @@ class _Block:
             q, k, v = qkv[0], qkv[1], qkv[2]
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, q.shape[2], -1)
         h = self.out.add(a, h)
+        if self.swiglu:
+            gate, up = self.fc1(self.norm2(h)).chunk(2, dim=-1)
+            return self.fc2.add(F.silu(gate).mul_(up), h)
         return self.fc2.add(self.fc1(self.norm2(h), gelu), h)
 
 
@@ -181,19 +255,23 @@ class FastViT:
         self.dtype = dtype or conv.weight.dtype
         self.stream = torch.float32 if self.dtype in (torch.bfloat16, torch.float16) else self.dtype
         self.packed = _packable(self.device, self.dtype)
+        self.image_size = tuple(emb.patch_embeddings.image_size)
+        self.position = emb.position_embeddings.detach().to(self.stream).clone()
+        # DINOv2: the model's own embedding module (float32 copy), which interpolates the position embeddings to
+        # the input size and adds the register tokens; ViT/DeiT: conv + prefix tokens + positions, native size only
+        self.embeddings = copy.deepcopy(emb).to(self.stream) if type(net).__name__ in DINOV2_CLASSES else None
         self.patch_weight = conv.weight.detach().to(self.stream).clone()
         self.patch_bias = None if conv.bias is None else conv.bias.detach().to(self.stream).clone()
         self.patch_stride = conv.stride
-        self.image_size = tuple(emb.patch_embeddings.image_size)
         prefix = [emb.cls_token]
         if getattr(emb, "distillation_token", None) is not None:  # DeiT: CLS, distillation, patches
             prefix.append(emb.distillation_token)
         self.prefix = torch.cat(prefix, dim=1).detach().to(self.stream)
-        self.position = emb.position_embeddings.detach().to(self.stream).clone()
-        self.gelu = GELU_ALGORITHMS[net.config.hidden_act]
-        n_layers = len(net.layers)
-        self.blocks = [_Block(layer, stream=self.stream, compute=self.dtype, packed=self.packed, rows_hint=rows_hint,
-                              last=i == n_layers - 1) for i, layer in enumerate(net.layers)]
+        self.gelu = GELU_ALGORITHMS.get(net.config.hidden_act, "none")  # unused by SwiGLU blocks
+        layers, parts = _layers(net), _block_parts(net)
+        self.blocks = [_Block(p, layer.attention.num_attention_heads, layer.attention.head_dim, stream=self.stream,
+                              compute=self.dtype, packed=self.packed, rows_hint=rows_hint, last=i == len(parts) - 1)
+                       for i, (layer, p) in enumerate(zip(layers, parts, strict=True))]
         self.final_norm = _Norm(net.layernorm, stream=self.stream, compute=self.stream)
 
     @property
@@ -201,14 +279,21 @@ class FastViT:
         return int(self.position.shape[1])
 
     def accepts(self, pixels: torch.Tensor) -> bool:
-        """Images of the size the position embeddings were trained for (anything else goes to the stock path)."""
-        return tuple(pixels.shape[-2:]) == self.image_size
+        """Images of the size the position embeddings were trained for, or any size where the model interpolates
+        them itself (DINOv2); anything else goes to the stock path."""
+        return self.embeddings is not None or tuple(pixels.shape[-2:]) == self.image_size
 
-    def __call__(self, pixels: torch.Tensor, *, postnorm: bool = False) -> torch.Tensor:
+    def embed_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The token sequence the first block takes, in the residual stream's dtype."""
+        if self.embeddings is not None:
+            return self.embeddings(pixels.to(self.stream))
         n = pixels.shape[0]
         h = F.conv2d(pixels.to(self.stream), self.patch_weight, self.patch_bias, stride=self.patch_stride)
         h = h.flatten(2).transpose(1, 2)
-        h = torch.cat([self.prefix.expand(n, -1, -1), h], dim=1).add_(self.position)
+        return torch.cat([self.prefix.expand(n, -1, -1), h], dim=1).add_(self.position)
+
+    def __call__(self, pixels: torch.Tensor, *, postnorm: bool = False) -> torch.Tensor:
+        h = self.embed_tokens(pixels)
         for block in self.blocks:
             h = block(h, self.gelu)
         cls = h[:, 0]

@@ -15,17 +15,21 @@ from .conftest import DEIT_TINY, IMAGENETTE, require_shared, save_random_msn
 
 def save_random(path, kind, **overrides):
     """A small random ViT-family model whose weights are not near zero (ViTMSN initialises CLS/positions to 0)."""
-    from transformers import DeiTConfig, DeiTModel, Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+    import transformers as t
 
     torch.manual_seed(3)
     shape = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, image_size=224,
                  patch_size=16) | overrides
     if kind == "deit":
-        model = DeiTModel(DeiTConfig(**shape), add_pooling_layer=False)
+        model = t.DeiTModel(t.DeiTConfig(**shape), add_pooling_layer=False)
     elif kind == "dinov2":
-        model = Dinov2Model(Dinov2Config(**shape))
+        model = t.Dinov2Model(t.Dinov2Config(**shape))
+    elif kind == "dinov2-registers":
+        model = t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(**shape))
+    elif kind == "beit":
+        model = t.BeitModel(t.BeitConfig(**shape), add_pooling_layer=False)
     else:
-        model = ViTModel(ViTConfig(**shape), add_pooling_layer=False)
+        model = t.ViTModel(t.ViTConfig(**shape), add_pooling_layer=False)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
@@ -71,6 +75,25 @@ def test_fast_path_equals_stock_on_other_vit_layouts(tmp_path, kind, overrides):
         assert_agree(fast.embed(pixels), stock.embed(pixels), atol=1e-4)
 
 
+DINOV2 = {"patch_size": 14, "image_size": 518}  # trained at 518 px, run at 224: positions interpolated by the model
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    ("dinov2", DINOV2),
+    ("dinov2", {**DINOV2, "use_swiglu_ffn": True}),  # SwiGLU MLP (DINOv2 giant's)
+    ("dinov2-registers", {**DINOV2, "num_register_tokens": 4}),
+])
+def test_fast_path_equals_stock_on_dinov2_layouts(tmp_path, kind, overrides):
+    """Layer scales (random here, not 1) folded into the weights, SwiGLU, registers, interpolated positions."""
+    path = save_random(tmp_path / kind, kind, **overrides)
+    pixels = torch.randn(3, 3, 224, 224)
+    for feature in (FEATURE_PRENORM, FEATURE_POSTNORM):
+        fast, stock = both(path, feature)
+        a, b = fast.embed(pixels), stock.embed(pixels)
+        assert torch.nn.functional.cosine_similarity(a, b).min() >= 0.99999
+        assert_agree(a, b, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_fast_path_equals_stock_on_real_deit_tiny_and_real_photos():
     pixels = real_pixels()
@@ -95,9 +118,9 @@ def test_bfloat16_fast_path_stays_within_cosine_0999_of_float32_on_real_deit_tin
 
 
 def test_unsupported_models_fall_back_to_the_stock_path(tmp_path):
-    dino = save_random(tmp_path / "dinov2", "dinov2")
+    beit = save_random(tmp_path / "beit", "beit")
     relu = save_random(tmp_path / "relu", "vit", hidden_act="relu")
-    for path, why in ((dino, "Dinov2Model"), (relu, "activation 'relu'")):
+    for path, why in ((beit, "BeitModel"), (relu, "activation 'relu'")):
         backbone = load_backbone(str(path), device="cpu", dtype="float32")
         assert backbone.engine == "stock" and why in backbone.engine_reason
         assert backbone.embed(torch.randn(2, 3, 224, 224)).shape == (2, 48)

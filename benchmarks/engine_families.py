@@ -38,6 +38,8 @@ def families() -> dict[str, callable]:
         "DINOv2-S/14 with 4 registers": lambda: t.Dinov2WithRegistersModel(
             t.Dinov2WithRegistersConfig(**DINO, num_register_tokens=4)),
         "DINOv2-S/14, SwiGLU MLP (as giant's)": lambda: t.Dinov2Model(t.Dinov2Config(**DINO, use_swiglu_ffn=True)),
+        "CLIP vision, S/16 widths (quick-GELU)": lambda: t.CLIPVisionModel(
+            t.CLIPVisionConfig(**SMALL, image_size=224, patch_size=16)),
     }
 
 
@@ -48,9 +50,9 @@ def save(name: str, build, root: Path) -> Path:
         for module_name, param in model.named_parameters():
             if module_name.endswith("lambda1"):  # trained layer scales are far from DINOv2's init value of 1
                 param.uniform_(0.05, 1.0)
-            elif module_name.endswith(("cls_token", "position_embeddings", "register_tokens")):
+            elif module_name.endswith(("cls_token", "position_embeddings", "register_tokens", "class_embedding")):
                 param.normal_(0.0, 0.02)
-    path = root / name.split(" ")[0].replace("/", "-")
+    path = root / "".join(c if c.isalnum() else "-" for c in name)
     model.save_pretrained(path)
     return path
 

@@ -1,5 +1,5 @@
 """A lean inference forward for Hugging Face ViT-layout backbones (ViT, ViTMSN, DeiT, DINOv2 with or without
-registers): same weights, same math.
+registers, CLIP's vision tower): same weights, same math.
 
 The stock forward is kept as the reference and the fallback (``engine="stock"``); this one differs only in how the
 work is scheduled, measured in ``benchmarks/extract_speed.py``:
@@ -14,7 +14,9 @@ work is scheduled, measured in ``benchmarks/extract_speed.py``:
 - no ``output_hidden_states`` bookkeeping;
 - DINOv2: its layer scales are folded into the attention output and fc2 weights (diag(lambda) W, lambda b: the
   same products, no extra pass), SwiGLU's gate and up projections run as one GEMM, and the tokens come from the
-  model's own embedding module (in float32), which interpolates its position embeddings to any input size.
+  model's own embedding module (in float32), which interpolates its position embeddings to any input size;
+- CLIP: its own embedding module and pre-norm (float32), quick-GELU after the fc1 product (no oneDNN post-op),
+  ``post_layernorm`` as the final norm (``cls-postnorm``; ``cls-prenorm`` reads the CLS before it).
 
 Anything else -- another architecture, an activation we do not fuse, a module layout this version of
 ``transformers`` does not have -- is reported by :func:`unsupported_reason` and runs on the stock path instead.
@@ -30,14 +32,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VIT_CLASSES = ("ViTModel", "ViTMSNModel", "DeiTModel")
-DINOV2_CLASSES = ("Dinov2Model", "Dinov2WithRegistersModel")
-SUPPORTED_CLASSES = VIT_CLASSES + DINOV2_CLASSES
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps what the engine reads: the block list, each block's norms, attention and output
+    projection names, DINOv2's layer scales, the final (and CLIP's pre-) norm, and how tokens are made: by the
+    engine itself from the patch conv and prefix tokens (ViT, DeiT), or by the model's own embedding module
+    (DINOv2, CLIP), which for DINOv2 interpolates the position embeddings to any input size."""
+
+    blocks: str
+    norms: tuple[str, str]
+    attention: str
+    output: str
+    final_norm: str = "layernorm"
+    pre_norm: str | None = None
+    scales: tuple[str, str] | None = None
+    own_embeddings: bool = False
+    any_size: bool = False
+
+
+VIT = Layout("layers", ("layernorm_before", "layernorm_after"), "attention", "o_proj")
+DINOV2 = Layout("encoder.layer", ("norm1", "norm2"), "attention", "o_proj", scales=("layer_scale1", "layer_scale2"),
+                own_embeddings=True, any_size=True)
+CLIP = Layout("encoder.layers", ("layer_norm1", "layer_norm2"), "self_attn", "out_proj", final_norm="post_layernorm",
+              pre_norm="pre_layrnorm", own_embeddings=True)
+LAYOUTS = {"ViTModel": VIT, "ViTMSNModel": VIT, "DeiTModel": VIT, "Dinov2Model": DINOV2,
+           "Dinov2WithRegistersModel": DINOV2, "CLIPVisionModel": CLIP}
+SUPPORTED_CLASSES = tuple(LAYOUTS)
 # The readouts this engine computes (the last block runs the CLS row only); any other runs on the stock forward.
 FAST_READOUTS = ("cls-prenorm", "cls-postnorm")
-# transformers' activation names -> oneDNN's GELU algorithm ("none" is the exact erf GELU, as nn.GELU()).
-GELU_ALGORITHMS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
+# transformers' activation names -> oneDNN's GELU algorithm ("none" is the exact erf GELU, as nn.GELU()); CLIP's
+# quick_gelu, x sigmoid(1.702 x), has no oneDNN post-op and runs after the product.
+GELU_ALGORITHMS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "quick_gelu": "quick"}
 PACKED_DTYPES = (torch.float32, torch.bfloat16)  # dtypes oneDNN's prepacked linear kernels take on the CPU
+
+
+def _attr(obj, dotted: str):
+    for name in dotted.split("."):
+        obj = getattr(obj, name, None)
+    return obj
 
 
 @dataclass(frozen=True)
@@ -62,66 +95,73 @@ class _Parts:
 
 def _block_parts(net: nn.Module) -> list[_Parts] | str:
     """Every block's :class:`_Parts`, or why this layout is not one the engine knows."""
-    dinov2 = type(net).__name__ in DINOV2_CLASSES
-    layers = getattr(getattr(net, "encoder", None), "layer", None) if dinov2 else getattr(net, "layers", None)
+    layout = LAYOUTS[type(net).__name__]
+    layers = _attr(net, layout.blocks)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        where = "encoder.layer" if dinov2 else "layers"
-        return f"no '{where}' list (a transformers version with another module layout)"
-    names = ("norm1", "norm2") if dinov2 else ("layernorm_before", "layernorm_after")
+        return f"no '{layout.blocks}' list (a transformers version with another module layout)"
     found = []
     for i, layer in enumerate(layers):
-        attn, mlp = getattr(layer, "attention", None), getattr(layer, "mlp", None)
-        norms = [getattr(layer, n, None) for n in names]
-        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        swiglu = dinov2 and hasattr(mlp, "gate_proj")
+        attn, mlp = getattr(layer, layout.attention, None), getattr(layer, "mlp", None)
+        norms = [getattr(layer, n, None) for n in layout.norms]
+        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", layout.output)]
+        swiglu = layout.scales is not None and hasattr(mlp, "gate_proj")  # DINOv2's SwiGLU MLP
         mlp_names = ("gate_proj", "up_proj", "down_proj") if swiglu else ("fc1", "fc2")
         mlp_linears = [getattr(mlp, n, None) for n in mlp_names]
         if not all(isinstance(m, nn.Linear) for m in projections + mlp_linears) or \
                 not all(isinstance(m, nn.LayerNorm) for m in norms):
-            return f"layer {i} does not have q/k/v/o_proj, {'/'.join(mlp_names)} and {'/'.join(names)}"
+            return (f"layer {i} does not have q/k/v_proj/{layout.output}, {'/'.join(mlp_names)} and "
+                    f"{'/'.join(layout.norms)}")
         scales = [None, None]
-        if dinov2:
-            scales = [getattr(getattr(layer, n, None), "lambda1", None) for n in ("layer_scale1", "layer_scale2")]
+        if layout.scales:
+            scales = [_attr(layer, f"{n}.lambda1") for n in layout.scales]
             if not all(isinstance(t, torch.Tensor) for t in scales):
-                return f"layer {i} does not have layer_scale1/2.lambda1"
+                return f"layer {i} does not have {'/'.join(layout.scales)}.lambda1"
         found.append(_Parts(*norms, *projections, tuple(mlp_linears), *scales))
     return found
+
+
+def _heads(attn: nn.Module) -> tuple[int, int, float | None]:
+    """(heads, head_dim, scaling) whatever the family names them."""
+    heads = getattr(attn, "num_attention_heads", None) or getattr(attn, "num_heads", 0)
+    return heads, getattr(attn, "head_dim", 0), getattr(attn, "scaling", getattr(attn, "scale", None))
+
+
+def _patch_conv(net: nn.Module) -> nn.Module | None:
+    emb = getattr(net, "embeddings", None)
+    return _attr(emb, "patch_embeddings.projection") or getattr(emb, "patch_embedding", None)
 
 
 def unsupported_reason(net: nn.Module) -> str | None:
     """Why the fast path cannot run ``net`` exactly (None when it can). Checks the layout, not just the name."""
     name = type(net).__name__
-    if name not in SUPPORTED_CLASSES:
+    if name not in LAYOUTS:
         return f"{name} is not one of {', '.join(SUPPORTED_CLASSES)}"
-    config = net.config
+    layout, config = LAYOUTS[name], net.config
     parts = _block_parts(net)
     if isinstance(parts, str):
         return parts
     act = getattr(config, "hidden_act", None)
     if not all(p.swiglu for p in parts) and (not isinstance(act, str) or act not in GELU_ALGORITHMS):
         return f"activation {act!r} is not one of {', '.join(GELU_ALGORITHMS)}"
-    emb = getattr(net, "embeddings", None)
-    proj = getattr(getattr(emb, "patch_embeddings", None), "projection", None)
+    proj = _patch_conv(net)
     if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.padding != (0, 0) \
             or proj.groups != 1 or proj.dilation != (1, 1):
         return "patch embedding is not a non-overlapping Conv2d"
-    if getattr(emb, "cls_token", None) is None or getattr(emb, "position_embeddings", None) is None:
+    emb = net.embeddings
+    if not layout.own_embeddings and (getattr(emb, "cls_token", None) is None
+                                      or getattr(emb, "position_embeddings", None) is None):
         return "no CLS token or position embeddings"
-    if not isinstance(getattr(net, "layernorm", None), nn.LayerNorm):
-        return "no final 'layernorm' (a transformers version with another module layout)"
+    for norm in (layout.final_norm, layout.pre_norm):
+        if norm is not None and not isinstance(getattr(net, norm, None), nn.LayerNorm):
+            return f"no '{norm}' LayerNorm (a transformers version with another module layout)"
     hidden = config.hidden_size
-    for i, (layer, p) in enumerate(zip(_layers(net), parts, strict=True)):
-        attn = layer.attention
-        heads, head_dim = getattr(attn, "num_attention_heads", 0), getattr(attn, "head_dim", 0)
+    for i, (layer, p) in enumerate(zip(_attr(net, layout.blocks), parts, strict=True)):
+        heads, head_dim, scaling = _heads(getattr(layer, layout.attention))
         if heads * head_dim != p.q.out_features or p.o.out_features != hidden:
             return f"layer {i}: attention shapes are not heads x head_dim"
-        if abs(getattr(attn, "scaling", head_dim ** -0.5) - head_dim ** -0.5) > 1e-12:
+        if abs((scaling if scaling is not None else head_dim ** -0.5) - head_dim ** -0.5) > 1e-12:
             return f"layer {i}: attention scaling is not 1/sqrt(head_dim)"
     return None
-
-
-def _layers(net: nn.Module) -> nn.ModuleList:
-    return net.encoder.layer if type(net).__name__ in DINOV2_CLASSES else net.layers
 
 
 def _packable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -147,6 +187,9 @@ class _Linear:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint) if packed else weight
 
     def __call__(self, x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
+        if gelu == "quick":  # CLIP's x sigmoid(1.702 x): after the product
+            y = self(x)
+            return y.mul_(torch.sigmoid(1.702 * y))
         if self.packed:
             if gelu is None:
                 return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -249,48 +292,55 @@ class FastViT:
         reason = unsupported_reason(net)
         if reason is not None:
             raise ValueError(f"the fast path does not cover this model: {reason}")
+        layout = LAYOUTS[type(net).__name__]
         emb = net.embeddings
-        conv = emb.patch_embeddings.projection
+        conv = _patch_conv(net)
         self.device = conv.weight.device
         self.dtype = dtype or conv.weight.dtype
         self.stream = torch.float32 if self.dtype in (torch.bfloat16, torch.float16) else self.dtype
         self.packed = _packable(self.device, self.dtype)
-        self.image_size = tuple(emb.patch_embeddings.image_size)
-        self.position = emb.position_embeddings.detach().to(self.stream).clone()
-        # DINOv2: the model's own embedding module (float32 copy), which interpolates the position embeddings to
-        # the input size and adds the register tokens; ViT/DeiT: conv + prefix tokens + positions, native size only
-        self.embeddings = copy.deepcopy(emb).to(self.stream) if type(net).__name__ in DINOV2_CLASSES else None
-        self.patch_weight = conv.weight.detach().to(self.stream).clone()
-        self.patch_bias = None if conv.bias is None else conv.bias.detach().to(self.stream).clone()
-        self.patch_stride = conv.stride
-        prefix = [emb.cls_token]
-        if getattr(emb, "distillation_token", None) is not None:  # DeiT: CLS, distillation, patches
-            prefix.append(emb.distillation_token)
-        self.prefix = torch.cat(prefix, dim=1).detach().to(self.stream)
+        size = net.config.image_size
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.any_size = layout.any_size
+        patches = (self.image_size[0] // conv.stride[0]) * (self.image_size[1] // conv.stride[1])
+        if layout.own_embeddings:  # the model's own module (float32 copy): DINOv2 interpolates, adds registers
+            self.embeddings = copy.deepcopy(emb).to(self.stream)
+            self.tokens = patches + 1 + int(getattr(net.config, "num_register_tokens", 0) or 0)
+        else:  # conv + prefix tokens + positions, native size only
+            self.embeddings = None
+            self.patch_weight = conv.weight.detach().to(self.stream).clone()
+            self.patch_bias = None if conv.bias is None else conv.bias.detach().to(self.stream).clone()
+            self.patch_stride = conv.stride
+            prefix = [emb.cls_token]
+            if getattr(emb, "distillation_token", None) is not None:  # DeiT: CLS, distillation, patches
+                prefix.append(emb.distillation_token)
+            self.prefix = torch.cat(prefix, dim=1).detach().to(self.stream)
+            self.position = emb.position_embeddings.detach().to(self.stream).clone()
+            self.tokens = int(self.position.shape[1])
+        self.pre_norm = None if layout.pre_norm is None else _Norm(getattr(net, layout.pre_norm), stream=self.stream,
+                                                                   compute=self.stream)
         self.gelu = GELU_ALGORITHMS.get(net.config.hidden_act, "none")  # unused by SwiGLU blocks
-        layers, parts = _layers(net), _block_parts(net)
-        self.blocks = [_Block(p, layer.attention.num_attention_heads, layer.attention.head_dim, stream=self.stream,
+        layers, parts = _attr(net, layout.blocks), _block_parts(net)
+        self.blocks = [_Block(p, *_heads(getattr(layer, layout.attention))[:2], stream=self.stream,
                               compute=self.dtype, packed=self.packed, rows_hint=rows_hint, last=i == len(parts) - 1)
                        for i, (layer, p) in enumerate(zip(layers, parts, strict=True))]
-        self.final_norm = _Norm(net.layernorm, stream=self.stream, compute=self.stream)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.position.shape[1])
+        self.final_norm = _Norm(getattr(net, layout.final_norm), stream=self.stream, compute=self.stream)
 
     def accepts(self, pixels: torch.Tensor) -> bool:
         """Images of the size the position embeddings were trained for, or any size where the model interpolates
         them itself (DINOv2); anything else goes to the stock path."""
-        return self.embeddings is not None or tuple(pixels.shape[-2:]) == self.image_size
+        return self.any_size or tuple(pixels.shape[-2:]) == self.image_size
 
     def embed_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """The token sequence the first block takes, in the residual stream's dtype."""
         if self.embeddings is not None:
-            return self.embeddings(pixels.to(self.stream))
-        n = pixels.shape[0]
-        h = F.conv2d(pixels.to(self.stream), self.patch_weight, self.patch_bias, stride=self.patch_stride)
-        h = h.flatten(2).transpose(1, 2)
-        return torch.cat([self.prefix.expand(n, -1, -1), h], dim=1).add_(self.position)
+            h = self.embeddings(pixels.to(self.stream))
+        else:
+            n = pixels.shape[0]
+            h = F.conv2d(pixels.to(self.stream), self.patch_weight, self.patch_bias, stride=self.patch_stride)
+            h = h.flatten(2).transpose(1, 2)
+            h = torch.cat([self.prefix.expand(n, -1, -1), h], dim=1).add_(self.position)
+        return h if self.pre_norm is None else self.pre_norm(h)
 
     def __call__(self, pixels: torch.Tensor, *, postnorm: bool = False) -> torch.Tensor:
         h = self.embed_tokens(pixels)

@@ -26,6 +26,8 @@ def save_random(path, kind, **overrides):
         model = t.Dinov2Model(t.Dinov2Config(**shape))
     elif kind == "dinov2-registers":
         model = t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(**shape))
+    elif kind == "clip":
+        model = t.CLIPVisionModel(t.CLIPVisionConfig(**shape))
     elif kind == "beit":
         model = t.BeitModel(t.BeitConfig(**shape), add_pooling_layer=False)
     else:
@@ -66,6 +68,8 @@ def test_fast_path_equals_stock_on_a_random_vitmsn(tiny_model, feature):
     ("deit", {}),  # CLS + distillation token
     ("vit", {"hidden_act": "gelu_pytorch_tanh", "qkv_bias": False}),
     ("vit", {"hidden_act": "gelu_new", "num_hidden_layers": 1}),  # the last block is also the first
+    ("clip", {}),  # pre-norm, quick-GELU, post_layernorm as the final norm
+    ("clip", {"hidden_act": "gelu"}),
 ])
 def test_fast_path_equals_stock_on_other_vit_layouts(tmp_path, kind, overrides):
     path = save_random(tmp_path / kind, kind, **overrides)

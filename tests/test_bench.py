@@ -26,6 +26,7 @@ def test_committed_benchmark_config_points_at_shared_data_and_matches_its_baseli
     assert meta["sampling"]["shots"] == list(probe.shots) and meta["sampling"]["seeds"] == probe.seeds
     assert meta["sampling"]["percents"] == list(probe.percents) and meta["probe"]["lambda"] == probe.lam
     assert meta["classifiers"] == list(probe.classifiers) and meta["dtype"] == config.extract.dtype
+    assert config.extract.feature == "cls-prenorm"  # spelled readout = "…" in the TOML, as the CLI's --readout
     assert meta["n_test"] == 3925 and meta["n_train_pool"] == 9469 and protocol(baseline)["test set"]
     summary = {(s["classifier"], s["subset"]): s for s in baseline.summary}
     assert summary[("logistic", "5-shot")]["mean"] > 90  # real DeiT-Tiny features, not a placeholder
@@ -96,6 +97,8 @@ def test_small_bench_writes_results_report_and_plot_and_gates_against_its_baseli
     ({"shots": [0]}, "shots 0"),
     ({"extract": {"dtype": "int3"}}, "dtype 'int3'"),
     ({"extract": {"batch_size": 0}}, "batch_size 0"),
+    ({"extract": {"readout": "cls-prenorm", "feature": "cls-prenorm"}}, "'readout' or its old name 'feature'"),
+    ({"extract": {"readout": 3}}, "readout 3"),
 ])
 def test_bad_bench_configs_are_one_clear_error(tmp_path, extra, message):
     config = tmp_path / "bench.toml"

@@ -173,8 +173,9 @@ def extract(
         help="Refuse (skip and report) images with more pixels than this: a guard against decompression "
              "bombs.")] = DEFAULT_MAX_PIXELS,
     engine: Annotated[str, _option(
-        help="auto: lowshot's fast forward where it covers the model (ViT, ViTMSN, DeiT), else the stock "
-             "transformers one; fast; stock. Same features up to float rounding (not in the cache key).")] = "auto",
+        help="auto: lowshot's fast forward where it covers the model (ViT, ViTMSN, DeiT, DINOv2, CLIP vision), "
+             "else the stock transformers one; fast; stock. Same features up to float rounding (not in the cache "
+             "key).")] = "auto",
     shots: Shots = None,
     percent: Percent = None,
     seeds: Seeds = 3,
@@ -396,15 +397,18 @@ def probe(
         with progress_callback(err) as progress:
             extraction = extract_features(model or DEFAULT_MODEL, data, extract_settings, subsets=settings,
                                           cache_dir=cache_dir, progress=progress)
-        if not all(split.cached for split in extraction.splits()):
-            _report_extraction(extraction)
         train, test = extraction.train.features, extraction.test.features
+        if not all(split.cached for split in extraction.splits()):
+            _report_extraction(extraction)  # with the readout notes
+        else:
+            _readout_notes({"readout": train.manifest.get("readout")})
         run = {"model": extraction.model, "data": extraction.data, "extract_settings": extract_settings.to_dict()}
     else:
         train, test, run = load_features(cache_dir=cache_dir)
         err.print(f"using the most recent extraction: {run['model']} on {run['data']} "
                   f"({run['train_split']} {len(train):,} of {len(train.listing()):,} / {run['test_split']} "
                   f"{len(test):,})", highlight=False)
+        _readout_notes({"readout": train.manifest.get("readout")})
     try:
         with progress_callback(err, unit="fit") as progress:
             results = run_probe(train, test, settings, meta={"model": run["model"], "data": run["data"]},

@@ -111,6 +111,8 @@ def test_feature_is_an_alias_of_readout_and_identical_readouts_are_said(image_da
     assert "note: readout cls-postnorm equals cls-prenorm (with mean pooling BEiT has no final norm" in a.output
     b = invoke("extract", "--model", beit, "--data", image_data, "--device", "cpu", "--readout", "cls-postnorm")
     assert "cache hit" in b.output
+    probed = invoke("probe", "--shots", "1", "--percent", "0", "--seeds", "1")  # the note follows the features
+    assert probed.exit_code == 0 and "note: readout cls-postnorm equals cls-prenorm" in probed.output
 
 
 def test_legacy_readouts_keep_their_cache_keys_and_changed_ones_do_not(tiny_model, image_data, cache_dir, tmp_path):

@@ -44,6 +44,13 @@ from .transforms import ImageTransform, named_transform
 # Items per resumable shard, whatever the batch size or the number of ranks (so any rerun resumes). Also the unit of
 # work split between torchrun ranks; LOWSHOT_SHARD_SIZE overrides it (smaller shards balance small splits better).
 SHARD_TARGET = int(os.environ.get("LOWSHOT_SHARD_SIZE", "1024"))
+# Chunks decoded ahead of the model. On an accelerator decoding overlaps the device's work; on the CPU decode
+# threads and the model's threads share the same cores, and overlapping them costs (threads preempted mid-GEMM):
+# ViT-S/16 on 2 AMX cores, whole process, interleaved, 0 against 2 chunks ahead: ImageNet-sized JPEGs 68.9 and
+# 68.7 against 63.5 and 62.7 img/s; 224-px photos, where decoding is cheap, no difference beyond the noise (67.8
+# to 92.3 against 60.7 to 83.0). LOWSHOT_DECODE_AHEAD_CPU sets it, for such measurements.
+DECODE_AHEAD = 2
+DECODE_AHEAD_CPU = int(os.environ.get("LOWSHOT_DECODE_AHEAD_CPU", "0"))
 
 Progress = Callable[[str, int, int], None]
 """``progress(task, done, total)``: called as images finish; the CLI draws it, the library stays silent."""
@@ -324,13 +331,14 @@ def _decode(split: Split, transform: ImageTransform, index: int, max_pixels: int
 
 
 def _batched_decode(split: Split, transform: ImageTransform, chunks: list[np.ndarray], workers: int,
-                    max_pixels: int) -> Iterator[list[tuple[np.ndarray | None, str | None]]]:
-    """Decode chunk after chunk on a thread pool, keeping two chunks in flight ahead of the model."""
+                    max_pixels: int, *, ahead: int = 2) -> Iterator[list[tuple[np.ndarray | None, str | None]]]:
+    """Decode chunk after chunk on a thread pool, keeping ``ahead`` chunks in flight ahead of the model (0: each
+    chunk decoded on all workers, then handed over)."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowshot-decode") as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append([pool.submit(_decode, split, transform, int(i), max_pixels) for i in chunk])
-            if len(pending) > 2:
+            if len(pending) > ahead:
                 yield [f.result() for f in pending.popleft()]
         while pending:
             yield [f.result() for f in pending.popleft()]
@@ -347,7 +355,8 @@ def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardSt
     workers = options.workers or max(2, min(8, os.cpu_count() or 2))
     batch = options.batch_size
     chunks = [shard[lo:lo + batch] for shard in shards for lo in range(0, len(shard), batch)]
-    decoded = _batched_decode(split, plan.transform, chunks, workers, options.max_pixels)
+    decoded = _batched_decode(split, plan.transform, chunks, workers, options.max_pixels,
+                              ahead=DECODE_AHEAD_CPU if backbone.device.type == "cpu" else DECODE_AHEAD)
     feeder = Device.for_device(backbone.device)  # pinned uint8 batches, normalised on the device, on accelerators
     embedded = local = 0
     for shard in shards:

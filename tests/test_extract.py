@@ -164,3 +164,17 @@ def test_hugging_face_save_to_disk_dataset_is_read_with_detected_columns(tiny_mo
     np.testing.assert_allclose(result.train.features.features, folder.train.features.features, atol=1e-5)
     with pytest.raises(DataError, match="no label column"):
         datasets.open_dataset(path, label_column="nope")
+
+
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_decoding_runs_at_most_ahead_chunks_in_front_of_the_model(monkeypatch, ahead):
+    """On the CPU (ahead 0) a chunk is decoded on every worker and handed over before the next one starts: decode
+    threads and the model's threads would otherwise fight over the same cores."""
+    started: list[int] = []
+    monkeypatch.setattr(extract, "_decode", lambda split, transform, i, max_pixels: started.append(i) or (i, None))
+    chunks = [np.arange(k * 4, k * 4 + 4) for k in range(5)]
+    for k, chunk in enumerate(extract._batched_decode(None, None, chunks, 2, 1, ahead=ahead)):
+        assert [i for i, _ in chunk] == chunks[k].tolist()
+        assert len(started) <= 4 * (k + 1 + ahead)  # never more than `ahead` chunks beyond the one handed over
+        if ahead == 0:
+            assert len(started) == 4 * (k + 1)

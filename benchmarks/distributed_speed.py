@@ -60,8 +60,8 @@ def main() -> None:
     try:
         build_data(work / "data", args.images)
         n = sum(1 for _ in (work / "data").glob("*/*/*.JPEG"))
-        base = [sys.executable, "-m", "lowshot", "extract", "--model", args.model, "--data", str(work / "data"),
-                "--device", "cpu", "--batch-size", "32"]
+        base = [sys.executable, "-m", "lowshot", "extract", "--all", "--model", args.model, "--data",
+                str(work / "data"), "--device", "cpu", "--batch-size", "32"]  # --all: every image, as n counts
         dist = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.procs),
                 "-m", "lowshot", "extract", *base[4:]]
         times: dict[str, list[float]] = {"1 process": [], f"{args.procs} processes": []}

@@ -181,9 +181,10 @@ CHILD = ("import atexit, sys\n"
 
 def run_extract(model_dir: Path, data: Path, cache: Path, *, transform: str = "msn",
                 extra: list[str] | None = None) -> dict:
-    """``lowshot extract`` in a fresh process: wall time (import, model load, decode, model, cache) and peak RSS."""
+    """``lowshot extract --all`` (every image, as the rates assume) in a fresh process: wall time (import, model
+    load, decode, model, cache) and peak RSS."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-c", CHILD, "extract", "--model", str(model_dir), "--data", str(data),
+    cmd = [sys.executable, "-c", CHILD, "extract", "--all", "--model", str(model_dir), "--data", str(data),
            "--cache-dir", str(cache), "--transform", transform, *(extra or [])]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

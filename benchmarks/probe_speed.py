@@ -155,7 +155,7 @@ def solver_comparison(reps: int) -> dict:
 
 def imagenet_sized_features(root: Path):
     """Write the synthetic ImageNet-sized train/test features into a lowshot feature cache and load them back."""
-    from lowshot.cache import FeatureCache, Features
+    from lowshot.cache import FeatureCache, Features, ShardStore
 
     gen = Generator(1)
     labels = np.repeat(np.arange(CLASSES), CLASS_SIZES)
@@ -172,7 +172,11 @@ def imagenet_sized_features(root: Path):
     cache = FeatureCache(root / "cache")
     y_test = np.repeat(np.arange(CLASSES), TEST_PER_CLASS)
     test_ids = [f"{classes[c]}/val_{i}.JPEG" for i, c in enumerate(y_test)]
-    test = cache.commit("val", gen.draw(y_test), y_test, {"ids": test_ids, "classes": classes, "split": "val"})
+    key = FeatureCache.key_for({"benchmark": "probe_speed", "split": "val"})
+    store = ShardStore(cache.partial_dir(key), dim=DIM)  # written as an extraction writes it: shards, then an entry
+    store.write(np.arange(len(y_test)), gen.draw(y_test), {})
+    test = cache.grow(key, None, store, ids=test_ids, labels=y_test, manifest={"classes": classes, "split": "val"})
+    store.discard()
     return cache, train, test
 
 

@@ -178,6 +178,7 @@ class _SoftmaxLoss:
         self.last = self.logits
         self.moved = torch.empty(n_classes, x.shape[1], dtype=x.dtype)
         self.penalty = self.cross = self.curvature = 0.0  # <w,w>_r, <w,d>_r, <d,d>_r
+        self.trial_penalty = 0.0  # <w + t d, w + t d>_r at the step last valued
         self.evaluations = self.products = 0
 
     def _weighted(self, w: torch.Tensor) -> torch.Tensor:
@@ -225,15 +226,14 @@ class _SoftmaxLoss:
     def value_at(self, step: float) -> float:
         """The objective at w + step d (0 < step <= 1): one softmax."""
         logits = self.ends if step == 1.0 else torch.lerp(self.logits, self.ends, step, out=self.trial)
-        self.step = step
-        return self._value(logits, self.penalty + 2.0 * step * self.cross + step * step * self.curvature)
+        self.trial_penalty = self.penalty + 2.0 * step * self.cross + step * step * self.curvature
+        return self._value(logits, self.trial_penalty)
 
     def accept(self, w_new: torch.Tensor, g_new: torch.Tensor, f_new: float) -> float:
         """Move to ``w_new`` = w + step d, the step last valued at ``f_new``; its gradient goes into ``g_new``.
         Returns the objective at ``w_new`` with the penalty of ``w_new`` itself (as rounded to float32)."""
         self._gradient(w_new, g_new)
-        valued = self.penalty + 2.0 * self.step * self.cross + self.step * self.step * self.curvature
-        self.penalty = self._rdot(w_new, w_new)
+        valued, self.penalty = self.trial_penalty, self._rdot(w_new, w_new)
         if self.last is self.ends:
             self.logits, self.ends = self.ends, self.logits
         else:
@@ -378,8 +378,8 @@ def _lbfgs(loss: _SoftmaxLoss, w: torch.Tensor, *, max_iter: int, tol: float, cu
             f_new = loss.value_at(step)
             if f_new <= f + ARMIJO * step * slope + OBJECTIVE_NOISE * abs(f):
                 break
-            curvature = f_new - f - slope * step  # minimiser of the quadratic through f, slope and f_new
-            step = min(0.5 * step, max(0.1 * step, -slope * step * step / (2.0 * curvature)))
+            excess = f_new - f - slope * step  # minimiser of the quadratic through f, slope and f_new
+            step = min(0.5 * step, max(0.1 * step, -slope * step * step / (2.0 * excess)))
         else:
             break  # no sufficient decrease even for a tiny step: as close as float32 gets
         torch.add(w, d, alpha=step, out=w_new)

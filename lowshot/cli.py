@@ -224,7 +224,7 @@ def _report_extraction(run) -> None:
     err.print(f"model {run.model} · {s['feature']} · {s['dtype']} ({s['dtype_reason']}) · {s['device']} · "
               f"engine {s['engine']} ({s['engine_reason']}) · transform {s['transform']['name']}{ranks}",
               highlight=False)
-    _readout_notes(s)
+    _readout_notes(s.get("readout"))
     for split in run.splits():
         f = split.features
         if split.cached:
@@ -264,9 +264,9 @@ def _protocol_flags(settings) -> str:
     return " ".join(parts + (["--allow-fewer"] if settings.allow_fewer else []))
 
 
-def _readout_notes(settings: dict) -> None:
+def _readout_notes(readout: dict | None) -> None:
     """Say what the readout resolved to where it is not the plain case: equal to another, interpolated, unmasked."""
-    readout = settings.get("readout") or {}
+    readout = readout or {}
     if readout.get("same_as"):
         err.print(f"note: readout {readout['readout']} equals {readout['same_as']} for this model", highlight=False)
     if readout.get("position_embeddings", "native") not in ("native", "any size"):
@@ -398,17 +398,18 @@ def probe(
             extraction = extract_features(model or DEFAULT_MODEL, data, extract_settings, subsets=settings,
                                           cache_dir=cache_dir, progress=progress)
         train, test = extraction.train.features, extraction.test.features
-        if not all(split.cached for split in extraction.splits()):
+        reported = not all(split.cached for split in extraction.splits())
+        if reported:
             _report_extraction(extraction)  # with the readout notes
-        else:
-            _readout_notes({"readout": train.manifest.get("readout")})
         run = {"model": extraction.model, "data": extraction.data, "extract_settings": extract_settings.to_dict()}
     else:
         train, test, run = load_features(cache_dir=cache_dir)
         err.print(f"using the most recent extraction: {run['model']} on {run['data']} "
                   f"({run['train_split']} {len(train):,} of {len(train.listing()):,} / {run['test_split']} "
                   f"{len(test):,})", highlight=False)
-        _readout_notes({"readout": train.manifest.get("readout")})
+        reported = False
+    if not reported:
+        _readout_notes(train.manifest.get("readout"))
     try:
         with progress_callback(err, unit="fit") as progress:
             results = run_probe(train, test, settings, meta={"model": run["model"], "data": run["data"]},

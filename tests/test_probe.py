@@ -141,10 +141,11 @@ def test_compact_lbfgs_direction_equals_the_two_loop_recursion():
     a = torch.randn(dim, dim, dtype=torch.float64)
     hessian = a @ a.T + torch.eye(dim, dtype=torch.float64)
     points = [torch.randn(dim, dtype=torch.float64) for _ in range(8)]
-    history, pairs = _History(dim, memory), []
-    for w, w_new in zip(points[:-1], points[1:], strict=True):  # 7 pairs through a history of 4: the ring buffer wraps
+    grads = [(hessian @ p).float() for p in points]  # as in the solver, each push's g is the last push's g_new:
+    history, pairs = _History(dim, memory), []  # the new pair's inner products come from reused projections
+    for i, (w, w_new) in enumerate(zip(points[:-1], points[1:], strict=True)):  # 7 pairs through 4: the ring wraps
         s, y = w_new - w, hessian @ (w_new - w)
-        history.push(w_new.float(), w.float(), (hessian @ w_new).float(), (hessian @ w).float())
+        history.push(w_new.float(), w.float(), grads[i + 1], grads[i])
         pairs = (pairs + [(s, y)])[-memory:]
     grad = torch.randn(dim, dtype=torch.float64)
     out = torch.empty(dim)
@@ -212,3 +213,14 @@ def test_a_trial_step_costs_a_softmax_not_a_product():
         loss.evaluate(w, grad)
         loss.along(w, d)
         assert loss.value_at(step) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_loss_stays_exact_where_a_labels_probability_underflows():
+    x, y = blobs(n_classes=5, per_class=4, dim=16, seed=3)
+    xt = preprocess(x)
+    w = torch.as_tensor(np.random.default_rng(0).normal(size=(5, 16)) * 400, dtype=torch.float32)
+    logits = xt @ w.T
+    assert (torch.softmax(logits, 1).gather(1, torch.as_tensor(y).view(-1, 1)) == 0).any()  # float32 underflows
+    loss = _SoftmaxLoss(xt, torch.as_tensor(y), 0.1 / len(y), 5)
+    value = loss.evaluate(w, torch.empty_like(w))
+    assert value == pytest.approx(objective(w.numpy(), xt, y, 0.1) / len(y), rel=1e-6)

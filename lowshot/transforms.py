@@ -30,6 +30,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision / MSN logistic_eval.py
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MSN_RESIZE = 256  # MSN logistic_eval.py: transforms.Resize(size=256)
 MSN_CROP = 224  # MSN logistic_eval.py: transforms.CenterCrop(size=224)
+ORIENTATION = 0x0112  # the EXIF orientation tag
 BACKGROUND = (255, 255, 255)  # transparent pixels (RGBA, LA, palette with transparency) are composited on white
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -144,7 +145,8 @@ def to_rgb(image: Image.Image, *, draft_size: int | None = None, draft: bool = T
         image.seek(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the orientation is still applied
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image (7% of a decode)
+            image = ImageOps.exif_transpose(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):

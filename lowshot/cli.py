@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from .config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_READOUT
 from .errors import BadInputError, LowshotError, SettingError
+from .hostmem import keep_host_memory
 
 app = typer.Typer(
     name="lowshot",
@@ -664,6 +665,7 @@ def cache_verify(cache_dir: CacheDir = None) -> None:
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    keep_host_memory()
     app()
 
 

@@ -40,6 +40,7 @@ from benchmarks.extract_speed import (  # noqa: E402
     run_extract,
     save_vit_s16,
 )
+from lowshot.hostmem import keep_host_memory  # noqa: E402
 
 GPU_BATCH = 256  # images per batch on the GPU (extract --batch-size): enough rows to fill a large GPU's GEMMs
 
@@ -166,6 +167,7 @@ def main() -> None:
     parser.add_argument("--process-sizes", default="2048,8192", help="two data sizes for the marginal rates")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder [benchmarks/results]")
     args = parser.parse_args()
+    keep_host_memory()  # as the CLI does: model-only and the whole process under the same allocator
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_speed: no CUDA device here (pass --device cpu for a dry run of the script)")

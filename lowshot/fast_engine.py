@@ -198,9 +198,11 @@ class _Linear:
         return y if gelu is None else F.gelu(y, approximate=gelu)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + x W^T + b: fused when the residual has the compute dtype, else added in the residual's."""
+        """residual + x W^T + b: fused when the residual has the compute dtype, else added into the residual in
+        place, in its dtype (the residual stream's own tensor; the same sums as ``residual + y``, without a
+        converted copy of y and a new tensor per block)."""
         if residual.dtype != x.dtype:
-            return residual + self(x)
+            return residual.add_(self(x))
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), self.weight, self.bias, "add")
         return F.linear(x, self.weight, self.bias).add_(residual)

@@ -99,7 +99,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results folder [benchmarks/results]")
     args = parser.parse_args()
     from lowshot.backbones import cpu_flags
+    from lowshot.hostmem import keep_host_memory
 
+    keep_host_memory()  # as the CLI does (both engines under the same allocator)
     info = machine()
     print(describe(info), flush=True)
     bf16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})

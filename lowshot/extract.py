@@ -181,6 +181,7 @@ def extract_features(
                               "test_key": test.features.key, "train_split": train.split, "test_split": test.split,
                               "settings": resolved, "extract_settings": settings.to_dict(),
                               "created": now_iso()})
+        dist.barrier()  # ranks leave together: none tears its process group down while rank 0 still writes
         return Extraction(model, plan.dataset.source, train, test, resolved)
     finally:
         dist.close()

@@ -179,7 +179,7 @@ class _SoftmaxLoss:
         self.moved = torch.empty(n_classes, x.shape[1], dtype=x.dtype)
         self.penalty = self.cross = self.curvature = 0.0  # <w,w>_r, <w,d>_r, <d,d>_r
         self.trial_penalty = 0.0  # <w + t d, w + t d>_r at the step last valued
-        self.evaluations = self.products = 0
+        self.products = 0  # matrix products so far (tests count them)
 
     def _weighted(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.reg_weights is None else torch.mul(w, self.reg_weights, out=self.weighted)
@@ -210,15 +210,12 @@ class _SoftmaxLoss:
     def evaluate(self, w: torch.Tensor, grad: torch.Tensor) -> float:
         """The objective at ``w`` (float64 sums); its gradient goes into ``grad``; ``w`` becomes the point the
         next line search starts from."""
-        self.evaluations += 1
         self.products += 1
         torch.mm(self.x, w.T, out=self.logits)
         self.penalty = self._rdot(w, w)
         f = self._value(self.logits, self.penalty)
         self._gradient(w, grad)
         return f
-
-    __call__ = evaluate
 
     def along(self, w: torch.Tensor, d: torch.Tensor) -> None:
         """Start a line search from ``w`` (the last point evaluated or accepted) along ``d``."""

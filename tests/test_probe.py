@@ -215,6 +215,26 @@ def test_a_trial_step_costs_a_softmax_not_a_product():
         assert loss.value_at(step) == pytest.approx(expected, rel=1e-6)
 
 
+def test_an_overshooting_trial_is_turned_down_on_its_first_block_of_rows():
+    x, y = skewed()
+    xt = preprocess(x)
+    loss = _SoftmaxLoss(xt, torch.as_tensor(y), DEFAULT_LAMBDA / len(y), 50)
+    w = torch.zeros(50, xt.shape[1])
+    grad = torch.empty_like(w)
+    f = loss.evaluate(w, grad)
+    loss.along(w, -5000.0 * grad / grad.norm())  # a step far past the minimum along the steepest descent
+    for step in (1.0, 0.5):
+        full = loss.value_at(step)
+        assert full > 8 * f
+        bound = loss.value_at(step, limit=f)
+        assert f < bound < full  # the first block's rows alone put it above the limit: a lower bound, not the value
+        first = loss.blocks[0]
+        logits = torch.lerp(loss.logits, loss.ends, step)[first]
+        rows = torch.nn.functional.cross_entropy(logits.double(), torch.as_tensor(y)[first], reduction="sum")
+        assert bound == pytest.approx(float(rows) / len(y) + 0.5 * loss.reg * loss.trial_penalty, rel=1e-5)
+        assert loss.value_at(step, limit=full) == pytest.approx(full, rel=1e-12)  # under its limit: all rows
+
+
 def test_the_loss_stays_exact_where_a_labels_probability_underflows():
     x, y = blobs(n_classes=5, per_class=4, dim=16, seed=3)
     xt = preprocess(x)

@@ -309,7 +309,10 @@ def _manifest(split: Split, plan: Plan, backbone: Backbone, previous: Features |
         "forward_batch": backbone.forward_batch,
         "created": previous.manifest.get("created", now_iso()) if previous is not None else now_iso(),
         "updated": now_iso(),
-        "versions": {"lowshot": __version__, "torch": torch.__version__, "transformers": _version("transformers")},
+        # Pillow decodes and resizes, and its version can move pixels: 13.0 resizes a photo more than twice as tall
+        # as wide vertical pass first, 12.x horizontal first (some pixels differ by 1). Recorded, not keyed.
+        "versions": {"lowshot": __version__, "torch": torch.__version__, "transformers": _version("transformers"),
+                     "pillow": _version("pillow")},
     }
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -136,7 +137,8 @@ def test_an_entry_of_an_incompatible_format_is_rebuilt_not_misread(tiny_model, i
     assert not again.train.cached and again.test.cached
     assert json.loads(manifest_path.read_text())["cache_format"] == CACHE_FORMAT
     versions = json.loads(manifest_path.read_text())["versions"]
-    assert set(versions) == {"lowshot", "torch", "transformers"}
+    assert set(versions) == {"lowshot", "torch", "transformers", "pillow"}
+    assert versions["pillow"] == PIL.__version__
 
 
 def test_disk_full_is_a_clear_error_keeps_finished_shards_and_leaves_no_entry(tiny_model, image_data, cache_dir,

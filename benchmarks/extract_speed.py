@@ -115,14 +115,14 @@ def real_batch(n: int = BATCH) -> torch.Tensor:
     return msn_transform().load(files[:: max(1, len(files) // n)][:n])
 
 
-def model_rates(model_dir: Path, reps: int) -> dict:
+def model_rates(model_dir: Path, reps: int, dtype: str = "auto") -> dict:
     from transformers import ViTMSNModel
 
     from lowshot.backbones import load_backbone
 
     pixels = real_batch()
     stock = ViTMSNModel.from_pretrained(model_dir).eval()
-    ours = load_backbone(str(model_dir), device="cpu", dtype="auto")
+    ours = load_backbone(str(model_dir), device="cpu", dtype=dtype)
 
     def stock_fp32():
         return stock(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 0]
@@ -180,13 +180,13 @@ CHILD = ("import atexit, sys\n"
          "main()\n")
 
 
-def run_extract(model_dir: Path, data: Path, cache: Path, *, transform: str = "msn",
+def run_extract(model_dir: Path, data: Path, cache: Path, *, transform: str = "msn", dtype: str = "auto",
                 extra: list[str] | None = None) -> dict:
     """``lowshot extract --all`` (every image, as the rates assume) in a fresh process: wall time (import, model
     load, decode, model, cache) and peak RSS."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-c", CHILD, "extract", "--all", "--model", str(model_dir), "--data", str(data),
-           "--cache-dir", str(cache), "--transform", transform, *(extra or [])]
+           "--cache-dir", str(cache), "--transform", transform, "--dtype", dtype, *(extra or [])]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -207,16 +207,16 @@ def marginal(seconds: dict[int, list[float]]) -> dict:
             "seconds": {str(n): t for n, t in seconds.items()}}
 
 
-def whole_process(model_dir: Path, tmp: Path, sizes: tuple[int, int], reps: int) -> dict:
+def whole_process(model_dir: Path, tmp: Path, sizes: tuple[int, int], reps: int, dtype: str = "auto") -> dict:
     warm = image_folder(tmp / "warm", 8, 8)
-    run_extract(model_dir, warm, tmp / "cache-warm")  # page cache, .pyc files, the weight-hash memo
-    tiny = run_extract(model_dir, image_folder(tmp / "tiny", 1, 1), tmp / "cache-tiny")
+    run_extract(model_dir, warm, tmp / "cache-warm", dtype=dtype)  # page cache, .pyc files, the weight-hash memo
+    tiny = run_extract(model_dir, image_folder(tmp / "tiny", 1, 1), tmp / "cache-tiny", dtype=dtype)
     folders = {n: image_folder(tmp / f"n{n}", n - n // 4, n // 4) for n in sizes}
     seconds: dict[int, list[float]] = {n: [] for n in sizes}
     last = {}
     for rep in range(reps):  # sizes interleaved; every run starts from an empty cache
         for n in sizes:
-            last = run_extract(model_dir, folders[n], tmp / f"cache-{n}-{rep}")
+            last = run_extract(model_dir, folders[n], tmp / f"cache-{n}-{rep}", dtype=dtype)
             seconds[n].append(last["seconds"])
     out = marginal(seconds)
     return {"sizes": list(sizes), **out,
@@ -268,7 +268,8 @@ def decode_rates(source: Path, reps: int) -> dict[str, float]:
     return {name: max(rates) for name, rates in out.items()}
 
 
-def large_photo_process(model_dir: Path, tmp: Path, sizes: tuple[int, int], reps: int) -> dict:
+def large_photo_process(model_dir: Path, tmp: Path, sizes: tuple[int, int], reps: int, dtype: str = "auto"
+                        ) -> dict:
     """The whole ``lowshot extract`` process on ImageNet-sized JPEGs: marginal rate with the reference full decode
     (``msn``) and the opt-in draft decode (``msn-draft``), runs interleaved."""
     pool = large_photos(tmp / "large-pool")
@@ -278,7 +279,7 @@ def large_photo_process(model_dir: Path, tmp: Path, sizes: tuple[int, int], reps
         for n in sizes:
             for name in seconds:
                 seconds[name][n].append(run_extract(model_dir, folders[n], tmp / f"cache-large-{name}-{n}-{rep}",
-                                                    transform=name)["seconds"])
+                                                    transform=name, dtype=dtype)["seconds"])
     out = {"short_sides": [list(x) for x in LARGE_SHORT_SIDES], "unique_photos": len(list(pool.glob("*/*/*"))),
            "decode_images_per_s_one_thread": decode_rates(pool, max(2, reps))}
     for name, runs in seconds.items():
@@ -306,6 +307,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results folder [benchmarks/results]")
     parser.add_argument("--no-large-photos", dest="large_photos", action="store_false",
                         help="skip the whole-process run on ImageNet-sized JPEGs")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="lowshot's --dtype for the model-only and whole-process runs (not auto: results go to "
+                             "extract_speed_<dtype>, compared with that dtype's limit) [auto]")
     args = parser.parse_args()
     keep_host_memory()  # as the CLI does: model-only and the whole process under the same allocator
     info = machine()
@@ -316,22 +320,25 @@ def main() -> None:
         model_dir = save_vit_s16(tmp / "vit-s16")
         limit = matmul_limit(args.reps)
         print(f"limit: {limit['images_per_s']:.1f} img/s ({limit['best_dtype']})", flush=True)
-        model = model_rates(model_dir, args.reps)
+        model = model_rates(model_dir, args.reps, args.dtype)
         print(f"model: {model['rates']}", flush=True)
         sizes = tuple(int(s) for s in args.process_sizes.split(","))
-        process = whole_process(model_dir, tmp, sizes, args.process_reps)
+        process = whole_process(model_dir, tmp, sizes, args.process_reps, args.dtype)
         print(f"process: {process['marginal_images_per_s']:.1f} img/s marginal", flush=True)
-        large = large_photo_process(model_dir, tmp, sizes, args.process_reps) if args.large_photos else None
+        large = large_photo_process(model_dir, tmp, sizes, args.process_reps, args.dtype) if args.large_photos else None
         if large:
             print(f"large photos: {large['msn']['marginal_images_per_s']:.1f} img/s marginal (msn), "
                   f"{large['msn-draft']['marginal_images_per_s']:.1f} (msn-draft)", flush=True)
         rss = peak_rss(tmp, tuple(int(s) for s in args.rss_sizes.split(",") if s)) if args.rss_sizes else {}
     rates = model["rates"]
     lowshot_rate = rates["lowshot"]["images_per_s"]
+    # auto is compared with the machine's best dtype; a pinned dtype with that dtype's own limit
+    limit_rate = limit["images_per_s"] if args.dtype == "auto" else limit[args.dtype]["images_per_s"]
     summary = {
-        "limit_images_per_s": limit["images_per_s"],
+        "dtype_option": args.dtype,
+        "limit_images_per_s": limit_rate,
         "lowshot_model_images_per_s": lowshot_rate,
-        "lowshot_model_pct_of_limit": 100 * lowshot_rate / limit["images_per_s"],
+        "lowshot_model_pct_of_limit": 100 * lowshot_rate / limit_rate,
         "lowshot_vs_stock_fp32": lowshot_rate / rates["stock_fp32"]["images_per_s"],
         "lowshot_vs_stock_bf16_autocast": lowshot_rate / rates["stock_bf16_autocast"]["images_per_s"],
         "process_marginal_pct_of_model": 100 * process["marginal_images_per_s"] / lowshot_rate,
@@ -344,7 +351,8 @@ def main() -> None:
                "peak_rss": rss,
                "summary": summary, "seconds_total": time.perf_counter() - started,
                "command": "HF_HUB_OFFLINE=1 python benchmarks/extract_speed.py " + " ".join(sys.argv[1:])}
-    publish("extract_speed", payload, render(payload), out_dir=args.out or RESULTS)
+    name = "extract_speed" if args.dtype == "auto" else f"extract_speed_{args.dtype}"
+    publish(name, payload, render(payload), out_dir=args.out or RESULTS)
 
 
 def render(p: dict) -> str:
@@ -369,7 +377,10 @@ def render(p: dict) -> str:
                      f"{lim[dtype]['gemm_only_images_per_s']:.1f} |")
     lines += [
         "",
-        f"The limit on this machine: **{lim['images_per_s']:.1f} img/s** ({lim['best_dtype']}).",
+        f"The limit on this machine: **{lim['images_per_s']:.1f} img/s** ({lim['best_dtype']})"
+        + ("." if s.get("dtype_option", "auto") == "auto" else
+           f"; this run pins `--dtype {s['dtype_option']}` and is compared with that dtype's limit, "
+           f"**{s['limit_images_per_s']:.1f} img/s**."),
         "",
         "## The model alone (64 real photos, best of interleaved repetitions; median in brackets)",
         "",
@@ -383,7 +394,7 @@ def render(p: dict) -> str:
     for key, label in names.items():
         r = rates[key]
         lines.append(f"| {label} | {r['images_per_s']:.1f} ({r['median_images_per_s']:.1f}) | "
-                     f"{100 * r['images_per_s'] / lim['images_per_s']:.0f}% | "
+                     f"{100 * r['images_per_s'] / s['limit_images_per_s']:.0f}% | "
                      f"{r['images_per_s'] / rates['stock_fp32']['images_per_s']:.2f}x | "
                      f"{'1 (reference)' if key == 'stock_fp32' else f'{cos[key]:.7f}'} |")
     sweep = ", ".join(f"{fb}: {rate:.1f}" for fb, rate in model["forward_batch_sweep"].items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -55,6 +56,18 @@ def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def process_sizes(text: str) -> tuple[int, int]:
+    """``--process-sizes`` as two increasing data sizes; each folder puts a quarter of its images in the test
+    split, and that split needs one image of each of Imagenette's 10 classes (argparse ``type=``)."""
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 2 or not 40 <= sizes[0] < sizes[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two increasing sizes of at least 40, e.g. 320,1280")
+    return sizes
 
 
 def write(name: str, payload: dict, markdown: str, *, out_dir: Path = RESULTS) -> tuple[Path, Path]:

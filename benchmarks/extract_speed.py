@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import IMAGENETTE, REPO, RESULTS, describe, machine, median, publish  # noqa: E402
+from benchmarks._common import IMAGENETTE, REPO, RESULTS, describe, machine, median, process_sizes, publish  # noqa: E402
 from lowshot.hostmem import keep_host_memory  # noqa: E402
 
 BATCH = 64
@@ -300,7 +300,8 @@ def peak_rss(tmp: Path, sizes: tuple[int, ...]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=4, help="interleaved repetitions per timing")
-    parser.add_argument("--process-sizes", default="320,1280", help="two data sizes for the marginal rate")
+    parser.add_argument("--process-sizes", type=process_sizes, default="320,1280",
+                        help="two data sizes for the marginal rate")
     parser.add_argument("--process-reps", type=int, default=2,
                         help="interleaved repetitions of each whole-process run (the best of each size counts)")
     parser.add_argument("--rss-sizes", default="2000,10000", help="data sizes for peak RSS ('' skips)")
@@ -322,7 +323,7 @@ def main() -> None:
         print(f"limit: {limit['images_per_s']:.1f} img/s ({limit['best_dtype']})", flush=True)
         model = model_rates(model_dir, args.reps, args.dtype)
         print(f"model: {model['rates']}", flush=True)
-        sizes = tuple(int(s) for s in args.process_sizes.split(","))
+        sizes = args.process_sizes
         process = whole_process(model_dir, tmp, sizes, args.process_reps, args.dtype)
         print(f"process: {process['marginal_images_per_s']:.1f} img/s marginal", flush=True)
         large = large_photo_process(model_dir, tmp, sizes, args.process_reps, args.dtype) if args.large_photos else None

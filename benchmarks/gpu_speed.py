@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, describe, machine, median, publish  # noqa: E402
+from benchmarks._common import RESULTS, describe, machine, median, process_sizes, publish  # noqa: E402
 from benchmarks.extract_speed import (  # noqa: E402
     VIT_S16,
     image_folder,
@@ -164,7 +164,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions per timing")
     parser.add_argument("--batch", type=int, default=GPU_BATCH, help="images per batch")
     parser.add_argument("--layers", type=int, default=12, help="transformer blocks (12 = ViT-S/16)")
-    parser.add_argument("--process-sizes", default="2048,8192", help="two data sizes for the marginal rates")
+    parser.add_argument("--process-sizes", type=process_sizes, default="2048,8192",
+                        help="two data sizes for the marginal rates")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder [benchmarks/results]")
     args = parser.parse_args()
     keep_host_memory()  # as the CLI does: model-only and the whole process under the same allocator
@@ -178,7 +179,7 @@ def main() -> None:
     info = {**machine(), "device": capabilities(device)}
     print(describe(info), "| device:", info["device"], flush=True)
     started = time.perf_counter()
-    sizes = tuple(int(s) for s in args.process_sizes.split(","))
+    sizes = args.process_sizes
     with tempfile.TemporaryDirectory(prefix="lowshot-gpu-bench-") as tmp_name:
         tmp = Path(tmp_name)
         model_dir = save_vit_s16(tmp / "vit-s16", layers=args.layers)

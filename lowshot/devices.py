@@ -3,7 +3,10 @@
 The extraction loop hands each decoded batch (uint8 crops, N x H x W x 3) to :meth:`Device.stage` and gets back the
 normalised float batch on the model's device. What differs by device is hidden here:
 
-- **CPU**: normalise in place on the host (one copy to planar float, two in-place passes), as before.
+- **CPU**: normalise on the host (one copy to planar float, two in-place passes) into a float32 buffer the Device
+  keeps: a 64-image batch is 38.5 MB, over glibc's largest mmap threshold (32 MB), so a fresh one per batch was a
+  fresh mapping zero-filled page by page (9,409 page faults; 18.8 ms to normalise 64 photos against 4.2 ms into
+  the kept buffer). A staged CPU batch is therefore valid until the next :meth:`Device.stage`.
 - **CUDA** (and any accelerator torch reaches by ``.to(device)``): copy the *uint8* crops -- a quarter of the bytes
   of float32 -- from page-locked (pinned) host memory with a non-blocking copy, then convert and normalise on the
   device. The copy of batch k+1 overlaps the model's work on batch k (it is queued on a side stream), and the
@@ -32,6 +35,7 @@ class Device:
     accelerated: bool = False  # uint8 to the device, normalised there (True on any non-CPU device)
     pin_memory: bool = False  # page-locked host buffers: needed for truly asynchronous host-to-device copies
     _copy_stream: object | None = field(default=None, repr=False)
+    _host_out: torch.Tensor | None = field(default=None, repr=False)  # the CPU path's output, reused
 
     @classmethod
     def for_device(cls, device: torch.device | str, *, accelerated: bool | None = None) -> Device:
@@ -49,10 +53,14 @@ class Device:
         return out
 
     def stage(self, crops: list[np.ndarray], transform: ImageTransform) -> torch.Tensor:
-        """Decoded uint8 crops -> the normalised float32 batch (N, 3, H, W) on ``device``."""
+        """Decoded uint8 crops -> the normalised float32 batch (N, 3, H, W) on ``device``. On the CPU it lives in a
+        buffer this Device reuses (see the module docstring): valid until the next call."""
         batch = self.host_batch(crops)
         if not self.accelerated:
-            return transform.normalize(batch).to(self.device)
+            n, shape = batch.shape[0], (3, *batch.shape[1:3])
+            if self._host_out is None or self._host_out.shape[1:] != shape or self._host_out.shape[0] < n:
+                self._host_out = torch.empty(n, *shape, dtype=torch.float32)  # the largest batch so far
+            return transform.normalize(batch, out=self._host_out[:n]).to(self.device)
         if self._copy_stream is None:
             return normalize_on_device(batch.to(self.device, non_blocking=self.pin_memory), transform)
         with torch.cuda.stream(self._copy_stream):

@@ -32,6 +32,17 @@ def test_accelerator_data_path_gives_the_same_pixels_as_the_host_path(transform)
     assert torch.equal(device_path, reference)  # same arithmetic on the device as on the host: identical floats
 
 
+def test_the_cpu_path_normalises_into_one_kept_buffer():
+    crops, transform = real_crops(5), msn_transform()
+    device = Device.for_device("cpu")
+    first = device.stage(crops, transform)
+    pointer = first.data_ptr()
+    for batch in (crops[::-1], crops[:2], crops):  # other pixels, a smaller last batch, the full size again
+        staged = device.stage(batch, transform)
+        assert staged.data_ptr() == pointer  # no fresh 38 MB tensor per 64-image batch (page faults: devices.py)
+        assert torch.equal(staged, transform.normalize(torch.from_numpy(np.stack(batch))))
+
+
 def test_normalize_on_device_keeps_the_batch_on_its_device():
     batch = torch.from_numpy(np.stack(real_crops(2)))
     out = normalize_on_device(batch.to("meta"), msn_transform())

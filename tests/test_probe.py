@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -244,3 +246,33 @@ def test_the_loss_stays_exact_where_a_labels_probability_underflows():
     loss = _SoftmaxLoss(xt, torch.as_tensor(y), 0.1 / len(y), 5)
     value = loss.evaluate(w, torch.empty_like(w))
     assert value == pytest.approx(objective(w.numpy(), xt, y, 0.1) / len(y), rel=1e-6)
+
+
+def test_fits_share_one_kept_block_of_logit_buffers_per_thread_and_leak_nothing_between_fits():
+    big = probe_module._logit_buffers(300, 50, 4)
+    small = probe_module._logit_buffers(100, 50, 4)
+    assert small[0].data_ptr() == big[0].data_ptr() and all(b.shape == (100, 50) for b in small)
+    assert len({b.data_ptr() for b in big}) == 4  # four distinct views of the block
+    other = []
+    thread = threading.Thread(target=lambda: other.append(probe_module._logit_buffers(100, 50, 4)[0].data_ptr()))
+    thread.start()
+    thread.join()
+    assert other[0] != small[0].data_ptr()  # each thread its own block
+    # a fit between two fits of the same problem leaves the second identical to the first
+    x, y = skewed()
+    first = LogisticProbe(DEFAULT_LAMBDA).fit(x, y).coef_
+    LogisticProbe(DEFAULT_LAMBDA).fit(*blobs(n_classes=50, per_class=9, dim=48, seed=1))
+    assert np.array_equal(LogisticProbe(DEFAULT_LAMBDA).fit(x, y).coef_, first)
+
+
+def test_the_float64_objective_is_computed_when_read_not_in_cross_validation(monkeypatch):
+    calls = []
+    real = probe_module.objective
+    monkeypatch.setattr(probe_module, "objective", lambda *a: calls.append(1) or real(*a))
+    x, y = blobs(per_class=10)
+    select_lambda(x, y)
+    assert calls == []  # 45 fits, none of them read it
+    fitted = LogisticProbe(DEFAULT_LAMBDA).fit(x, y)
+    assert calls == []
+    assert fitted.objective_ == pytest.approx(real(fitted.coef_, preprocess(x), y, DEFAULT_LAMBDA), rel=1e-12)
+    assert fitted.objective_ and calls == [1]  # once, then kept

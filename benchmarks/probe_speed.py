@@ -285,7 +285,7 @@ def render(p: dict) -> str:
         f"ms** at best; over the evaluation timed just before the same fit **{c['iteration_over_evaluation']:.2f}x** "
         f"(median of the repetitions: {', '.join(f'{v:.2f}' for v in c['iteration_over_evaluation_all'])}; target "
         f"<= 1.3x; without whitening {c['iteration_over_evaluation_unwhitened']:.2f}x); the whole fit over its "
-        f"iterations (preprocessing, whitening and the float64 objective included): "
+        f"iterations (preprocessing and whitening included): "
         f"{1000 * r['lowshot']['seconds_per_iteration']:.1f} ms.",
     ]
     f = p["protocol"]

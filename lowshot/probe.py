@@ -184,7 +184,7 @@ class _SoftmaxLoss:
         self.codes = codes.view(-1, 1)
         # -Y^T X / n: the one-hot labels' share of every gradient
         self.minus_class_sums = torch.zeros(n_classes, x.shape[1]).index_add_(0, codes, x).mul_(-1.0 / self.n)
-        buffers = _logit_buffers(self.n, n_classes, 4) if kept_buffers else \
+        buffers = _logit_buffers(self.n, n_classes, 4) if kept_buffers and x.dtype == torch.float32 else \
             [torch.empty(self.n, n_classes, dtype=x.dtype) for _ in range(4)]
         # the logits at the current point, at the current point + the direction, at a step in between, and the
         # softmax of the last logits valued
@@ -291,16 +291,16 @@ _WORKSPACE = threading.local()
 
 
 def _logit_buffers(n: int, n_classes: int, count: int) -> list[torch.Tensor]:
-    """``count`` float32 (n, n_classes) tensors, views of one block this thread keeps across fits and grows to the
-    largest fit so far. Above glibc's largest mmap threshold (32 MB: 8,389 rows x 1,000 classes) every fresh
-    buffer is a fresh mapping, zero-filled page by page: cross-validation on ImageNet's 1% subset (45 fits of
-    ~10,250 rows x 1,000 classes) made 2.7 million page faults. Kept for the thread's life: 4 x n x classes floats
-    of its largest fit (205 MB for the 1% subset's final fit)."""
+    """``count`` float32 (n, n_classes) tensors (whatever torch's default dtype), views of one block this thread
+    keeps across fits and grows to the largest fit so far. Above glibc's largest mmap threshold (32 MB: 8,389 rows
+    x 1,000 classes) every fresh buffer is a fresh mapping, zero-filled page by page: cross-validation on
+    ImageNet's 1% subset (45 fits of ~10,250 rows x 1,000 classes) made 2.7 million page faults. Kept for the
+    thread's life: 4 x n x classes floats of its largest fit (205 MB for the 1% subset's final fit)."""
     size = n * n_classes
     block = getattr(_WORKSPACE, "block", None)
     if block is None or block.numel() < count * size:
         block = _WORKSPACE.block = None  # drop the old block before allocating the bigger one
-        block = _WORKSPACE.block = torch.empty(count * size)
+        block = _WORKSPACE.block = torch.empty(count * size, dtype=torch.float32)
     return [block[i * size:(i + 1) * size].view(n, n_classes) for i in range(count)]
 
 

@@ -299,7 +299,7 @@ def _logit_buffers(n: int, n_classes: int, count: int) -> list[torch.Tensor]:
     size = n * n_classes
     block = getattr(_WORKSPACE, "block", None)
     if block is None or block.numel() < count * size:
-        block = _WORKSPACE.block = None  # drop the old block before allocating the bigger one
+        _WORKSPACE.block = None  # let the old block go before the bigger one is allocated
         block = _WORKSPACE.block = torch.empty(count * size, dtype=torch.float32)
     return [block[i * size:(i + 1) * size].view(n, n_classes) for i in range(count)]
 

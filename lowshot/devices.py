@@ -5,8 +5,9 @@ normalised float batch on the model's device. What differs by device is hidden h
 
 - **CPU**: normalise on the host (one copy to planar float, two in-place passes) into a float32 buffer the Device
   keeps: a 64-image batch is 38.5 MB, over glibc's largest mmap threshold (32 MB), so a fresh one per batch was a
-  fresh mapping zero-filled page by page (9,409 page faults; 18.8 ms to normalise 64 photos against 4.2 ms into
-  the kept buffer). A staged CPU batch is therefore valid until the next :meth:`Device.stage`.
+  fresh mapping zero-filled page by page (9,409 page faults; staging 64 photos 20.1 ms against 9.3 ms with the
+  kept buffer, medians of ``benchmarks/page_faults.py``). A staged CPU batch is therefore valid until the next
+  :meth:`Device.stage`.
 - **CUDA** (and any accelerator torch reaches by ``.to(device)``): copy the *uint8* crops -- a quarter of the bytes
   of float32 -- from page-locked (pinned) host memory with a non-blocking copy, then convert and normalise on the
   device. The copy of batch k+1 overlaps the model's work on batch k (it is queued on a side stream), and the

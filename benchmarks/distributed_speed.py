@@ -63,6 +63,7 @@ def main() -> None:
         base = [sys.executable, "-m", "lowshot", "extract", "--all", "--model", args.model, "--data",
                 str(work / "data"), "--device", "cpu", "--batch-size", "32"]  # --all: every image, as n counts
         dist = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.procs),
+                "--log-dir", str(work / "torchrun-logs"),  # else torchrun leaves /tmp/torchelastic_* behind
                 "-m", "lowshot", "extract", *base[4:]]
         times: dict[str, list[float]] = {"1 process": [], f"{args.procs} processes": []}
         for i in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike

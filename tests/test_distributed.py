@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +21,10 @@ def env(**extra) -> dict:
             "OMP_NUM_THREADS": "1", **extra}
 
 
-def torchrun(*args, nproc: int = 2) -> subprocess.Popen:
+def torchrun(*args, logs: Path, nproc: int = 2) -> subprocess.Popen:
+    """``torchrun`` with its per-run log folder under ``logs`` (by default it leaves /tmp/torchelastic_* behind)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           *map(str, args)]
+           "--log-dir", str(logs), *map(str, args)]
     return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -49,7 +51,7 @@ def reference(tiny_model, data, tmp_path_factory):
 def test_two_gloo_processes_give_the_single_process_features(tiny_model, data, reference, tmp_path):
     cache_dir = tmp_path / "cache"
     proc = torchrun("-m", "lowshot", "extract", "--model", tiny_model, "--data", data, "--cache-dir", cache_dir,
-                    "--batch-size", 4, "--device", "cpu")
+                    "--batch-size", 4, "--device", "cpu", logs=tmp_path / "logs")
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
     assert err.count("2 processes") == 1  # rank 0 alone reports
@@ -65,7 +67,8 @@ def test_two_gloo_processes_give_the_single_process_features(tiny_model, data, r
 @pytest.mark.slow
 def test_a_killed_rank_then_a_rerun_completes_from_the_written_shards(tiny_model, data, reference, tmp_path):
     cache_dir, pids = tmp_path / "cache", tmp_path / "pids"
-    proc = torchrun("-m", "tests.extract_worker", tiny_model, data, cache_dir, "--sleep", 0.5, "--pid-dir", pids)
+    proc = torchrun("-m", "tests.extract_worker", tiny_model, data, cache_dir, "--sleep", 0.5, "--pid-dir", pids,
+                    logs=tmp_path / "logs")
     deadline = time.time() + 120
     while time.time() < deadline and len(list(cache_dir.glob("partial/*/shard-*.json"))) < 2:
         time.sleep(0.05)
@@ -74,7 +77,8 @@ def test_a_killed_rank_then_a_rerun_completes_from_the_written_shards(tiny_model
     assert proc.returncode != 0
     written = len(list(cache_dir.glob("partial/*/shard-*.json")))
     assert written >= 2 and not list(cache_dir.glob("entries/*/manifest.json")), "the run must die part-way"
-    rerun = torchrun("-m", "tests.extract_worker", tiny_model, data, cache_dir, "--out", tmp_path / "again.npy")
+    rerun = torchrun("-m", "tests.extract_worker", tiny_model, data, cache_dir, "--out", tmp_path / "again.npy",
+                     logs=tmp_path / "logs")
     out, err = rerun.communicate(timeout=240)
     assert rerun.returncode == 0, err
     done, total = map(int, next(line for line in out.splitlines() if line.startswith("train")).split()[-1].split("/"))

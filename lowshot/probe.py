@@ -24,6 +24,7 @@ import torch
 
 from .config import BACKENDS, DEFAULT_LAMBDA
 from .errors import BadInputError
+from .flushed import check_cancelled, run_flushed
 
 LAMBDA_GRID = tuple(float(f"{v:.6g}") for v in 10.0 ** np.arange(-4.0, 0.01, 0.5))  # 1e-4 … 1, for lam="auto"
 MAX_FOLDS = 5
@@ -125,8 +126,9 @@ class LogisticProbe(ScoreClassifier):
             coef, n_iter = _fit_sklearn(xt.numpy(), codes, self.lam, self.max_iter, tol)
         else:
             tol = TORCH_TOL if self.tol is None else self.tol
-            coef, n_iter, _, self.gap_bound_ = _fit_torch(xt, torch.as_tensor(codes), self.lam, self.max_iter,
-                                                          tol, coef_init)
+            # on the thread that flushes denormals to zero (lowshot/flushed.py): a fit's softmax makes them
+            coef, n_iter, _, self.gap_bound_ = run_flushed(_fit_torch, xt, torch.as_tensor(codes), self.lam,
+                                                           self.max_iter, tol, coef_init)
         self.coef_ = coef
         self.n_iter_ = n_iter
         self._objective = None
@@ -423,6 +425,7 @@ def _lbfgs(loss: _SoftmaxLoss, w: torch.Tensor, *, max_iter: int, tol: float, cu
     history = _History(w.numel(), LBFGS_HISTORY)
     n_iter = quiet = 0
     while n_iter < max_iter and loss.gap_bound(grad) > tol * abs(f):
+        check_cancelled()  # the caller was interrupted (Ctrl-C): leave now, not after up to max_iter iterations
         n_iter += 1
         history.direction(grad, d)
         slope = _dot(grad, d)

@@ -3,16 +3,18 @@
 Softmax probabilities far below a row's largest underflow into float32's denormal range (below 1.2e-38), and on x86
 an operation that reads or writes a denormal takes a microcode assist, about a hundred times the normal cost. Probe
 fits make them by the thousand: at MSN ``logistic_eval.py``'s default lambda (0.00025), up to a third of the
-probabilities of a 1,000-class 5-shot fit, and a tenth of a 1-shot fit's; the overshooting trial steps of a line
-search make some even at 0.0025. A gradient product (1,000 classes x 5,000 rows x 384) with 95% of its
-probabilities denormal took 2.2 s instead of 12.6 ms (``benchmarks/denormals.py``).
+probabilities of a 1,000-class 5-shot fit, a tenth of a 1-shot fit's, and the overshooting trial steps of a line
+search make some even at 0.0025 on look-alike classes. ``benchmarks/denormals.py``: the gradient product (1,000
+classes x 5,000 rows x 384) with 4% of its probabilities denormal took 104 ms on the caller's thread against 12.6
+here (95%: 2.2 s against 16 ms); the 5-shot fit at lambda 0.00025 4.4 s against 3.0 s, same iterations, same
+objective.
 
 FTZ and DAZ (flush to zero, denormals are zero: ``torch.set_flush_denormal``) make those values zero instead. They
-are per-thread state (MXCSR on x86), and torch's OpenMP workers copy it from the thread that creates them, once,
-when it creates them: set in a thread that has already run a parallel op, they do not reach its workers. So the
-solver runs on a thread of its own that sets them before its first torch op, and its OpenMP workers, created by
-it, inherit them. The caller's threads, and everything else torch does in the process (extraction included), keep
-their floating-point environment; every fit computes in the same mode, whoever calls it.
+are per-thread state (MXCSR on x86): set on the caller's thread they would change the floating-point environment of
+the caller's own code. So the solver runs on a thread of its own that sets them before its first torch op, and
+torch's OpenMP workers, which it starts, compute in the same mode (``tests/test_flushed.py`` checks every worker's
+share of a product). The caller's threads, and everything else torch does in the process (extraction included),
+keep their floating-point environment; every fit computes in the same mode, whoever calls it.
 
 Fits run one at a time, in the order they are asked for. A caller interrupted while it waits (Ctrl-C) sets a flag
 the solver checks each iteration (:func:`check_cancelled`), so the thread is free again within an iteration.

@@ -6,8 +6,8 @@ Objective (MSN ``logistic_eval.py``: cyanure's mean log-loss with ``lambd / n``,
 
 Solved by a full-batch L-BFGS in torch (``backend="torch"``, the default: preconditioned by the features' second
 moment, a line search on the logits that costs one matrix product per iteration, float32 products on all cores with
-float64 sums, stopped by a certified optimality gap) or by scikit-learn's lbfgs (``backend="sklearn"``, the
-reference).
+float64 sums, stopped by a certified optimality gap; on a thread that flushes denormal floats to zero, see
+``lowshot/flushed.py``) or by scikit-learn's lbfgs (``backend="sklearn"``, the reference).
 scikit-learn's default ``tol=1e-4`` can stop at iteration 0 on many-class few-shot problems and return an all-zero
 model; both backends here use tight tolerances. ``benchmarks/probe_speed.py`` compares the two.
 """

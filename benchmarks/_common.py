@@ -40,6 +40,19 @@ def machine() -> dict:
     return info
 
 
+def begin(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, dict]:
+    """Every benchmark's start: ``--out`` added and the command line parsed, host memory kept as the CLI keeps it
+    (``keep_host_memory``: the code measured runs under the allocator users get), the machine described."""
+    from lowshot.hostmem import keep_host_memory
+
+    parser.add_argument("--out", type=Path, default=None, help="results folder [benchmarks/results]")
+    args = parser.parse_args()
+    keep_host_memory()
+    info = machine()
+    print(describe(info), flush=True)
+    return args, info
+
+
 def describe(info: dict) -> str:
     return (f"{info['cpu']} (model {info['cpu_model_number']}), {info['cores']} cores, flags: "
             f"{' '.join(info['flags']) or 'none of interest'}; torch {info['torch']}, "

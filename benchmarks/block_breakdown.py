@@ -23,10 +23,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, describe, machine, median, publish  # noqa: E402
+from benchmarks._common import RESULTS, begin, describe, median, publish  # noqa: E402
 from benchmarks.extract_speed import real_batch, save_vit_s16  # noqa: E402
 from lowshot.backbones import load_backbone  # noqa: E402
-from lowshot.hostmem import keep_host_memory  # noqa: E402
 
 KINDS = {"norm1": "elementwise", "qkv": "GEMM", "attention": "attention", "output": "GEMM",
          "output residual add": "elementwise", "norm2": "elementwise", "fc1": "GEMM", "fc1 GELU": "elementwise",
@@ -63,11 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30, help="interleaved repetitions of each stage")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
-    parser.add_argument("--out", type=Path, default=None, help="results folder [benchmarks/results]")
-    args = parser.parse_args()
-    keep_host_memory()
-    info = machine()
-    print(describe(info), flush=True)
+    args, info = begin(parser)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lowshot-block-") as tmp:
         backbone = load_backbone(str(save_vit_s16(Path(tmp) / "vit-s16")), device="cpu", dtype=args.dtype)

@@ -24,11 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, describe, machine, median, publish  # noqa: E402
+from benchmarks._common import RESULTS, begin, describe, median, publish  # noqa: E402
 from benchmarks.probe_speed import CLASSES, DIM, Generator  # noqa: E402
 from lowshot import probe as probe_module  # noqa: E402
 from lowshot.flushed import flushes, run_flushed  # noqa: E402
-from lowshot.hostmem import keep_host_memory  # noqa: E402
 from lowshot.probe import TORCH_TOL, objective, preprocess  # noqa: E402
 
 SMALLEST_NORMAL = float(torch.finfo(torch.float32).tiny)
@@ -117,11 +116,7 @@ def fits(reps: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
-    parser.add_argument("--out", type=Path, default=None, help="results folder [benchmarks/results]")
-    args = parser.parse_args()
-    keep_host_memory()
-    info = machine()
-    print(describe(info), flush=True)
+    args, info = begin(parser)
     if not flushes():
         raise SystemExit("torch cannot flush denormals on this CPU: nothing to compare")
     started = time.perf_counter()

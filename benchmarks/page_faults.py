@@ -26,11 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import IMAGENETTE, RESULTS, describe, machine, median, publish  # noqa: E402
+from benchmarks._common import IMAGENETTE, RESULTS, begin, describe, median, publish  # noqa: E402
 from benchmarks.probe_speed import CLASSES, Generator  # noqa: E402
 from lowshot import probe as probe_module  # noqa: E402
 from lowshot.devices import Device  # noqa: E402
-from lowshot.hostmem import keep_host_memory  # noqa: E402
 from lowshot.transforms import msn_transform  # noqa: E402
 
 
@@ -98,11 +97,7 @@ def cross_validation(reps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
-    parser.add_argument("--out", type=Path, default=None, help="results folder [benchmarks/results]")
-    args = parser.parse_args()
-    keep_host_memory()
-    info = machine()
-    print(describe(info), flush=True)
+    args, info = begin(parser)
     started = time.perf_counter()
     stage = staging(max(5, args.reps))
     cv = cross_validation(args.reps)

@@ -32,8 +32,9 @@ KINDS = {"norm1": "elementwise", "qkv": "GEMM", "attention": "attention", "outpu
          "fc2": "GEMM", "fc2 residual add": "elementwise"}
 
 
-def stages(fast, h: torch.Tensor) -> tuple[dict, callable]:
-    """The stage callables of block 0 on the residual stream ``h`` (restored before each timing), and the block."""
+def stages(fast, h: torch.Tensor) -> tuple[dict, callable, bool]:
+    """The stage callables of block 0 on the residual stream ``h`` (restored before each timing), the block, and
+    whether the residual adds are fused into the GEMMs (then timed with them, and listed at 0)."""
     block, n, tokens = fast.blocks[0], h.shape[0], h.shape[1]
     with torch.inference_mode():
         y = block.norm1(h)
@@ -42,20 +43,21 @@ def stages(fast, h: torch.Tensor) -> tuple[dict, callable]:
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, tokens, -1)
         y2 = block.norm2(h)
         f1 = block.fc1(y2, fast.gelu)
-    gemm = {"output": block.out(a), "fc1": block.fc1(y2), "fc2": block.fc2(f1)}
+        gemm = {"output": block.out(a), "fc2": block.fc2(f1)}
+    fused = h.dtype == a.dtype  # residual in the compute dtype: oneDNN adds it inside the GEMM (_Linear.add)
     fns = {
         "norm1": lambda: block.norm1(h),
         "qkv": lambda: block.qkv(y),
         "attention": lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, tokens, -1),
-        "output": lambda: block.out(a),
-        "output residual add": lambda: h.add_(gemm["output"]) if h.dtype != a.dtype else h.add(gemm["output"]),
+        "output": (lambda: block.out.add(a, h)) if fused else lambda: block.out(a),
+        "output residual add": (lambda: None) if fused else lambda: h.add_(gemm["output"]),
         "norm2": lambda: block.norm2(h),
         "fc1": lambda: block.fc1(y2),
-        "fc1 GELU": lambda: block.fc1(y2, fast.gelu),  # minus "fc1" below: the fused GELU
-        "fc2": lambda: block.fc2(f1),
-        "fc2 residual add": lambda: h.add_(gemm["fc2"]) if h.dtype != f1.dtype else h.add(gemm["fc2"]),
+        "fc1 with GELU": lambda: block.fc1(y2, fast.gelu),  # minus "fc1": the fused GELU
+        "fc2": (lambda: block.fc2.add(f1, h)) if fused else lambda: block.fc2(f1),
+        "fc2 residual add": (lambda: None) if fused else lambda: h.add_(gemm["fc2"]),
     }
-    return fns, lambda: block(h, fast.gelu)
+    return fns, lambda: block(h, fast.gelu), fused
 
 
 def main() -> None:
@@ -72,7 +74,7 @@ def main() -> None:
     with torch.inference_mode():
         h = fast.embed_tokens(real_batch()[:n])
     saved = h.clone()
-    fns, whole = stages(fast, h)
+    fns, whole, fused = stages(fast, h)
     fns["whole block"] = whole
     times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
@@ -86,14 +88,17 @@ def main() -> None:
                 fn()
                 times[name].append(time.perf_counter() - start)
     ms = {name: 1e3 * median(t) for name, t in times.items()}
-    ms["fc1 GELU"] = max(0.0, ms["fc1 GELU"] - ms["fc1"])
+    if fused:
+        ms["output residual add"] = ms["fc2 residual add"] = 0.0
+    ms["fc1 GELU"] = max(0.0, ms["fc1 with GELU"] - ms["fc1"])  # a difference of medians
     parts = {name: ms[name] for name in KINDS}
     by_kind: dict[str, float] = {}
     for name, kind in KINDS.items():
         by_kind[kind] = by_kind.get(kind, 0.0) + parts[name]
     by_kind["between the stages"] = ms["whole block"] - sum(parts.values())
     payload = {"machine": info, "forward_batch": n, "tokens": int(h.shape[1]), "dtype": str(fast.dtype),
-               "stream_dtype": str(h.dtype), "engine": backbone.engine, "median_ms": ms, "by_kind_ms": by_kind,
+               "stream_dtype": str(h.dtype), "engine": backbone.engine, "residual_adds_fused": fused,
+               "median_ms": ms, "by_kind_ms": by_kind,
                "reps": args.reps, "seconds_total": time.perf_counter() - started,
                "command": "HF_HUB_OFFLINE=1 python benchmarks/block_breakdown.py " + " ".join(sys.argv[1:])}
     publish("block_breakdown", payload, render(payload), out_dir=args.out or RESULTS)
@@ -113,7 +118,9 @@ def render(p: dict) -> str:
         "| --- | --- | --- | --- |",
     ]
     for name, kind in KINDS.items():
-        lines.append(f"| {name} | {kind} | {ms[name]:.3f} | {100 * ms[name] / whole:.0f}% |")
+        note = " (fused into the GEMM)" if p.get("residual_adds_fused") and "residual add" in name else ""
+        note = " (fc1 with GELU minus fc1)" if name == "fc1 GELU" else note
+        lines.append(f"| {name}{note} | {kind} | {ms[name]:.3f} | {100 * ms[name] / whole:.0f}% |")
     lines += [f"| **whole block** | | **{whole:.3f}** | 100% |", "", "| kind | ms | share |", "| --- | --- | --- |"]
     for kind, value in p["by_kind_ms"].items():
         lines.append(f"| {kind} | {value:.3f} | {100 * value / whole:.0f}% |")

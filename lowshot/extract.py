@@ -356,7 +356,7 @@ def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardSt
     options = plan.options
     if progress:
         progress(task, done, total)
-    workers = options.workers or max(2, min(8, os.cpu_count() or 2))
+    workers = options.workers or default_workers()
     batch = options.batch_size
     chunks = [shard[lo:lo + batch] for shard in shards for lo in range(0, len(shard), batch)]
     decoded = _batched_decode(split, plan.transform, chunks, workers, options.max_pixels,
@@ -392,6 +392,11 @@ def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardSt
     if progress:
         progress(task, done + local if progress_scale == 1 else total, total)
     return embedded
+
+
+def default_workers() -> int:
+    """Decode threads when ``workers`` is not set: one per core, at least 2, at most 8."""
+    return max(2, min(8, os.cpu_count() or 2))
 
 
 def _version(package: str) -> str:

@@ -3,7 +3,7 @@
 Softmax probabilities far below a row's largest underflow into float32's denormal range (below 1.2e-38), and on x86
 an operation that reads or writes a denormal takes a microcode assist, about a hundred times the normal cost. Probe
 fits make them by the thousand: at MSN ``logistic_eval.py``'s default lambda (0.00025), up to a third of the
-probabilities of a 1,000-class 5-shot fit, a tenth of a 1-shot fit's, and some even at 0.0025 on real features of
+probabilities of a 1,000-class 5-shot fit, 12% of a 1-shot fit's, and some even at 0.0025 on real features of
 look-alike classes. ``benchmarks/denormals.py``: the gradient product (1,000 classes x 5,000 rows x 384) with 4% of
 its probabilities denormal took 104 ms on the caller's thread against 12.6 here (95%: 2.2 s against 16 ms); the
 5-shot fit at lambda 0.00025 4.4 s against 3.0 s, same iterations, same objective.
@@ -15,8 +15,10 @@ torch's OpenMP workers, which it starts, compute in the same mode (``tests/test_
 share of a product). The caller's threads, and everything else torch does in the process (extraction included),
 keep their floating-point environment; every fit computes in the same mode, whoever calls it.
 
-Fits run one at a time, in the order they are asked for. A caller interrupted while it waits (Ctrl-C) sets a flag
-the solver checks each iteration (:func:`check_cancelled`), so the thread is free again within an iteration.
+Fits run one at a time, in the order they are asked for (work on the thread must not wait for another thread's
+``run_flushed``: there is one worker). A caller interrupted while it waits (Ctrl-C) withdraws its computation if
+it has not started, else sets that computation's own flag, which the solver checks each iteration
+(:func:`check_cancelled`): the thread is free again within an iteration, and other callers' fits go on.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from typing import Any
 import torch
 
 THREAD_NAME = "lowshot-flushed"
+WAIT_SLICE = 0.25  # seconds: the caller waits in slices, so that Ctrl-C reaches it on every platform
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
-_cancel = threading.Event()
 _flushes: list[bool] = []  # what torch.set_flush_denormal answered on the thread (False: not supported here)
+_local = threading.local()  # on the flushed thread: .flushed, and .cancel, the running call's own flag
 
 
 class Cancelled(Exception):
@@ -43,23 +46,31 @@ class Cancelled(Exception):
 
 def run_flushed(fn: Callable[..., Any], /, *args, **kwargs) -> Any:
     """``fn(*args, **kwargs)`` on the flushed thread, with the caller's torch thread count; returns its result or
-    raises its exception. Called from that thread itself, runs ``fn`` directly."""
-    if threading.current_thread().name.startswith(THREAD_NAME):
+    raises its exception. Runs ``fn`` in place when called from that thread itself, and once the interpreter is
+    shutting down (concurrent.futures then takes no new work; the fit still runs, without the flushing)."""
+    if getattr(_local, "flushed", False):
         return fn(*args, **kwargs)
-    future = _executor().submit(_call, torch.get_num_threads(), fn, args, kwargs)
+    cancel = threading.Event()  # this call's own: an interrupted caller stops its own computation, no other
     try:
+        future = _executor().submit(_call, cancel, torch.get_num_threads(), fn, args, kwargs)
+    except RuntimeError:
+        return fn(*args, **kwargs)
+    try:
+        while not wait([future], timeout=WAIT_SLICE).done:
+            pass
         return future.result()
     except BaseException:
-        if not future.done():  # interrupted while waiting: stop the computation at its next check, then go on
-            _cancel.set()
+        if not future.done() and not future.cancel():  # interrupted: withdrawn if still queued, else stopped at
+            cancel.set()  # the computation's next check_cancelled()
             wait([future])
-            _cancel.clear()
         raise
 
 
 def check_cancelled() -> None:
-    """Raise :class:`Cancelled` if the caller waiting for this computation was interrupted (long loops call it)."""
-    if _cancel.is_set():
+    """Raise :class:`Cancelled` if the caller waiting for this computation was interrupted (long loops call it;
+    off the flushed thread it does nothing)."""
+    cancel = getattr(_local, "cancel", None)
+    if cancel is not None and cancel.is_set():
         raise Cancelled("interrupted by the caller")
 
 
@@ -78,13 +89,18 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def _start() -> None:
+    _local.flushed = True
     _flushes.append(torch.set_flush_denormal(True))  # before this thread's first parallel op (see above)
 
 
-def _call(threads: int, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    if torch.get_num_threads() != threads:  # the caller's setting: a new thread would start with torch's default
-        torch.set_num_threads(threads)
-    return fn(*args, **kwargs)
+def _call(cancel: threading.Event, threads: int, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    _local.cancel = cancel
+    try:
+        if torch.get_num_threads() != threads:  # the caller's setting: a new thread starts with torch's default
+            torch.set_num_threads(threads)
+        return fn(*args, **kwargs)
+    finally:
+        _local.cancel = None
 
 
 def _forget_after_fork() -> None:
@@ -92,7 +108,6 @@ def _forget_after_fork() -> None:
     global _pool, _lock
     _pool, _lock = None, threading.Lock()  # the lock too: another thread may have held it at the fork
     _flushes.clear()
-    _cancel.clear()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

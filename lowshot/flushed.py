@@ -5,7 +5,7 @@ an operation that reads or writes a denormal takes a microcode assist, about a h
 fits make them by the thousand: at MSN ``logistic_eval.py``'s default lambda (0.00025), up to a third of the
 probabilities of a 1,000-class 5-shot fit, 12% of a 1-shot fit's, and some even at 0.0025 on real features of
 look-alike classes. ``benchmarks/denormals.py``: the gradient product (1,000 classes x 5,000 rows x 384) with 4% of
-its probabilities denormal took 104 ms on the caller's thread against 12.6 here (95%: 2.2 s against 16 ms); the
+its probabilities denormal took 99 ms on the caller's thread against 12.3 here (95%: 2.2 s against 17 ms); the
 5-shot fit at lambda 0.00025 4.4 s against 3.0 s, same iterations, same objective.
 
 FTZ and DAZ (flush to zero, denormals are zero: ``torch.set_flush_denormal``) make those values zero instead. They

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import IMAGENETTE, describe, machine, median, publish  # noqa: E402
+from benchmarks._common import IMAGENETTE, begin, describe, median, publish  # noqa: E402
 
 SMALL = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536}
 DINO = {**SMALL, "patch_size": 14, "image_size": 518, "mlp_ratio": 4}
@@ -96,14 +96,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions per engine")
     parser.add_argument("--batch", type=int, default=32, help="photos per forward")
-    parser.add_argument("--out", type=Path, default=None, help="results folder [benchmarks/results]")
-    args = parser.parse_args()
+    args, info = begin(parser)  # host memory kept as the CLI keeps it: both engines under the same allocator
     from lowshot.backbones import cpu_flags
-    from lowshot.hostmem import keep_host_memory
 
-    keep_host_memory()  # as the CLI does (both engines under the same allocator)
-    info = machine()
-    print(describe(info), flush=True)
     bf16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
     pixels = photos(args.batch)
     started = time.perf_counter()

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import IMAGENETTE, REPO, RESULTS, describe, machine, median, process_sizes, publish  # noqa: E402
-from lowshot.hostmem import keep_host_memory  # noqa: E402
+from benchmarks._common import IMAGENETTE, REPO, RESULTS, begin, describe, median, process_sizes, publish  # noqa: E402
 
 BATCH = 64
 VIT_S16 = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536,
@@ -323,16 +322,12 @@ def main() -> None:
     parser.add_argument("--process-reps", type=int, default=2,
                         help="interleaved repetitions of each whole-process run (the best of each size counts)")
     parser.add_argument("--rss-sizes", default="2000,10000", help="data sizes for peak RSS ('' skips)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder [benchmarks/results]")
     parser.add_argument("--no-large-photos", dest="large_photos", action="store_false",
                         help="skip the whole-process run on ImageNet-sized JPEGs")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="lowshot's --dtype for the model-only and whole-process runs (not auto: results go to "
                              "extract_speed_<dtype>, compared with that dtype's limit) [auto]")
-    args = parser.parse_args()
-    keep_host_memory()  # as the CLI does: model-only and the whole process under the same allocator
-    info = machine()
-    print(describe(info), flush=True)
+    args, info = begin(parser)  # host memory kept as the CLI keeps it: model-only and the whole process alike
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lowshot-bench-") as tmp_name:
         tmp = Path(tmp_name)

@@ -30,10 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, describe, machine, median, publish  # noqa: E402
+from benchmarks._common import RESULTS, begin, describe, median, publish  # noqa: E402
 from lowshot import probe as probe_module  # noqa: E402
 from lowshot.flushed import run_flushed  # noqa: E402
-from lowshot.hostmem import keep_host_memory  # noqa: E402
 from lowshot.probe import LogisticProbe, _SoftmaxLoss, objective, preprocess  # noqa: E402
 
 LAMBDA = 0.0025  # MSN README, 5 images per class
@@ -226,11 +225,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions of the solver comparison")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the full protocol (0 skips it)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder [benchmarks/results]")
-    args = parser.parse_args()
-    keep_host_memory()  # as the CLI does: a fit's logit buffers reuse the last fit's pages
-    info = machine()
-    print(describe(info), flush=True)
+    args, info = begin(parser)  # host memory kept as the CLI keeps it: a fit's logit buffers reuse the last fit's pages
     started = time.perf_counter()
     torch.manual_seed(0)
     comparison = solver_comparison(args.reps)
@@ -242,7 +237,7 @@ def main() -> None:
     payload = {"machine": info, "solver": comparison, "protocol": full,
                "seconds_total": time.perf_counter() - started,
                "command": "python benchmarks/probe_speed.py " + " ".join(sys.argv[1:])}
-    publish("probe_speed", payload, render(payload), out_dir=args.out)
+    publish("probe_speed", payload, render(payload), out_dir=args.out or RESULTS)
 
 
 def _differing(count: int, total: int) -> str:

@@ -63,26 +63,16 @@ class Device:
                 self._host_out = torch.empty(n, *shape, dtype=torch.float32)  # the largest batch so far
             return transform.normalize(batch, out=self._host_out[:n]).to(self.device)
         if self._copy_stream is None:
-            return normalize_on_device(batch.to(self.device, non_blocking=self.pin_memory), transform)
+            return transform.normalize(batch.to(self.device, non_blocking=self.pin_memory))
         with torch.cuda.stream(self._copy_stream):
             moved = batch.to(self.device, non_blocking=True)
         torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
         moved.record_stream(torch.cuda.current_stream(self.device))  # the copy's memory is used on the main stream
-        return normalize_on_device(moved, transform)
+        return transform.normalize(moved)
 
     def to_host(self, features: torch.Tensor) -> torch.Tensor:
         """Model output -> float32 on the CPU (a synchronising copy on accelerators)."""
         return features.float().cpu()
-
-
-def normalize_on_device(batch: torch.Tensor, transform: ImageTransform) -> torch.Tensor:
-    """uint8 (N, H, W, 3) on any device -> normalised float32 (N, 3, H, W) there; the same arithmetic as
-    :meth:`ImageTransform.normalize` (x * 1/(255 std) - mean/std), so both paths give identical pixels."""
-    scale = (1.0 / (torch.tensor(transform.std, dtype=torch.float32) * 255.0)).view(1, 3, 1, 1)
-    shift = (-torch.tensor(transform.mean, dtype=torch.float32) / torch.tensor(transform.std)).view(1, 3, 1, 1)
-    x = torch.empty(batch.shape[0], 3, *batch.shape[1:3], dtype=torch.float32, device=batch.device)
-    x.copy_(batch.permute(0, 3, 1, 2))
-    return x.mul_(scale.to(batch.device)).add_(shift.to(batch.device))
 
 
 def capabilities(device: torch.device | str) -> dict:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowshot.devices import Device, capabilities, normalize_on_device
+from lowshot.devices import Device, capabilities
 from lowshot.transforms import msn_transform, processor_transform
 
 from .conftest import IMAGENETTE, require_shared
@@ -43,9 +43,9 @@ def test_the_cpu_path_normalises_into_one_kept_buffer():
         assert torch.equal(staged, transform.normalize(torch.from_numpy(np.stack(batch))))
 
 
-def test_normalize_on_device_keeps_the_batch_on_its_device():
+def test_normalize_keeps_the_batch_on_its_device():
     batch = torch.from_numpy(np.stack(real_crops(2)))
-    out = normalize_on_device(batch.to("meta"), msn_transform())
+    out = msn_transform().normalize(batch.to("meta"))
     assert out.device.type == "meta" and out.shape == (2, 3, 224, 224) and out.dtype == torch.float32
 
 

@@ -426,12 +426,12 @@ def probe(
         if row.get("missing"):
             err.print(f"{row['split_file']}: {row['missing']} listed file(s) are not in the train split or "
                       f"unreadable (used {row['n_train']})", highlight=False)
-    if output is not None:
-        err.print(f"wrote {results.save(output)}", highlight=False)
-    if fmt == "table":
+    if fmt == "table":  # the table first: a file that fails to write must not take it down too
         out.print(results_table(results))
     else:
         sys.stdout.write(results.render(fmt))
+    if output is not None:
+        err.print(f"wrote {results.save(output)}", highlight=False)
 
 
 @app.command()
@@ -613,12 +613,12 @@ def cache_list(cache_dir: CacheDir = None) -> None:
     from .render import cache_table
 
     cache = FeatureCache(cache_dir)
+    out.print(f"cache dir: {cache.root}", highlight=False, soft_wrap=True)  # first, also when empty
     manifests = cache.manifests()
     if not manifests:
-        err.print(f"no cached features in {cache.root}")
+        out.print("no cached features yet", highlight=False)
         return
     out.print(cache_table(manifests))
-    out.print(f"cache dir: {cache.root}", highlight=False)
 
 
 @cache_app.command("rm")

@@ -33,7 +33,7 @@ from pathlib import Path
 from .config import ExtractSettings, ProbeSettings
 from .errors import BadInputError, DataError, MissingDependencyError, SettingError
 from .extract import extract_features
-from .outputs import check_writable, output_format, save_text
+from .outputs import check_folder, check_writable, output_format, save_text
 from .protocol import Progress, run_probe
 from .report import DEFAULT_MAX_DROP, Comparison, build_report, gate, suite_table
 from .results import Results
@@ -222,10 +222,7 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
                     raise BadInputError(f"{model.name}: baseline {model.baseline} does not exist; run "
                                         "'lowshot bench CONFIG --update-baseline' once to create it")
                 baselines[model.name] = Results.load(model.baseline)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInputError(f"output folder {output}: cannot create ({exc.strerror})") from None
+    check_folder(output, flag="output folder")
     results: dict[str, Results] = {}
     written: list[Path] = []
     for model in config.models:

@@ -461,8 +461,8 @@ def report(
         "--force", help="Compare results measured under different protocols (test set, feature, transform, λ, "
                         "seeds …) instead of refusing.")] = False,
     plot: Annotated[Path | None, _option(
-        "--plot", help="Save accuracy vs labels per class (log x, ± std bands) as a PNG, one panel per metric "
-                       "(needs 'lowshot[plot]').")] = None,
+        "--plot", metavar="PLOT.png", help="Save accuracy vs labels per class (log x, ± std bands), one panel "
+                                           "per metric: .png, .svg, .pdf or .jpg (needs 'lowshot[plot]').")] = None,
     metric: Annotated[str, _option(
         "--metric", help="Comma-separated: top1 (the MSN protocol's number), top5, mean-per-class (balanced "
                          "accuracy). Each gets its table, paired differences and gate.")] = "top1",
@@ -499,8 +499,9 @@ def report(
         output_format(output, REPORT_SUFFIXES)
         check_writable(output)
     if plot is not None:
-        from .plot import require_matplotlib
+        from .plot import PLOT_SUFFIXES, require_matplotlib
 
+        output_format(plot, PLOT_SUFFIXES, flag="--plot")
         require_matplotlib()
         check_writable(plot, flag="--plot")
     loaded = load_all(results)
@@ -512,16 +513,7 @@ def report(
     comparisons = [build_report(loaded, labels=label, sources=[str(p) for p in results], published=published,
                                 baseline=base, baseline_name=str(baseline), max_drop=max_drop, force=force,
                                 metric=m, significant=significant, n_boot=n_boot) for m in metrics]
-    if output is not None:
-        from .report import save_comparisons
-
-        err.print(f"wrote {save_comparisons(comparisons, output)}", highlight=False)
-    if plot is not None:
-        from .plot import plot_comparison
-
-        plot_comparison(comparisons, plot)
-        err.print(f"wrote {plot}", highlight=False)
-    if fmt == "table":
+    if fmt == "table":  # the tables first: a file that fails to write must not take them down too
         for comparison in comparisons:
             out.print(comparison_table(comparison))
             for note in comparison.notes:
@@ -534,7 +526,28 @@ def report(
         from .report import render_comparisons
 
         sys.stdout.write(render_comparisons(comparisons, fmt))
-    _gate_verdict(comparisons)
+    unsaved = []
+    if output is not None:
+        from .report import save_comparisons
+
+        unsaved += _save(lambda: save_comparisons(comparisons, output))
+    if plot is not None:
+        from .plot import plot_comparison
+
+        unsaved += _save(lambda: plot_comparison(comparisons, plot))
+    _gate_verdict(comparisons, unsaved)
+
+
+def _save(write) -> list:
+    """Run one save at the end of a command: "wrote PATH", or the OutputError (the content kept elsewhere) to
+    report once the other outputs and the gate's verdict are out."""
+    from .errors import OutputError
+
+    try:
+        err.print(f"wrote {write()}", highlight=False)
+    except OutputError as exc:
+        return [exc]
+    return []
 
 
 def _model_index(loaded, paths, *, fmt, card, metrics, label, source_url) -> None:
@@ -552,9 +565,10 @@ def _model_index(loaded, paths, *, fmt, card, metrics, label, source_url) -> Non
         err.print(f"merged {n} result(s) from {paths[0]} into {card}", highlight=False)
 
 
-def _gate_verdict(comparisons) -> None:
-    """Say what the regression gates found (stderr) and exit 1 when one failed."""
-    from .errors import RegressionError
+def _gate_verdict(comparisons, unsaved=()) -> None:
+    """Say what the regression gates found (stderr) and exit 1 when one failed or an output (``unsaved``, its
+    OutputErrors) could not be written."""
+    from .errors import OutputError, RegressionError
 
     comparisons = comparisons if isinstance(comparisons, list) else [comparisons]
     for comparison in comparisons:
@@ -564,8 +578,9 @@ def _gate_verdict(comparisons) -> None:
             if result.passed:
                 err.print(f"gate passed: {result.summary()}", highlight=False)
     failed = [g for comparison in comparisons for g in comparison.failed]
-    if failed:
-        raise RegressionError("; ".join(g.summary() for g in failed))
+    if failed or unsaved:
+        problems = [g.summary() for g in failed] + [str(exc) for exc in unsaved]
+        raise (RegressionError if failed else OutputError)("; ".join(problems))
 
 
 @app.command()
@@ -637,6 +652,11 @@ def cache_rm(
         keys = [m["key"] for m in cache.manifests()] + [p.name for p in (cache.root / "partial").glob("*")]
     if not keys:
         raise BadInputError("give one or more keys (or --all); see 'lowshot cache list'")
+    present = [p.name for sub in ("entries", "partial") for p in (cache.root / sub).glob("*")]
+    unknown = [key for key in keys if not any(name.startswith(key) for name in present)]
+    if unknown:  # checked for every key before anything is removed
+        raise BadInputError(f"no cache entry matches {', '.join(map(repr, unknown))}; see 'lowshot cache list' "
+                            f"(nothing removed)")
     removed = [key for prefix in keys for key in cache.remove(prefix)]
     err.print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} from {cache.root}")
 

@@ -41,6 +41,10 @@ class ProtocolMismatchError(LowshotError):
     exit_code = 2
 
 
+class OutputError(LowshotError):
+    """A file could not be written at the end of the work; the message says where its content was kept instead."""
+
+
 class RegressionError(LowshotError):
     """The regression gate failed: a split's mean top-1 dropped by more than the allowed points."""
 

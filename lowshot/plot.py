@@ -11,12 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import BadInputError, MissingDependencyError
-from .outputs import save_with
+from .outputs import output_format, save_with
 from .report import Comparison
 from .stats import METRIC_LABELS
 
 INSTALL_HINT = "pip install 'lowshot[plot]'"
 LINESTYLES = {"logistic": "-", "knn": "--", "ncm": ":"}
+# The file's extension picks the format (matplotlib writes each; jpg through Pillow, a dependency of matplotlib).
+PLOT_SUFFIXES = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpg", ".jpeg": "jpg"}
 
 
 def require_matplotlib() -> None:
@@ -29,15 +31,17 @@ def require_matplotlib() -> None:
 
 
 def plot_comparison(comparison: Comparison | Sequence[Comparison], path: str | Path, *, dpi: int = 150) -> Path:
-    """Draw the measured rows of ``comparison`` (published rows are another dataset and are left out) and save a
-    PNG at ``path``; several comparisons (one per metric) become panels side by side. x is the mean number of
-    labelled images per class of each subset (1% of Imagenette is ~9.7)."""
+    """Draw the measured rows of ``comparison`` (published rows are another dataset and are left out) and save
+    them at ``path`` in the format its extension names (:data:`PLOT_SUFFIXES`); several comparisons (one per
+    metric) become panels side by side. x is the mean number of labelled images per class of each subset (1% of
+    Imagenette is ~9.7)."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     panels = [comparison] if isinstance(comparison, Comparison) else list(comparison)
     path = Path(path)
+    fmt = output_format(path, PLOT_SUFFIXES, flag="--plot")
     for panel in panels:
         if not any(c.per_class for r in panel.rows if r.kind != "published" for c in r.cells.values()):
             raise BadInputError("nothing to plot: the results have no subsets with a known number of images per "
@@ -46,7 +50,7 @@ def plot_comparison(comparison: Comparison | Sequence[Comparison], path: str | P
     FigureCanvasAgg(fig)
     for i, panel in enumerate(panels):
         _draw(fig.add_subplot(1, len(panels), i + 1), panel)
-    return save_with(path, "wb", lambda handle: fig.savefig(handle, format="png", dpi=dpi), flag="--plot")
+    return save_with(path, "wb", lambda handle: fig.savefig(handle, format=fmt, dpi=dpi), flag="--plot")
 
 
 def _draw(ax, comparison: Comparison) -> None:

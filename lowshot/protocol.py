@@ -52,7 +52,7 @@ def draw_subsets(listing: Listing | Features, settings: ProbeSettings | None = N
         if not settings.shots and not settings.percents:
             break
         full = class_orders(listing.ids, listing.labels, listing.classes, seed)
-        orders = readable_orders(full, listing.unreadable)
+        orders = readable_orders(full, listing.unreadable, listing=listing)
         for k in settings.shots:
             subsets.append(Subset(f"{k}-shot", seed, k_shot(orders, listing.classes, k,
                                                             allow_fewer=settings.allow_fewer), shots=k))

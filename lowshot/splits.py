@@ -67,12 +67,23 @@ def class_orders(ids: Sequence[str], labels: np.ndarray, classes: Sequence[str],
     return orders
 
 
-def readable_orders(orders: list[np.ndarray], unreadable: frozenset[int] | set[int]) -> list[np.ndarray]:
-    """``orders`` without the items known to be unreadable (each subset then takes the next image of the order)."""
+def readable_orders(orders: list[np.ndarray], unreadable: frozenset[int] | set[int], *,
+                    listing: Listing | None = None) -> list[np.ndarray]:
+    """``orders`` without the items known to be unreadable (each subset then takes the next image of the order).
+    With ``listing``, a class none of whose images could be read is an error that says so: no number of shots
+    would help it."""
     if not unreadable:
         return orders
     bad = np.fromiter(unreadable, dtype=np.int64)
-    return [o[~np.isin(o, bad)] for o in orders]
+    readable = [o[~np.isin(o, bad)] for o in orders]
+    lost = [c for c, (o, r) in enumerate(zip(orders, readable, strict=True)) if len(o) and not len(r)]
+    if lost and listing is not None:
+        c = lost[0]
+        also = f"; {len(lost) - 1} more class(es) likewise" if len(lost) > 1 else ""
+        raise SplitError(f"class {listing.classes[c]}: none of its {len(orders[c])} train images could be read "
+                         f"(e.g. {listing.ids[int(np.min(orders[c]))]!r}){also}; fix or remove them (lowshot "
+                         "extract --strict stops at the first one and says why)")
+    return readable
 
 
 def k_shot(orders: list[np.ndarray], classes: Sequence[str], k: int, *, allow_fewer: bool = False) -> np.ndarray:

@@ -152,3 +152,13 @@ def test_class_mismatch_between_train_and_test_is_a_clear_error(tiny_model, imag
     shutil.rmtree(sorted((data / "val").iterdir())[0])
     result = invoke("extract", "--model", tiny_model, "--data", data)
     assert result.exit_code != 0 and "classes differ" in result.output
+
+
+def test_cache_rm_of_a_key_that_matches_nothing_is_an_error_and_removes_nothing(cache_dir):
+    entry = cache_dir / "entries" / "abc123"
+    entry.mkdir(parents=True)
+    result = invoke("cache", "rm", "abc", "zzzz")
+    assert result.exit_code == 2 and "no cache entry matches 'zzzz'" in result.output
+    assert "nothing removed" in result.output and entry.is_dir()  # abc matched, but nothing went
+    result = invoke("cache", "rm", "abc")
+    assert result.exit_code == 0 and "removed 1 entry" in result.output and not entry.exists()

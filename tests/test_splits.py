@@ -88,3 +88,18 @@ def test_published_split_file_matches_imagenette_train_by_file_name_and_reports_
     assert len(missing) == 5000 - 38
     nested = match_split_file(read_split_file(SPLITS / "imagenet_subsets1" / "1imgs_class.txt"), train_ids)[0]
     assert set(nested) <= set(found)
+
+
+@pytest.mark.parametrize("protocol", [{"shots": [1], "percents": []}, {"shots": [], "percents": [10]}])
+def test_a_class_whose_images_all_failed_to_decode_says_so_not_lower_shots(protocol):
+    from lowshot.protocol import draw_subsets
+    from lowshot.splits import Listing
+
+    ids, labels, classes = toy((7, 3, 12))
+    listing = Listing(ids, labels, classes, unreadable=frozenset(np.flatnonzero(labels == 1).tolist()) | {0})
+    with pytest.raises(SplitError, match=r"class class1: none of its 3 train images could be read "
+                                         r"\(e\.g\. 'c1/img000\.jpg'\)") as caught:
+        draw_subsets(listing, seeds=1, **protocol)
+    assert "lower --shots" not in str(caught.value)
+    readable = Listing(ids, labels, classes, unreadable=frozenset({0, 7}))  # some unreadable: the next are taken
+    assert len(draw_subsets(readable, seeds=1, shots=[1], percents=[])[0].indices) == 3

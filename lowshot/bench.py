@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import ExtractSettings, ProbeSettings
-from .errors import BadInputError, DataError, MissingDependencyError, SettingError
+from .errors import BadInputError, DataError, MissingDependencyError, ProtocolMismatchError, SettingError
 from .extract import extract_features
 from .outputs import check_folder, check_writable, output_format, save_text
 from .protocol import Progress, run_probe
@@ -51,7 +51,8 @@ DATASET_PLACEHOLDER = "{dataset}"  # in a model's baseline path: one baseline fi
 TOP_KEYS = {"title": str, "data": str, "output": str, "shots": list, "percents": list, "seeds": int,
             "lambda": (float, int, str), "classifiers": list, "ci": bool, "n_boot": int, "backend": str,
             "max_drop": (float, int), "significant": bool, "plot": bool, "published": bool, "allow_fewer": bool,
-            "train_split": str, "test_split": str, "extract": dict, "models": list, "datasets": list}
+            "train_split": str, "test_split": str, "extract": dict, "models": list, "datasets": list,
+            "limit": int}
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def load_config(path: str | os.PathLike) -> BenchConfig:
             shots=_ints(data["shots"], f"{where} shots") if "shots" in data else None,
             percents=_numbers(data["percents"], f"{where} percents") if "percents" in data else None,
             **{field: data[TOML_NAMES.get(field, field)] for field in
-               ("seeds", "lam", "classifiers", "ci", "n_boot", "backend", "allow_fewer")
+               ("seeds", "lam", "classifiers", "ci", "n_boot", "backend", "allow_fewer", "limit")
                if TOML_NAMES.get(field, field) in data})
         extract_keys = dict(data.get("extract", {}))
         if "readout" in extract_keys:
@@ -209,6 +210,11 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
         from .plot import require_matplotlib
 
         require_matplotlib()
+    gated = [m.name for m in config.models if m.baseline is not None]
+    if config.probe.limit is not None and gated:  # refused before any extraction, as the gate would refuse after it
+        raise ProtocolMismatchError(f"limit = {config.probe.limit} makes this a quick run, not the protocol: the "
+                                    f"regression gate refuses it, and it is no baseline; remove 'limit', or the "
+                                    f"baselines of {', '.join(gated)}")
     baselines: dict[str, Results] = {}
     if update_baseline:  # checked before any extraction: the new baselines are written at the end
         for model in config.models:

@@ -69,7 +69,8 @@ FLAGS = {"shots": "--shots", "percents": "--percent", "seeds": "--seeds", "split
          "lam": "--lambda", "classifiers": "--classifier", "n_boot": "--n-boot", "ci_seed": "--ci-seed",
          "backend": "--backend", "batch_size": "--batch-size", "max_pixels": "--max-pixels", "dtype": "--dtype",
          "transform": "--transform", "engine": "--engine", "device": "--device", "feature": "--readout",
-         "train_split": "--train-split", "test_split": "--test-split", "workers": "--workers"}
+         "train_split": "--train-split", "test_split": "--test-split", "workers": "--workers",
+         "limit": "--limit"}
 
 # Protocol options shared by extract (which images to encode) and probe (which subsets to fit): same defaults.
 Shots = Annotated[str | None, _option(
@@ -84,6 +85,11 @@ SplitFile = Annotated[list[Path] | None, _option(
                                          "with the same content label (e.g. 5-shot) become seeds of one row.")]
 AllowFewer = Annotated[bool, _option(
     help="Let a class with fewer than k train images contribute all it has instead of failing.")]
+Limit = Annotated[int | None, _option(
+    "--limit", metavar="N", show_default=False,
+    help="Quick mode, not the protocol: at most N images per class of the test split (the first N of each class "
+         "in seed 0's order) and of the train pool (the first N in each seed's order; k-shot subsets stay the "
+         "same, k ≤ N). Uses and grows the same cache entries as a full run; results say so; the gate refuses them.")]
 
 READOUT_HELP = ("Which vector is the feature (--feature is an alias). auto: the family's default (cls-prenorm "
                 "with a CLS token, else pooled); cls-prenorm: CLS before the final norm (MSN); cls-postnorm; avgpool: "
@@ -182,6 +188,7 @@ def extract(
     seeds: Seeds = 3,
     split_file: SplitFile = None,
     allow_fewer: AllowFewer = False,
+    limit: Limit = None,
     all_images: Annotated[bool, _option(
         "--all", help="Encode the whole train split, not only the images the protocol options draw.")] = False,
     cache_dir: CacheDir = None,
@@ -202,7 +209,7 @@ def extract(
                                image_column=image_column, label_column=label_column, transform=transform,
                                feature=feature, batch_size=batch_size, device=device, dtype=dtype, strict=strict,
                                max_pixels=max_pixels, engine=engine)
-    subsets = _probe_settings(shots, percent, seeds, split_file, allow_fewer)
+    subsets = _probe_settings(shots, percent, seeds, split_file, allow_fewer, limit=limit)
     main_rank = launched_rank() == 0  # under torchrun / accelerate, only rank 0 draws and reports
     if data is None and main_rank:
         from .datasets import DEMO_DATA
@@ -262,6 +269,7 @@ def _protocol_flags(settings) -> str:
     parts = [f"--shots {','.join(map(str, settings.shots)) or chr(39) * 2}",
              f"--percent {','.join(f'{p:g}' for p in settings.percents) or 0}", f"--seeds {settings.seeds}"]
     parts += [f"--split-file {p}" for p in settings.split_files]
+    parts += [f"--limit {settings.limit}"] if settings.limit is not None else []
     return " ".join(parts + (["--allow-fewer"] if settings.allow_fewer else []))
 
 
@@ -332,6 +340,7 @@ def probe(
     )] = str(DEFAULT_LAMBDA),
     split_file: SplitFile = None,
     allow_fewer: AllowFewer = False,
+    limit: Limit = None,
     model: Annotated[str | None, _option(
         "--model", "-m", help="Probe this model's features, encoding the images the protocol needs that are not "
                               "cached yet (default: the most recent extraction, nothing encoded).")] = None,
@@ -387,7 +396,7 @@ def probe(
             raise BadInputError(f"--lambda {lam!r}: expected a positive number or 'auto'") from None
     classifiers = tuple(c for c in classifier.replace(" ", "").split(",") if c)
     settings = _probe_settings(shots, percent, seeds, split_file, allow_fewer, lam=lam_value, backend=backend,
-                               classifiers=classifiers, ci=ci, n_boot=n_boot, ci_seed=ci_seed)
+                               classifiers=classifiers, ci=ci, n_boot=n_boot, ci_seed=ci_seed, limit=limit)
     if output is not None:  # checked now, not after a probe that may take minutes
         output_format(output, RESULT_SUFFIXES)
         check_writable(output)

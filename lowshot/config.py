@@ -82,7 +82,13 @@ class ProbeSettings:
 
     ``shots``/``percents`` left as None take the MSN defaults (1, 2, 5 shots; 1%), unless ``split_files`` are given:
     then only what is asked for explicitly is drawn, so a published-split table holds no random rows. Values are
-    normalised (sorted, without duplicates) so that equal protocols compare equal."""
+    normalised (sorted, without duplicates) so that equal protocols compare equal.
+
+    ``limit`` (quick mode, not the protocol): at most ``limit`` images per class of the test split and of the train
+    pool, each the first ``limit`` readable images of its class in the seeded order subsets are drawn in (the test
+    split: seed 0's order; see ``lowshot.protocol.scored_indices``). k-shot subsets are then the same images as without
+    it, so k must not exceed it; percent subsets take their share of the limited pool; split files are used as
+    listed. It uses the cache entries of full runs and grows them; results record it, and the gate refuses them."""
 
     shots: tuple[int, ...] | None = None
     percents: tuple[float, ...] | None = None
@@ -95,6 +101,7 @@ class ProbeSettings:
     ci: bool = False
     n_boot: int = DEFAULT_N_BOOT
     ci_seed: int = 0
+    limit: int | None = None
 
     def __post_init__(self) -> None:
         split_files = tuple(str(p) for p in (self.split_files or ()))
@@ -122,6 +129,12 @@ class ProbeSettings:
         if self.ci:
             _integer("n_boot", self.n_boot, minimum=1, reason="need at least one bootstrap replicate")
         _integer("ci_seed", self.ci_seed, minimum=0, reason="must be a non-negative integer")
+        if self.limit is not None:
+            _integer("limit", self.limit, minimum=1, reason="must be a positive number of images per class")
+            if shots and max(shots) > self.limit:
+                raise SettingError("shots", max(shots), f"a {max(shots)}-shot subset needs {max(shots)} train images "
+                                   f"per class and the limit keeps {self.limit}; raise the limit to {max(shots)} or "
+                                   "lower the shots")
         set_ = object.__setattr__  # frozen: normalise in place once, here
         set_(self, "shots", tuple(sorted(set(shots))))
         set_(self, "percents", tuple(sorted({float(p) for p in percents})))

@@ -37,7 +37,7 @@ from .config import ExtractSettings, ProbeSettings
 from .datasets import Dataset, Split, open_dataset
 from .devices import Device
 from .errors import BadInputError, CacheError, DataError
-from .protocol import needed_indices
+from .protocol import needed_indices, scored_indices
 from .splits import Listing
 from .transforms import ImageTransform, named_transform
 
@@ -157,7 +157,7 @@ def extract_features(
         plan = plan_extraction(model, data, dataclasses.replace(settings, device=device), cache=cache)
         needs: dict[str, Need] = {plan.dataset.train.name: (lambda listing: None) if all_images
                                   else (lambda listing: needed_indices(probe, listing)),
-                                  plan.dataset.test.name: lambda listing: None}
+                                  plan.dataset.test.name: lambda listing: scored_indices(probe, listing)}
         state: dict[str, Backbone] = {}
 
         def backbone() -> Backbone:

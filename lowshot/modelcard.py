@@ -49,8 +49,8 @@ def eval_results(results: Results, *, metrics: list[str], source_url: str | None
                 task_type=TASK_TYPE, task_name=TASK_NAME,
                 dataset_type=dataset, dataset_name=dataset, dataset_split=meta.get("test_split"),
                 metric_type=METRIC_TYPES[metric], metric_value=round(s["mean"], 2),
-                metric_name=f"{what}{MEAN_OF}{s['n_seeds']} seed{'s' if s['n_seeds'] != 1 else ''} "
-                            f"(std {s['std']:.2f})",
+                metric_name=f"{what}{MEAN_OF}{s['n_seeds']} seed{'s' if s['n_seeds'] != 1 else ''}"
+                            + ("" if s["std"] is None else f" (std {s['std']:.2f})"),
                 **({"source_name": SOURCE_NAME, "source_url": url} if (url := source_url or PROJECT_URL) else {})))
     return out
 

@@ -7,6 +7,7 @@ only those (``lowshot.extract``), and :func:`run_probe` finds their rows in a fe
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from collections.abc import Callable
@@ -53,6 +54,8 @@ def draw_subsets(listing: Listing | Features, settings: ProbeSettings | None = N
             break
         full = class_orders(listing.ids, listing.labels, listing.classes, seed)
         orders = readable_orders(full, listing.unreadable, listing=listing)
+        if settings.limit is not None:  # quick mode: the pool is each class's first `limit` readable images
+            full, orders = [o[:settings.limit] for o in full], [o[:settings.limit] for o in orders]
         for k in settings.shots:
             subsets.append(Subset(f"{k}-shot", seed, k_shot(orders, listing.classes, k,
                                                             allow_fewer=settings.allow_fewer), shots=k))
@@ -83,6 +86,34 @@ def needed_indices(settings: ProbeSettings, listing: Listing) -> np.ndarray:
     if not subsets:
         return np.zeros(0, dtype=np.int64)
     return np.unique(np.concatenate([s.indices for s in subsets]))
+
+
+def scored_indices(settings: ProbeSettings, listing: Listing) -> np.ndarray | None:
+    """The test images a run scores, as sorted listing indices: None (every one) for the protocol; with
+    ``settings.limit``, the first ``limit`` readable images of each class in seed 0's order (``class_orders``), so
+    the choice depends only on the ids and class names, and an image found unreadable is replaced by the next."""
+    if settings.limit is None:
+        return None
+    orders = readable_orders(class_orders(listing.ids, listing.labels, listing.classes, 0), listing.unreadable)
+    return np.sort(np.concatenate([o[:settings.limit] for o in orders]))
+
+
+def scored_test(test: Features, settings: ProbeSettings) -> Features:
+    """The test features the run scores: ``test`` itself for the protocol (which needs the whole split held), or
+    with ``settings.limit`` the rows of :func:`scored_indices` (an entry of a full run holds them too)."""
+    wanted = scored_indices(settings, test.listing())
+    if wanted is None:
+        if not test.complete:
+            raise DataError(f"the test features hold {len(test):,} of the {len(test.listing()):,} test images; the "
+                            "protocol scores the whole test split (extract it first, or probe with the --limit it "
+                            "was extracted with)")
+        return test
+    rows = test.positions()[wanted]
+    if (rows < 0).any():
+        raise DataError(f"the test features hold {int((rows >= 0).sum()):,} of the {len(wanted):,} test images "
+                        f"--limit {settings.limit} scores (extract them first, with the same --limit)")
+    return dataclasses.replace(test, features=np.asarray(test.features[rows]), labels=np.asarray(test.labels)[rows],
+                               ids=[test.ids[r] for r in rows], rows=rows if test.rows is None else test.rows[rows])
 
 
 def _matched_classes(names: list[str], indices: np.ndarray, listing: Listing) -> dict[str, str]:
@@ -148,6 +179,7 @@ def run_probe(train: Features, test: Features, settings: ProbeSettings | None = 
     the subsets use must be there (else :class:`~lowshot.errors.MissingFeaturesError`, before any fit)."""
     settings = _settings(settings, options)
     _check_compatible(train, test)
+    test = scored_test(test, settings)
     subsets = draw_subsets(train.listing(), settings)
     rows_of = locate_rows(train, subsets)
     x_test, y_test = preprocess(np.asarray(test.features)), np.asarray(test.labels)
@@ -227,9 +259,12 @@ def build_meta(train: Features, test: Features, settings: ProbeSettings, extra: 
     listing = train.listing()
     info = {
         "lowshot_version": __version__, "date": now_iso(),
+        **({"limit": settings.limit} if settings.limit is not None else {}),  # a quick run: first, where it is seen
         "model": train.manifest.get("model"), "data": _dataset_of(train),
         "train_split": train.manifest.get("split"), "test_split": test.manifest.get("split"),
-        "n_train_pool": len(listing), "n_test": len(test), "n_classes": len(train.classes), "dim": train.dim,
+        "n_train_pool": len(listing) if settings.limit is None else int(np.minimum(
+            np.bincount(np.asarray(listing.labels), minlength=len(listing.classes)), settings.limit).sum()),
+        "n_test": len(test), "n_classes": len(train.classes), "dim": train.dim,
         "feature": train.manifest.get("feature"), "readout": train.manifest.get("readout"),
         "dtype": train.manifest.get("dtype"),
         "device": train.manifest.get("device"), "transform": train.manifest.get("transform"),
@@ -298,6 +333,3 @@ def _check_compatible(train: Features, test: Features) -> None:
         raise DataError("train and test features have different classes; extract both from one dataset")
     if train.dim != test.dim:
         raise DataError(f"train and test features differ in dimension ({train.dim} vs {test.dim})")
-    if not test.complete:
-        raise DataError(f"the test features hold {len(test):,} of the {len(test.listing()):,} test images; "
-                        "the protocol scores the whole test split (extract it first)")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError, ProtocolMismatchError
-from .results import Results, classifier_of, format_ci, row_key
+from .results import Results, classifier_of, format_ci, quick_run, row_key
 from .stats import (
     DEFAULT_METRIC,
     DEFAULT_N_BOOT,
@@ -67,7 +67,7 @@ def protocol(results: Results) -> dict[str, object]:
         "lambda grid": probe.get("lambda_grid"), "seeds": sampling.get("seeds"),
         "allow fewer": sampling.get("allow_fewer"),
         "split files": [Path(p).name for p in sampling.get("split_files") or []] or None,
-        "k-NN": m.get("knn"), "NCM": m.get("ncm"),
+        "k-NN": m.get("knn"), "NCM": m.get("ncm"), "limit": m.get("limit"),
     }
 
 
@@ -251,6 +251,10 @@ def gate(current: Results, baseline: Results, *, max_drop: float = DEFAULT_MAX_D
     ``force``; ``significant`` without predictions in both files is a BadInputError saying why."""
     if not max_drop >= 0:
         raise BadInputError(f"--max-drop {max_drop}: must be zero or a positive number of points")
+    for name, results in ((label, current), (baseline_name, baseline)):  # even with force: not the protocol
+        if quick_run(results.meta):
+            raise ProtocolMismatchError(f"{name} is a quick run (--limit {results.meta['limit']} images per class), "
+                                        "not the protocol: the regression gate refuses it; rerun without --limit")
     now = {(s["classifier"], s["subset"]): s["mean"] for s in current.summary_of(metric)}
     checks = [SubsetCheck(s["classifier"], s["subset"], s["mean"], now.get((s["classifier"], s["subset"])))
               for s in baseline.summary_of(metric)]
@@ -335,6 +339,8 @@ class Comparison:
                 f"(n={c.get('n_test')}, {c.get('n_classes')} classes), mean ± std over {seeds or 'the'} seeds")
         if self.has_ci:
             text += "; [95% CI]: bootstrap over test images"
+        if c.get("quick_run"):  # first, where no reader misses it
+            text = f"{c['quick_run'][0].upper()}{c['quick_run'][1:]}. {text}"
         return text + "; **bold**: best measured value per column."
 
     def to_markdown(self) -> str:
@@ -547,7 +553,8 @@ def compare(results: Sequence[Results], *, labels: Sequence[str] | None = None, 
     seeds = sorted({(r.meta.get("sampling") or {}).get("seeds") for r in results} - {None})
     context = {"test_split": m.get("test_split"), "data": _name(m.get("data")) or "?", "n_test": m.get("n_test"),
                "n_classes": m.get("n_classes"), "seeds": "/".join(map(str, seeds)) if seeds else None,
-               "feature": m.get("feature"), "lambda": (m.get("probe") or {}).get("lambda")}
+               "feature": m.get("feature"), "lambda": (m.get("probe") or {}).get("lambda"),
+               "quick_run": next((quick_run(r.meta) for r in results if quick_run(r.meta)), None)}
     comparison = Comparison(columns, rows, context, labels, notes, metric=metric)
     if paired:
         for label, other in zip(labels[1:], results[1:], strict=True):

@@ -192,6 +192,8 @@ class Results:
                 cells.append(format_ci(s))
             cells += [str(s["n_seeds"]), f"{s['n_train']:g}", setting(s)]
             lines.append("| " + " | ".join(cells) + " |")
+        if quick_run(self.meta):
+            lines.insert(0, f"**{quick_run(self.meta)}**")
         return "\n".join(lines) + "\n"
 
     def render(self, fmt: str) -> str:
@@ -234,6 +236,12 @@ def _renamed(entry: dict) -> dict:
     if "subset" not in entry and "split" in entry:
         entry = {("subset" if k == "split" else k): v for k, v in entry.items()}
     return entry
+
+
+def quick_run(meta: dict) -> str | None:
+    """What results of a quick run say first (``limit`` in their meta): not the protocol, so never gated."""
+    limit = meta.get("limit")
+    return None if limit is None else f"quick run: --limit {limit} images per class, not the protocol"
 
 
 def format_ci(entry: dict) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError, ProtocolMismatchError
-from .results import Results, classifier_of, format_ci, quick_run, row_key
+from .results import Results, classifier_of, format_ci, format_mean, over_seeds, quick_run, row_key
 from .stats import (
     DEFAULT_METRIC,
     DEFAULT_N_BOOT,
@@ -287,9 +287,11 @@ class Cell:
     ci_high: float | None = None
     per_class: float | None = None  # labelled images per class (x of the plot)
 
-    def text(self) -> str:
-        value = f"{self.mean:.1f}" if self.std is None else f"{self.mean:.1f} ± {self.std:.1f}"
-        return value if self.ci_low is None else f"{value} {format_ci(asdict(self))}"
+    def text(self, *, std: bool = True, ci: bool = True) -> str:
+        """``89.4 ± 1.2 [88.1, 90.6]``: no ``±`` without a std (one seed), no interval without one; ``std`` and
+        ``ci`` off leave them out (a narrow terminal)."""
+        value = format_mean(self.mean, self.std if std else None)
+        return value if self.ci_low is None or not ci else f"{value} {format_ci(asdict(self))}"
 
 
 @dataclass
@@ -330,14 +332,23 @@ class Comparison:
     def has_ci(self) -> bool:
         return any(c.ci_low is not None for r in self.rows for c in r.cells.values())
 
-    def caption(self) -> str:
+    def over_seeds(self, *, std: bool = True) -> str:
+        """``mean ± std over 3 seeds`` (``mean over …`` when the cells leave the std out), or ``one seed (no ±
+        std)`` when every measured cell is over one seed."""
+        counts = [c.n_seeds for r in self.rows if r.kind != "published" for c in r.cells.values() if c.n_seeds]
+        if counts and set(counts) == {1}:
+            return over_seeds(counts)
+        seeds = self.context.get("seeds")
+        return f"mean{' ± std' if std else ''} over {seeds or 'the'} seeds"
+
+    def caption(self, *, std: bool = True, ci: bool = True) -> str:
+        """What the table holds, in Markdown; ``std``/``ci`` off: cells that leave them out (a narrow terminal)."""
         c = self.context
         if c.get("caption"):  # a suite over several datasets says what it holds itself
             return c["caption"]
-        seeds = c.get("seeds")
         text = (f"{METRIC_LABELS[self.metric].capitalize()} (%) on `{c.get('test_split')}` of {c.get('data')} "
-                f"(n={c.get('n_test')}, {c.get('n_classes')} classes), mean ± std over {seeds or 'the'} seeds")
-        if self.has_ci:
+                f"(n={c.get('n_test')}, {c.get('n_classes')} classes), {self.over_seeds(std=std)}")
+        if self.has_ci and ci:
             text += "; [95% CI]: bootstrap over test images"
         if c.get("quick_run"):  # first, where no reader misses it
             text = f"{c['quick_run'][0].upper()}{c['quick_run'][1:]}. {text}"
@@ -598,8 +609,8 @@ def suite_table(per_dataset: dict[str, Comparison]) -> Comparison:
     seeds = first.context.get("seeds")
     described = "; ".join(f"{name}: `{c.context.get('test_split')}`, n={c.context.get('n_test')}, "
                           f"{c.context.get('n_classes')} classes" for name, c in per_dataset.items())
-    context = {"caption": f"{METRIC_LABELS[first.metric].capitalize()} (%) per dataset and subset, mean ± std over "
-                          f"{seeds or 'the'} seeds ({described}); {SUITE_MEAN}: unweighted mean over the "
+    context = {"caption": f"{METRIC_LABELS[first.metric].capitalize()} (%) per dataset and subset, "
+                          f"{first.over_seeds()} ({described}); {SUITE_MEAN}: unweighted mean over the "
                           f"{len(per_dataset)} datasets; **bold**: best measured value per column.",
                "seeds": seeds, "datasets": list(per_dataset)}
     labels = list(dict.fromkeys(label for label, _ in rows))

@@ -7,28 +7,19 @@ import base64
 import csv
 import io
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BadInputError
-from .stats import DEFAULT_METRIC, METRICS
+from .stats import DEFAULT_METRIC, METRICS, mean_std
 
 ROW_FIELDS = ("subset", "shots", "percent", "seed", "top1", "top5", "mean_per_class", "n_train", "n_test", "lambda",
               "lambda_source", "n_iter", "seconds", "classifier", "k", "ci_low", "ci_high")
 PREDICTIONS_FORMAT = "lowshot-predictions/1"  # bump when the arrays or their meaning change
 DEFAULT_CLASSIFIER = "logistic"  # rows written before k-NN/NCM existed have no "classifier" field
 FORMATS = ("table", "json", "csv", "markdown")
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def row_key(row: dict) -> str:
@@ -141,7 +132,7 @@ class Results:
             rows = groups[(classifier, name)]
             mean, std = mean_std([r[field_name] for r in rows])
             lambdas = sorted({r["lambda"] for r in rows if r.get("lambda") is not None})
-            entry = {"subset": name, "classifier": classifier, "mean": round(mean, 4), "std": round(std, 4),
+            entry = {"subset": name, "classifier": classifier, "mean": round(mean, 4), "std": _rounded(std),
                      "n_seeds": len(rows), "n_train": round(sum(r["n_train"] for r in rows) / len(rows), 1),
                      "lambda": (lambdas[0] if len(lambdas) == 1 else lambdas) if lambdas else None}
             ks = sorted({r["k"] for r in rows if r.get("k") is not None})
@@ -152,7 +143,7 @@ class Results:
                 others = {m: mean_std([r[f] for r in rows]) for m, f in METRICS.items()
                           if m != metric and all(r.get(f) is not None for r in rows)}
                 if others:
-                    entry["metrics"] = {m: {"mean": round(a, 4), "std": round(b, 4)} for m, (a, b) in others.items()}
+                    entry["metrics"] = {m: {"mean": round(a, 4), "std": _rounded(b)} for m, (a, b) in others.items()}
             out.append(entry)
         return out
 
@@ -184,10 +175,11 @@ class Results:
             + ["seeds", "train images", "λ / k" if several else "λ"]
         lines = [f"Top-1 (%) of {what} on frozen {self.meta.get('feature', 'CLS')} features of `{model}`, "
                  f"test split `{self.meta.get('test_split', '?')}` (n={self.meta.get('n_test', '?')}); "
-                 f"mean ± std over seeds" + ("; 95% CI: bootstrap over test images." if has_ci else "."), "",
+                 + over_seeds(s["n_seeds"] for s in summary)
+                 + ("; 95% CI: bootstrap over test images." if has_ci else "."), "",
                  "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for s in summary:
-            cells = ([s["classifier"]] if several else []) + [s["subset"], f"{s['mean']:.1f} ± {s['std']:.1f}"]
+            cells = ([s["classifier"]] if several else []) + [s["subset"], format_mean(s["mean"], s["std"])]
             if has_ci:
                 cells.append(format_ci(s))
             cells += [str(s["n_seeds"]), f"{s['n_train']:g}", setting(s)]
@@ -236,6 +228,24 @@ def _renamed(entry: dict) -> dict:
     if "subset" not in entry and "split" in entry:
         entry = {("subset" if k == "split" else k): v for k, v in entry.items()}
     return entry
+
+
+def _rounded(std: float | None) -> float | None:
+    """A std for the JSON: 4 decimals, or None over a single seed (recorded as null, not 0.0)."""
+    return None if std is None else round(std, 4)
+
+
+def format_mean(mean: float, std: float | None) -> str:
+    """``89.4 ± 1.2``, or ``89.4`` when there is no std (one seed, or a published number without one)."""
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def over_seeds(counts) -> str:
+    """What a table's cells are: ``mean ± std over 3 seeds``, or ``one seed (no ± std)`` when no cell has a std."""
+    counts = sorted(set(counts))
+    if counts == [1]:
+        return "one seed (no ± std)"
+    return f"mean ± std over {'/'.join(map(str, counts)) or 'the'} seeds"
 
 
 def quick_run(meta: dict) -> str | None:

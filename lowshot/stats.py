@@ -7,12 +7,25 @@ and neither contains the other, so lowshot reports them side by side.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .config import DEFAULT_N_BOOT  # noqa: F401 (declared with the probe settings; re-exported)
 
 CI_LEVEL = 0.95
 _CHUNK_ELEMENTS = 1 << 22  # replicates are drawn in chunks of at most this many indices (32 MB of int64)
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n − 1) over seeds. The std of a single value is None, not 0: a spread
+    over one seed is undefined, and a 0 would claim the number does not move with another draw of the shots."""
+    if not values:
+        raise ValueError("no values to summarise")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def bootstrap_ci(correct: np.ndarray, *, n_boot: int = DEFAULT_N_BOOT, level: float = CI_LEVEL,

@@ -158,3 +158,40 @@ def test_bad_report_input_is_one_clear_line(tmp_path, args, message):
     a = write(tmp_path, "a.json", make_results("vit-a", BASE))
     result = runner.invoke(app, ["report", *[x.replace("{a}", a) for x in args]])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_one_seed_is_recorded_without_std_and_no_renderer_prints_plus_minus_zero(tmp_path):
+    from lowshot.modelcard import eval_results
+    from lowshot.render import comparison_table, results_table
+
+    data = make_results("vit-a", BASE, classifiers=("logistic", "knn"), seeds=1)
+    for row in data["rows"]:
+        row["top5"] = row["mean_per_class"] = row["top1"]
+    results = Results.load(write(tmp_path, "a.json", data))
+    summary = json.loads(results.to_json())["summary"]
+    assert all(s["std"] is None and s["metrics"]["top5"]["std"] is None for s in summary)  # null, not 0.0
+    probe_md = results.to_markdown()
+    assert "| logistic | 1-shot | 79.0 |" in probe_md and "one seed (no ± std)" in probe_md
+    comparison = compare([results, results], published=True)
+    texts = [results.render("markdown"), comparison.render("markdown"), comparison.render("csv"),
+             suite_markdown := compare_suite(comparison)]
+    assert not any("± 0.0" in text for text in texts)
+    assert "| vit-a | knn | 74.0 |" in comparison.to_markdown() and "47.1 ± 0.1" in comparison.to_markdown()
+    assert "vit-a,knn,measured,top1,1-shot,74.0,,1," in comparison.to_csv()  # an empty std cell
+    assert "one seed (no ± std)" in comparison.caption() and "one seed" in suite_markdown
+    assert all(c.get("std") is None for r in comparison.to_dict()["rows"] if r["kind"] == "measured"
+               for c in r["cells"].values())
+    assert not any("(std" in e.metric_name for e in eval_results(results, metrics=["top1"]))
+    from rich.console import Console
+
+    console = Console(width=80, record=True)
+    console.print(results_table(results), comparison_table(comparison))
+    shown = console.export_text()
+    measured = [line for line in shown.splitlines() if line.startswith(("vit-a", "logistic", "knn"))]
+    assert len(measured) == 6 + 4 and not any("±" in line for line in measured)
+
+
+def compare_suite(comparison) -> str:
+    from lowshot.report import suite_table
+
+    return suite_table({"a": comparison, "b": comparison}).to_markdown()

@@ -30,3 +30,13 @@ def test_bootstrap_ci_rejects_bad_arguments():
         bootstrap_ci(np.ones(5), n_boot=0)
     with pytest.raises(ValueError):
         bootstrap_ci(np.array([]))
+
+
+def test_mean_std_over_one_seed_has_no_std_and_over_two_the_sample_std():
+    from lowshot.stats import mean_std
+
+    assert mean_std([89.4]) == (89.4, None)  # a spread over one seed is undefined, not 0
+    mean, std = mean_std([1.0, 3.0])
+    assert mean == 2.0 and std == pytest.approx(2 ** 0.5)  # n - 1
+    with pytest.raises(ValueError):
+        mean_std([])

@@ -99,6 +99,8 @@ Readout = Annotated[str, _option("--readout", "--feature", help=READOUT_HELP)]
 CacheDir = Annotated[Path | None, _option(
     "--cache-dir", envvar="LOWSHOT_CACHE_DIR", show_envvar=True,
     help="Feature cache folder [default: the platform's user cache dir, e.g. ~/.cache/lowshot].")]
+Wide = Annotated[bool, _option(
+    "--wide", help="Show every column and whole names, however wide (tables fit the terminal by default).")]
 
 
 def _friendly(command):
@@ -372,6 +374,7 @@ def probe(
     fmt: Annotated[str, _option("--format", "-f", help="table, json, csv or markdown (to stdout).")] = "table",
     output: Annotated[Path | None, _option(
         "--output", "-o", help="Also write the results: .json (full: meta, rows, summary), .csv or .md.")] = None,
+    wide: Wide = False,
     cache_dir: CacheDir = None,
 ) -> None:
     """Fit the MSN logistic probe on k-shot / percent subsets of the train features and report top-1 on the whole
@@ -436,7 +439,7 @@ def probe(
             err.print(f"{row['split_file']}: {row['missing']} listed file(s) are not in the train split or "
                       f"unreadable (used {row['n_train']})", highlight=False)
     if fmt == "table":  # the table first: a file that fails to write must not take it down too
-        out.print(results_table(results))
+        out.print(results_table(results, width=out.width, wide=wide), crop=False)
     else:
         sys.stdout.write(results.render(fmt))
     if output is not None:
@@ -485,6 +488,7 @@ def report(
                        "keeping the rest of the card.")] = None,
     source_url: Annotated[str | None, _option(
         "--source-url", help="model-index source url (the CI run or paper the numbers come from).")] = None,
+    wide: Wide = False,
 ) -> None:
     """Compare results files in one table (rows = models, columns = subsets, best per column marked), with the
     paired differences of each file to the first; gate them against a baseline; plot them; write model-index
@@ -524,11 +528,11 @@ def report(
                                 metric=m, significant=significant, n_boot=n_boot) for m in metrics]
     if fmt == "table":  # the tables first: a file that fails to write must not take them down too
         for comparison in comparisons:
-            out.print(comparison_table(comparison))
+            out.print(comparison_table(comparison, width=out.width, wide=wide), crop=False)
             for note in comparison.notes:
                 out.print(f"note: {note}", highlight=False)
             if comparison.paired:
-                out.print(paired_table(comparison))
+                out.print(paired_table(comparison, width=out.width, wide=wide), crop=False)
             for name, reason in comparison.unpaired.items():
                 out.print(f"no paired differences for {name}: {reason}", highlight=False)
     else:
@@ -606,6 +610,7 @@ def bench(
     update_baseline: Annotated[bool, _option(
         "--update-baseline", help="Write this run's results over the models' baseline files instead of "
                                   "gating.")] = False,
+    wide: Wide = False,
     cache_dir: CacheDir = None,
 ) -> None:
     """Run a benchmark from a config file: extract (cached) and probe each model, write <model>.json,
@@ -623,7 +628,7 @@ def bench(
                             progress=progress, log=lambda message: err.print(message, highlight=False))
     for path in outcome.written:
         err.print(f"wrote {path}", highlight=False)
-    out.print(comparison_table(outcome.comparison))
+    out.print(comparison_table(outcome.comparison, width=out.width, wide=wide), crop=False)
     for note in outcome.comparison.notes:
         out.print(f"note: {note}", highlight=False)
     _gate_verdict(outcome.comparison)
@@ -631,7 +636,7 @@ def bench(
 
 @cache_app.command("list")
 @_friendly
-def cache_list(cache_dir: CacheDir = None) -> None:
+def cache_list(wide: Wide = False, cache_dir: CacheDir = None) -> None:
     """List cached feature entries: model, data, split, size, date."""
     from .cache import FeatureCache
     from .render import cache_table
@@ -642,7 +647,7 @@ def cache_list(cache_dir: CacheDir = None) -> None:
     if not manifests:
         out.print("no cached features yet", highlight=False)
         return
-    out.print(cache_table(manifests))
+    out.print(cache_table(manifests, width=out.width, wide=wide), crop=False)
 
 
 @cache_app.command("rm")

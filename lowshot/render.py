@@ -1,11 +1,22 @@
-"""Terminal rendering with rich: progress bars, result and cache tables. Only the CLI imports this module."""
+"""Terminal rendering with rich: progress bars, result and cache tables. Only the CLI imports this module.
+
+Every table fits the terminal's width (80 columns when it is not a terminal) by design, not by rich's truncation:
+cells are compact (``89.4 ± 1.2``), long labels and paths are abbreviated from the left (``…tiny-patch16-224``),
+and what still does not fit (an interval column, a file's date) is left to the ``--wide`` view, which the caption
+names. Nothing wraps inside a row: a row is one line.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import io
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
+from rich import box
+from rich.cells import cell_len
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,8 +30,11 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .report import PAIRED_METHOD, PUBLISHED_SOURCE, PUBLISHED_TAG, Comparison, format_p
-from .results import Results, format_ci, setting
+from .report import PAIRED_METHOD, PUBLISHED_SOURCE, PUBLISHED_TAG, SUITE_MEAN, Cell, Comparison, format_p
+from .results import Results, format_ci, format_mean, over_seeds, setting
+from .stats import METRIC_LABELS
+
+NARROW = 80  # the width a table is laid out for when the console does not say (a pipe, a file, a test)
 
 
 class RateColumn(ProgressColumn):
@@ -55,83 +69,268 @@ def progress_callback(console: Console, unit: str = "img") -> Iterator:
         yield update
 
 
-def results_table(results: Results) -> Table:
+
+# -- tables that fit -----------------------------------------------------------------------------------------------
+@dataclass
+class Column:
+    """A column of a terminal table, with how it gives way when the table is wider than the terminal."""
+
+    header: str
+    cells: list[str | Text]
+    justify: str = "left"
+    shrink_to: int | None = None  # long cells (labels, paths) may be abbreviated from the left to this many chars
+    drop: int | None = None  # left to --wide when the table is still too wide (1 goes first)
+    wide_only: bool = False  # shown with --wide only
+
+    @property
+    def width(self) -> int:
+        return max([cell_len(line) for line in self.header.splitlines()]
+                   + [cell_len(_plain(cell)) for cell in self.cells])
+
+
+@dataclass
+class Layout:
+    """The columns a table shows at a width, the headers left to --wide, and whether it fits."""
+
+    columns: list[Column]
+    dropped: list[str] = field(default_factory=list)
+    fits: bool = True
+    wide: bool = False
+
+
+def fit(columns: Sequence[Column], width: int, *, wide: bool = False) -> Layout:
+    """Choose what to show in ``width`` columns: drop the optional columns (in their order) that must go even with
+    every abbreviable column at its shortest, then abbreviate only as much as the rest needs. ``wide`` shows all."""
+    if wide:
+        return Layout(list(columns), wide=True)
+    kept = [c for c in columns if not c.wide_only]
+    dropped = [c.header for c in columns if c.wide_only]
+    shortest = {id(c): _shrunk(c, c.shrink_to) for c in kept if c.shrink_to}
+    for column in sorted((c for c in kept if c.drop), key=lambda c: c.drop):
+        if natural_width([shortest.get(id(c), c) for c in kept]) <= width:
+            break
+        kept.remove(column)
+        dropped.append(column.header)
+    excess = natural_width(kept) - width
+    for column in sorted((c for c in kept if c.shrink_to), key=lambda c: -c.width):  # the widest gives way first
+        if excess <= 0:
+            break
+        target = max(column.shrink_to, column.width - excess)
+        kept[kept.index(column)] = _shrunk(column, target)
+        excess = natural_width(kept) - width
+    return Layout(kept, dropped, excess <= 0)
+
+
+def natural_width(columns: Sequence[Column]) -> int:
+    """The width rich gives the table when nothing limits it (cells, padding and rules)."""
+    return Measurement.get(_MEASURE, _MEASURE.options, _grid(columns)).maximum
+
+
+_MEASURE = Console(width=100_000, file=io.StringIO())
+
+
+def _grid(columns: Sequence[Column], *, title: str | None = None, caption: str | None = None) -> Table:
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  title_justify="left",
+                  caption_justify="left")
+    for column in columns:
+        table.add_column(column.header, justify=column.justify, no_wrap=True, overflow="ellipsis")
+    for row in zip(*(c.cells for c in columns), strict=True):
+        table.add_row(*row)
+    return table
+
+
+def build(layout: Layout, *, title: str | None, caption: str, width: int) -> Table:
+    """The rich Table of a layout. A ``--wide`` layout wider than ``width`` keeps its natural width (print it with
+    ``crop=False``: the terminal wraps it, rich does not squeeze it); a narrow one that could not fit (a very
+    narrow terminal) is left to rich, which cuts cells to "…" rather than wrap them."""
+    if layout.dropped:
+        caption += f"{' · ' if caption else ''}--wide adds: {', '.join(layout.dropped)}"
+    table = _grid(layout.columns, title=title, caption=caption or None)
+    natural = natural_width(layout.columns)
+    if layout.wide and natural > width:
+        table.width = natural
+    return table
+
+
+def _shrunk(column: Column, target: int | None) -> Column:
+    if target is None or column.width <= target:
+        return column
+    return Column(column.header, [abbreviate(c, target) for c in column.cells], column.justify, column.shrink_to,
+                  column.drop, column.wide_only)
+
+
+def abbreviate(cell: str | Text, width: int) -> str | Text:
+    """``…tiny-patch16-224``: the tail of a label or path (its informative end) in ``width`` characters."""
+    text = _plain(cell)
+    if cell_len(text) <= width:
+        return cell
+    short = "…" + text[len(text) - max(width - 1, 0):]
+    return Text(short, style=cell.style) if isinstance(cell, Text) else short
+
+
+def _plain(cell: str | Text) -> str:
+    return cell.plain if isinstance(cell, Text) else cell
+
+
+# -- the tables ----------------------------------------------------------------------------------------------------
+def results_table(results: Results, *, width: int = NARROW, wide: bool = False) -> Table:
+    """``lowshot probe``: one row per (classifier x) subset, mean ± std over seeds, the CI when computed."""
     meta = results.meta
     summary = results.summary
     several = len(results.classifiers) > 1
     has_ci = any("ci_low" in s for s in summary)
-    table = Table(title=f"{_short(meta.get('model'))} · top-1 % on {meta.get('test_split')} (n={meta.get('n_test')})",
-                  title_justify="left")
-    columns = ([("classifier", "left")] if several else []) + [("subset", "left"), ("top-1 %", "right")] \
-        + ([("95% CI", "right")] if has_ci else []) \
-        + [("seeds", "right"), ("train imgs", "right"), ("λ / k" if several else "λ", "right")]
-    for column, justify in columns:
-        table.add_column(column, justify=justify, min_width=12 if column == "95% CI" else None)
-    for s in summary:
-        cells = ([s["classifier"]] if several else []) + [s["subset"], f"{s['mean']:.1f} ± {s['std']:.1f}"] \
-            + ([format_ci(s)] if has_ci else []) + [str(s["n_seeds"]), f"{s['n_train']:g}", setting(s)]
-        table.add_row(*cells)
-    probe = meta.get("probe", {})
-    table.caption = (f"feature {meta.get('feature')} · {meta.get('dtype')} · transform "
-                     f"{(meta.get('transform') or {}).get('name')} · λ {probe.get('lambda')} · "
-                     f"std over seeds (n−1)" + (" · CI: bootstrap over test images" if has_ci else ""))
-    return table
+    columns = [
+        *([Column("classifier", [s["classifier"] for s in summary], shrink_to=8)] if several else []),
+        Column("subset", [s["subset"] for s in summary], shrink_to=10),
+        Column("top-1 %", [format_mean(s["mean"], s["std"]) for s in summary], "right"),
+        *([Column("95% CI", [format_ci(s) for s in summary], "right", drop=1)] if has_ci else []),
+        Column("seeds", [str(s["n_seeds"]) for s in summary], "right", drop=3),
+        Column("train imgs", [f"{s['n_train']:g}" for s in summary], "right", drop=2),
+        Column("λ / k" if several else "λ", [setting(s) for s in summary], "right", shrink_to=8),
+    ]
+    layout = fit(columns, width, wide=wide)
+    probe = meta.get("probe") or {}
+    spread = "std over seeds (n−1)" if any(s["std"] is not None for s in summary) else over_seeds([1])
+    caption = (f"feature {meta.get('feature')} · {meta.get('dtype')} · transform "
+               f"{(meta.get('transform') or {}).get('name')} · λ {probe.get('lambda')} · {spread}"
+               + (" · CI: bootstrap over test images" if has_ci and "95% CI" not in layout.dropped else ""))
+    model = _short(meta.get("model"))
+    title = f"{model if wide else abbreviate(model, 40)} · top-1 % on {meta.get('test_split')} (n={meta.get('n_test')})"
+    return build(layout, title=title, caption=caption, width=width)
 
 
-def comparison_table(comparison: Comparison) -> Table:
-    """Rows = models (x classifier), columns = splits; the best measured value per column in bold."""
-    table = Table(title=comparison.caption().replace("**bold**", "bold").replace("`", ""), title_justify="left")
-    table.add_column("model", justify="left")
-    if comparison.show_classifier:
-        table.add_column("classifier", justify="left")
-    for column in comparison.columns:
-        table.add_column(column, justify="right")
-    for row in comparison.rows:
-        published = row.kind == "published"
-        cells: list[Text | str] = [Text(f"{row.label} †" if published else row.label,
-                                        style="dim" if published else "")]
-        if comparison.show_classifier:
-            cells.append(row.classifier or "–")
-        for column in comparison.columns:
-            cell = row.cells.get(column)
-            if cell is None:
-                cells.append("–")
-                continue
-            best = not published and cell.mean == comparison.best(column)
-            text = cell.text().replace(" [", "\n[")  # the CI on a line of its own
-            cells.append(Text(text, style="bold green" if best else ("dim" if published else "")))
-        table.add_row(*cells)
-    if any(r.kind == "published" for r in comparison.rows):
-        table.caption = f"† {PUBLISHED_TAG} ({PUBLISHED_SOURCE}): a reference, not comparable with this test set"
-    return table
+def comparison_table(comparison: Comparison, *, width: int = NARROW, wide: bool = False) -> Table:
+    """Rows = models (x classifier), columns = subsets; the best measured value per column in bold. A narrow
+    terminal gets ``mean ± std [CI]`` cells where they fit, else ``mean ± std`` (the CI in ``--wide``), else the
+    means alone. A suite over several datasets has a line per dataset instead of a column per dataset x subset,
+    so that it fits however many datasets it has."""
+    suite = comparison.context.get("datasets")
+    groups: list[str | None] = [*suite, SUITE_MEAN] if suite else [None]
+    subsets = list(dict.fromkeys(_subset_of(c, groups) for c in comparison.columns))
+    lines = [(row, group) for row in comparison.rows for group in groups
+             if any(_key(group, s) in row.cells for s in subsets)]
+    classifier = comparison.show_classifier
+    has_std = any(c.std is not None for row in comparison.rows for c in row.cells.values())
+    levels = [(True, True)] if wide else [(True, True), (True, False), (False, False)]
+    for std, ci in levels:
+        columns = [Column("model", [_label(row) for row, _ in lines], shrink_to=14),
+                   *([Column("classifier", [row.classifier or "–" for row, _ in lines], shrink_to=8)]
+                     if classifier else []),
+                   *([Column("dataset", [group for _, group in lines], shrink_to=10)] if suite else []),
+                   *[Column(s, [_cell(comparison, row, _key(group, s), std=std, ci=ci) for row, group in lines],
+                            "right") for s in subsets]]
+        layout = fit(columns, width, wide=wide)
+        if layout.fits:
+            break
+    layout.dropped += [what for what, shown, present in (("± std", std, has_std), ("[95% CI]", ci, comparison.has_ci))
+                       if present and not shown]
+    title = _unmarked(comparison.caption(std=std and has_std, ci=ci) if not suite else
+                      _suite_caption(comparison, std=std and has_std, ci=ci))
+    caption = (f"† {PUBLISHED_TAG} ({PUBLISHED_SOURCE}): a reference, not comparable with this test set"
+               if any(r.kind == "published" for r in comparison.rows) else "")
+    return build(layout, title=title, caption=caption, width=width)
 
 
-def paired_table(comparison: Comparison) -> Table:
+def _subset_of(column: str, groups: list[str | None]) -> str:
+    """``5-shot`` from a suite's ``imagenette 5-shot`` (a plain comparison's columns are subsets already)."""
+    for group in groups:
+        if group is not None and column.startswith(f"{group} "):
+            return column[len(group) + 1:]
+    return column
+
+
+def _key(group: str | None, subset: str) -> str:
+    return subset if group is None else f"{group} {subset}"
+
+
+def _label(row) -> Text:
+    published = row.kind == "published"
+    return Text(f"{row.label} †" if published else row.label, style="dim" if published else "")
+
+
+def _cell(comparison: Comparison, row, key: str, *, std: bool, ci: bool) -> Text | str:
+    cell: Cell | None = row.cells.get(key)
+    if cell is None:
+        return "–"
+    published = row.kind == "published"
+    best = not published and cell.mean == comparison.best(key)
+    return Text(cell.text(std=std, ci=ci), style="bold green" if best else ("dim" if published else ""))
+
+
+def _suite_caption(comparison: Comparison, *, std: bool, ci: bool) -> str:
+    datasets = comparison.context["datasets"]
+    return (f"{METRIC_LABELS[comparison.metric].capitalize()} (%) per dataset and subset, "
+            f"{comparison.over_seeds(std=std)}; {SUITE_MEAN}: unweighted mean over the {len(datasets)} datasets"
+            + ("; [95% CI]: bootstrap over test images" if ci and comparison.has_ci else "")
+            + "; bold: best measured value per column")
+
+
+def _unmarked(caption: str) -> str:
+    """A Markdown caption as terminal text: no backticks, and bold said as bold."""
+    return caption.replace("**bold**", "bold").replace("`", "")
+
+
+PAIRED_BRIEF = ("Δ = row − reference, mean over seeds; CI: paired bootstrap over test images; p: McNemar per seed, "
+                "Stouffer-combined; B / A only: images only B / only A gets right; bold: CI excludes 0")
+
+
+def paired_table(comparison: Comparison, *, width: int = NARROW, wide: bool = False) -> Table:
     """Δ of each file vs the first, with its paired interval and p-value; significant intervals in bold."""
-    table = Table(title=f"Paired differences vs {comparison.labels[0]} ({comparison.metric}, points)",
-                  title_justify="left", caption=PAIRED_METHOD + "; bold: the interval excludes 0")
-    for column, justify in (("model", "left"), ("classifier", "left"), ("subset", "left"), ("Δ", "right"),
-                            ("95% CI", "right"), ("p", "right"), ("B only / A only", "right")):
-        table.add_column(column, justify=justify)
-    for label, deltas in comparison.paired.items():
-        for d in deltas:
-            table.add_row(label, d.classifier, d.subset, f"{d.delta:+.1f}",
-                          Text(f"[{d.ci_low:+.1f}, {d.ci_high:+.1f}]", style="bold" if d.significant else ""),
-                          format_p(d.p_value), f"{d.b_only} / {d.a_only}")
-    return table
+    deltas = [(label, d) for label, ds in comparison.paired.items() for d in ds]
+    several = len({d.classifier for _, d in deltas}) > 1
+    columns = [Column("model", [label for label, _ in deltas], shrink_to=14),
+               *([Column("classifier", [d.classifier for _, d in deltas], shrink_to=8)] if several else []),
+               Column("subset", [d.subset for _, d in deltas], shrink_to=10),
+               Column("Δ", [f"{d.delta:+.1f}" for _, d in deltas], "right"),
+               Column("95% CI", [Text(f"[{d.ci_low:+.1f}, {d.ci_high:+.1f}]", style="bold" if d.significant else "")
+                                 for _, d in deltas], "right"),
+               Column("p", [format_p(d.p_value) for _, d in deltas], "right"),
+               Column("B / A only", [f"{d.b_only} / {d.a_only}" for _, d in deltas], "right", drop=1)]
+    layout = fit(columns, width, wide=wide)
+    reference = comparison.labels[0]
+    title = (f"Paired differences vs {reference if wide else abbreviate(reference, 30)} "
+             f"({METRIC_LABELS[comparison.metric]}, points)")
+    return build(layout, title=title, caption=(PAIRED_METHOD + "; bold: the interval excludes 0") if wide
+                 else PAIRED_BRIEF, width=width)
 
 
-def cache_table(manifests: list[dict]) -> Table:
-    table = Table(title="lowshot feature cache", title_justify="left")
-    for column in ("key", "model", "data", "split", "images", "dim", "dtype", "size", "created"):
-        table.add_column(column, justify="right" if column in ("images", "dim", "size") else "left",
-                         overflow="fold")
-    for m in manifests:
-        held = f"{m.get('n', 0):,}" + (f" of {m['n_listed']:,}" if "n_listed" in m else "")  # of the split's images
-        table.add_row(m.get("key", "?")[:12], _short(m.get("model")), _short(m.get("data")), str(m.get("split")),
-                      held, str(m.get("dim")), str(m.get("dtype")),
-                      human_size(m.get("size_bytes", 0)), str(m.get("created", ""))[:16].replace("T", " "))
-    return table
+def cache_table(manifests: list[dict], *, width: int = NARROW, wide: bool = False) -> Table:
+    """``lowshot cache list``: one line per entry; the model and data paths abbreviated from the left (whole
+    with ``--wide``), which also adds the feature, transform, dimension and creation time."""
+    def held(m: dict) -> str:  # of the split's images
+        n, listed = m.get("n", 0), m.get("n_listed")
+        return f"{n:,}" if listed is None or (listed == n and not wide) else f"{n:,} of {listed:,}"
+
+    def path(value: object, split: object = None) -> str:
+        text = str(value).rstrip("/")
+        if wide:
+            return text
+        if split and text.endswith(f"/{split}"):  # a split's folder: the split has its own column
+            text = text[:-len(str(split)) - 1]
+        return _name_or_id(text)
+
+    columns = [Column("key", [m.get("key", "?")[:12 if wide else 8] for m in manifests]),
+               Column("model", [path(m.get("model")) for m in manifests], shrink_to=14),
+               Column("data", [path(m.get("data"), m.get("split")) for m in manifests], shrink_to=10),
+               Column("split", [str(m.get("split")) for m in manifests], shrink_to=8),
+               Column("images", [held(m) for m in manifests], "right"),
+               Column("dtype", [str(m.get("dtype")) for m in manifests], drop=2),
+               Column("size", [human_size(m.get("size_bytes", 0)) for m in manifests], "right"),
+               Column("dim", [str(m.get("dim")) for m in manifests], "right", drop=1),
+               Column("feature", [str(m.get("feature")) for m in manifests], wide_only=True),
+               Column("transform", [str((m.get("transform") or {}).get("name", "–")) for m in manifests],
+                      wide_only=True),
+               Column("created", [str(m.get("created", ""))[:16].replace("T", " ") for m in manifests],
+                      wide_only=True)]
+    return build(fit(columns, width, wide=wide), title="lowshot feature cache", caption="", width=width)
+
+
+def _name_or_id(text: str) -> str:
+    """The last component of a local path; a hub id (``facebook/vit-msn-small``) whole."""
+    if not text.startswith(("/", ".", "~")) and text.count("/") == 1:
+        return text
+    return text.rsplit("/", 1)[-1] or text
 
 
 def _short(path: object) -> str:

@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .report import PAIRED_METHOD, PUBLISHED_SOURCE, PUBLISHED_TAG, SUITE_MEAN, Cell, Comparison, format_p
-from .results import Results, format_ci, format_mean, over_seeds, setting
+from .results import Results, format_ci, format_mean, over_seeds, quick_run, setting
 from .stats import METRIC_LABELS
 
 NARROW = 80  # the width a table is laid out for when the console does not say (a pipe, a file, a test)
@@ -197,6 +197,8 @@ def results_table(results: Results, *, width: int = NARROW, wide: bool = False) 
                + (" · CI: bootstrap over test images" if has_ci and "95% CI" not in layout.dropped else ""))
     model = _short(meta.get("model"))
     title = f"{model if wide else abbreviate(model, 40)} · top-1 % on {meta.get('test_split')} (n={meta.get('n_test')})"
+    if quick_run(meta):  # first, where no reader misses it
+        title = f"{quick_run(meta)}\n{title}"
     return build(layout, title=title, caption=caption, width=width)
 
 

@@ -187,3 +187,11 @@ def test_report_and_wide_through_the_cli_at_80_columns(tmp_path, monkeypatch):
     wide = runner.invoke(app, ["report", *paths, "--wide"])
     assert wide.exit_code == 0, wide.output
     assert "59.0 ± 1.0 [57.6, 60.3]" in wide.stdout
+
+
+def test_a_quick_run_says_so_above_the_probe_table():
+    r = results()
+    r.meta["limit"] = 5
+    lines = lines_of(results_table(r))
+    assert " ".join(lines[:2]).startswith("quick run: --limit 5 images per class, not the protocol")  # wrapped
+    assert_fits(lines)

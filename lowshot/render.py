@@ -236,8 +236,8 @@ def comparison_table(comparison: Comparison, *, width: int = NARROW, wide: bool 
 
 def _subset_of(column: str, groups: list[str | None]) -> str:
     """``5-shot`` from a suite's ``imagenette 5-shot`` (a plain comparison's columns are subsets already)."""
-    for group in groups:
-        if group is not None and column.startswith(f"{group} "):
+    for group in sorted((g for g in groups if g is not None), key=len, reverse=True):  # "a b" before "a"
+        if column.startswith(f"{group} "):
             return column[len(group) + 1:]
     return column
 

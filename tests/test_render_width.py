@@ -137,14 +137,14 @@ def test_paired_table_fits_80_and_names_the_files_by_their_tail():
 
 def test_suite_table_fits_80_with_a_line_per_model_and_dataset():
     per_dataset = {name: compare([results("vit-s16"), results("deit-small-p16", offset=2.0)])
-                   for name in ("imagenette", "digits", "flowers102")}
+                   for name in ("imagenette", "digits", "digits 2x")}
     suite = suite_table(per_dataset)
     lines = lines_of(comparison_table(suite))
     assert_fits(lines)
     assert not any("…" in line for line in lines)
-    one_line_each(lines, [["deit-small-p16", "digits", "62.0 ± 1.0", "92.0 ± 1.0"],
+    one_line_each(lines, [["deit-small-p16", "imagenette", "62.0 ± 1.0", "92.0 ± 1.0"],
                           ["deit-small-p16", "mean", "62.0", "72.0", "82.0", "92.0"],
-                          ["vit-s16", "flowers102", "60.0 ± 1.0"]])
+                          ["vit-s16", "digits 2x", "60.0 ± 1.0"]])
     assert len([line for line in body(lines) if line.startswith(("deit", "vit"))]) == 2 * 4  # 3 datasets + mean
 
 

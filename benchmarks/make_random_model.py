@@ -21,7 +21,15 @@ def make_random_model(like: str | Path, out: str | Path, *, seed: int = 0) -> Pa
     config.architectures = None  # the saved model is the bare backbone, not the classifier of the original
     torch.manual_seed(seed)
     model = AutoModel.from_config(config)
-    model.save_pretrained(out)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar, for one small file, is noise on stderr
+    try:
+        model.save_pretrained(out)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return Path(out)
 
 

@@ -139,22 +139,60 @@ def resolve_model_folder(model: str, *, revision: str | None = None) -> tuple[Pa
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"--model {model}: folder has no config.json (need config.json + weights)")
         return path.resolve(), {"source": "folder"}
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+    if path.exists():
+        raise ModelLoadError(f"--model {model}: is a file, not a model; give a folder with config.json and the "
+                             f"weights, a raw MSN checkpoint ({', '.join(checkpoints.CHECKPOINT_SUFFIXES)}) or a "
+                             "Hugging Face hub id")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelLoadError(f"--model {model}: no such folder")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.txt"]
     try:
         folder = snapshot_download(model, revision=revision, allow_patterns=patterns)
-    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; the message below is what matters
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = "offline (HF_HUB_OFFLINE=1)" if offline else type(exc).__name__
-        raise ModelLoadError(
-            f"cannot load model {model!r}: {why} and not in the local Hugging Face cache; download it where the "
-            f"hub is reachable, or pass --model /path/to/folder with config.json and the weights"
-        ) from exc
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; _hub_problem says which in words
+        raise ModelLoadError(f"cannot load model {model!r}: {_hub_problem(exc, revision)}") from exc
     folder_path = Path(folder)
     return folder_path, {"source": "hub", "revision": folder_path.name}
+
+
+LOCAL_HINT = "pass --model /path/to/folder with config.json and the weights"
+
+
+def _hub_problem(exc: Exception, revision: str | None) -> str:
+    """Why a hub download failed, in words a user can act on (never an exception's class name)."""
+    from huggingface_hub import errors
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if offline or isinstance(exc, errors.OfflineModeIsEnabled):
+        return (f"offline (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache; download it where the hub "
+                f"is reachable, or {LOCAL_HINT}")
+    if isinstance(exc, errors.GatedRepoError):
+        return "a gated model: accept its terms on its hub page, then log in (hf auth login)"
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return f"no such model on the Hugging Face hub (or a private one: log in with hf auth login); or {LOCAL_HINT}"
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return f"the hub has no revision {revision!r} of it"
+    if _no_connection(exc):
+        return (f"no network connection to the Hugging Face hub, and it is not in the local Hugging Face cache; "
+                f"download it where the hub is reachable, or {LOCAL_HINT}")
+    first = str(exc).strip().splitlines()
+    return f"the Hugging Face hub download failed ({first[0] if first else 'no reason given'}); or {LOCAL_HINT}"
+
+
+def _no_connection(exc: BaseException) -> bool:
+    """The download failed for want of a connection: huggingface_hub says it could not reach the hub and finds no
+    local copy (LocalEntryNotFoundError), or a connection or timeout error is somewhere in the chain."""
+    from huggingface_hub import errors
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        name = type(seen).__name__
+        if isinstance(seen, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError)) or \
+                name in ("ConnectError", "ConnectTimeout", "ReadTimeout", "ConnectionError", "Timeout"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def weights_identity(folder: Path, *, memo: dict | None = None) -> dict:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,12 +14,46 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from .config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_READOUT
 from .errors import BadInputError, LowshotError, SettingError
 from .hostmem import keep_host_memory
 
+# typer raises click's exceptions (from its own copy of click since 0.2x): reached through a public name.
+_UsageError = typer.BadParameter.__mro__[1]
+
+
+class _Root(TyperGroup):
+    """The ``lowshot`` group: a usage error that click finds (a value of the wrong type, an unknown option or
+    command, a missing argument) becomes one ``error:`` line and exit 2, as lowshot's own errors do, not a panel."""
+
+    def make_context(self, *args, **kwargs):
+        with _usage_errors_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_errors_in_one_line():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _usage_errors_in_one_line():
+    try:
+        yield
+    except _UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # no arguments: typer prints the help
+            raise
+        text = exc.format_message().rstrip(".")
+        text = text[:1].lower() + text[1:]
+        where = getattr(exc, "ctx", None)
+        hint = f"; see '{where.command_path} --help'" if where is not None else ""
+        err.print(f"[bold red]error:[/] {escape(text)}{escape(hint)}", markup=True, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+
+
 app = typer.Typer(
+    cls=_Root, context_settings={"help_option_names": ["-h", "--help"]},
     name="lowshot",
     help="Low-shot evaluation of frozen vision backbones (MSN protocol).\n\n"
          "1. lowshot extract --model facebook/vit-msn-small --data DIR   (features into the cache, once)\n\n"
@@ -37,31 +74,64 @@ _state = {"debug": False}
 
 def _option(*names: str, help: str | None = None, **kwargs):
     """``typer.Option`` whose help is taken literally: rich would otherwise eat ``[default: …]`` or
-    ``'lowshot[plot]'`` as markup."""
+    ``'lowshot[plot]'`` as markup. An option named in :data:`METAVARS` shows that word for its value."""
+    if names and names[0] in METAVARS:
+        kwargs.setdefault("metavar", METAVARS[names[0]])
     return typer.Option(*names, help=escape(help) if help else help, **kwargs)
+
+
+# The value's name in the help of options that several commands share (the others: a metavar of their own, else
+# a word for their type, see _plain_placeholders).
+METAVARS = {"--model": "MODEL", "--data": "DATA", "--output": "FILE", "--baseline": "RESULTS.json",
+            "--card": "README.md", "--cache-dir": "FOLDER"}
 
 
 def _argument(*names: str, help: str | None = None, **kwargs):
     return typer.Argument(*names, help=escape(help) if help else help, **kwargs)
 
 
-def _hide_flag_placeholders() -> None:
-    """typer prints a value placeholder such as ``<bool>`` beside every option, also beside on/off flags, which
-    take no value: show none there."""
-    from typer.core import TyperOption
+# What an option's value is, in words, where it declares no metavar of its own (typer would show a Python type).
+PLACEHOLDERS = {"int": "N", "float": "NUMBER", "str": "TEXT", "path": "PATH", "Path": "PATH"}
 
+
+def _plain_placeholders() -> None:
+    """typer shows a Python type beside each option (``<int>``, ``<list[Path]>``), also beside on/off flags, which
+    take no value, and wraps a required argument in braces in the usage line: show a word (an option's metavar,
+    else :data:`PLACEHOLDERS`), nothing for flags, and an argument by its metavar, as click does."""
     shown = TyperOption.display_type_rich
     if getattr(shown, "_lowshot", False):
         return
 
-    def display_type_rich(self, ctx):
-        return None if self.is_flag else shown(self, ctx)
+    def option_placeholder(self, ctx):
+        if self.is_flag:
+            return None
+        if self.metavar is not None:
+            return self.metavar
+        text = str(shown(self, ctx) or "")
+        many = text.endswith("...")
+        name = re.sub(r"^list\[(.*)\]$", r"\1", text.removesuffix("...").strip("<>"))
+        return PLACEHOLDERS.get(name, name.upper()) + ("..." if many else "")
 
-    display_type_rich._lowshot = True
-    TyperOption.display_type_rich = display_type_rich
+    option_placeholder._lowshot = True
+    TyperOption.display_type_rich = option_placeholder
+    TyperArgument.display_type_rich = lambda self, ctx: None  # the argument's own column shows its metavar
+    if hasattr(TyperArgument, "_usage_display_name"):
+        def usage_name(self):
+            name = self.display_name_raw + ("..." if self.nargs != 1 else "")
+            return name if self.required else f"[{name}]"
+
+        TyperArgument._usage_display_name = usage_name
 
 
-_hide_flag_placeholders()
+_plain_placeholders()
+
+
+def _paragraphs(doc: str | None) -> str | None:
+    """A command's docstring with each paragraph on one line: typer keeps the line breaks of every paragraph after
+    the first, so a docstring's wrapping would show in the help as lines cut short."""
+    if not doc:
+        return doc
+    return "\n\n".join(" ".join(p.split()) for p in re.split(r"\n\s*\n", inspect.cleandoc(doc)))
 
 
 # The core names a bad setting by its parameter (ExtractSettings / ProbeSettings field); the CLI says its flag.
@@ -74,11 +144,13 @@ FLAGS = {"shots": "--shots", "percents": "--percent", "seeds": "--seeds", "split
 
 # Protocol options shared by extract (which images to encode) and probe (which subsets to fit): same defaults.
 Shots = Annotated[str | None, _option(
+    metavar="LIST", show_default=False,
     help="Images per class, comma-separated (nested within a seed); an empty string: none. Default: 1,2,5, or "
-         "none when --split-file is given.", show_default=False)]
+         "none when --split-file is given.")]
 Percent = Annotated[str | None, _option(
+    metavar="LIST", show_default=False,
     help="Percent of the train labels, stratified (round half up, at least 1 per class), comma-separated; 0 skips. "
-         "Default: 1, or none when --split-file is given.", show_default=False)]
+         "Default: 1, or none when --split-file is given.")]
 Seeds = Annotated[int, _option(help="Number of seeds (0 … N−1) for k-shot and percent subsets.")]
 SplitFile = Annotated[list[Path] | None, _option(
     "--split-file", metavar="FILE", help="A published split file (one image name per line), repeatable; files "
@@ -126,6 +198,7 @@ def _friendly(command):
             err.print("interrupted: finished shards are kept in the cache; rerun the same command to resume")
             raise typer.Exit(130) from None
 
+    wrapper.__doc__ = _paragraphs(command.__doc__)  # the help typer shows
     return wrapper
 
 
@@ -450,8 +523,8 @@ def probe(
 @_friendly
 def report(
     results: Annotated[list[Path], _argument(
-        help="Results JSON files (lowshot probe --output X.json): different models or checkpoints.",
-        show_default=False)],
+        metavar="RESULTS.json", show_default=False,
+        help="Results JSON files (lowshot probe --output X.json): different models or checkpoints.")],
     fmt: Annotated[str, _option(
         "--format", "-f", help="table, markdown (pastes into a job summary or PR comment), csv, json, or "
                                "model-index (YAML for a Hugging Face model card; one results file).")] = "table",
@@ -599,12 +672,12 @@ def _gate_verdict(comparisons, unsaved=()) -> None:
 @app.command()
 @_friendly
 def bench(
-    config: Annotated[Path, _argument(help="Benchmark config (TOML): models, data, splits, seeds, λ, "
-                                                "classifiers, baseline results to gate against; paths relative to it.",
-                                           show_default=False)],
+    config: Annotated[Path, _argument(metavar="CONFIG.toml", help="Benchmark config (TOML): models, data, splits, "
+                                      "seeds, λ, classifiers, baseline results to gate against; paths relative to it.",
+                                      show_default=False)],
     output: Annotated[Path | None, _option(
-        "--output", "-o", help="Output folder [default: the config's 'output', else out/<config name> beside "
-                               "it].")] = None,
+        "--output", "-o", metavar="FOLDER",
+        help="Output folder [default: the config's 'output', else out/<config name> beside it].")] = None,
     force: Annotated[bool, _option(
         "--force", help="Gate against a baseline measured under a different protocol instead of refusing.")] = False,
     update_baseline: Annotated[bool, _option(

@@ -13,6 +13,7 @@ rewrites the card. The YAML is produced and read back by ``huggingface_hub`` (``
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .errors import BadInputError
@@ -80,10 +81,15 @@ def merge_into_card(path: str | Path, results: Results, *, metrics: list[str], n
         raise BadInputError(f"--card {path}: no such file (create an empty one to start a new card)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInputError(f"--card {path}: cannot read ({exc})") from None
+    hub_log = logging.getLogger("huggingface_hub.repocard")  # warns of a card without front matter: one gets made
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
     try:
         card = ModelCard(text)
     except Exception as exc:  # noqa: BLE001 - yaml and huggingface_hub raise several types for a bad front matter
         raise BadInputError(f"--card {path}: its YAML front matter cannot be parsed ({exc})") from None
+    finally:
+        hub_log.setLevel(level)
     new = eval_results(results, metrics=metrics, source_url=source_url)
     mine = {_identity(r) for r in new}
     kept = [r for r in card.data.eval_results or [] if _identity(r) not in mine]

@@ -110,3 +110,92 @@ def test_quickstart_example_runs_to_the_end(tiny_model, image_data, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| 5-shot |" in done.stdout and "5-shot probe, seed 0" in done.stdout
     assert (tmp_path / "quickstart-results.json").is_file()
+
+
+def test_a_model_that_is_an_ordinary_file_says_what_it_is_and_what_is_expected(tmp_path):
+    from lowshot.backbones import resolve_model_folder
+    from lowshot.errors import ModelLoadError
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# not a model")
+    with pytest.raises(ModelLoadError, match=r"is a file, not a model; give a folder with config.json and the "
+                                             r"weights, a raw MSN checkpoint \(\.pth\.tar"):
+        resolve_model_folder(str(readme))
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        resolve_model_folder(str(tmp_path / "missing"))
+
+
+def no_network(*args, **kwargs):
+    """What huggingface_hub raises when the hub cannot be reached and the model is not in its cache."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        raise ConnectionError("[Errno -2] Name or service not known")
+    except ConnectionError as cause:
+        raise LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub, and we "
+                                      "cannot find the appropriate snapshot folder") from cause
+
+
+def test_an_unreachable_hub_says_there_is_no_network_and_how_to_pass_a_folder(monkeypatch, image_data, cache_dir):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    result = invoke("extract", "--model", "someuser/some-model", "--data", image_data)
+    assert result.exit_code == 1, result.output
+    line = result.output.strip()
+    assert line.startswith("error: cannot load model 'someuser/some-model': no network connection to the Hugging "
+                           "Face hub") and "--model /path/to/folder" in line, line
+    assert "Error" not in line.replace("error:", "")  # no exception class named to the user
+
+
+@pytest.mark.parametrize(("name", "message"), [("RepositoryNotFoundError", "no such model on the Hugging Face hub"),
+                                               ("GatedRepoError", "a gated model")])
+def test_other_hub_failures_are_said_in_words(monkeypatch, name, message):
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from lowshot.backbones import resolve_model_folder
+    from lowshot.errors import ModelLoadError
+
+    def refuse(*args, **kwargs):
+        cls = getattr(errors, name)
+        exc = cls.__new__(cls)  # as raised for a 401/404 (its constructor wants a live HTTP response)
+        Exception.__init__(exc, "401 Client Error")
+        raise exc
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    with pytest.raises(ModelLoadError, match=message) as caught:
+        resolve_model_folder("someuser/some-model")
+    assert name not in str(caught.value)
+
+
+def test_merging_into_a_card_without_front_matter_logs_no_hub_warning(tmp_path):
+    import logging
+
+    from .test_report import BASE, make_results, write
+
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger = logging.getLogger("huggingface_hub.repocard")
+    logger.addHandler(handler)
+    try:
+        card = tmp_path / "README.md"
+        card.write_text("# My model\n\nSome text.\n")
+        result = invoke("report", write(tmp_path, "a.json", make_results("vit-a", BASE)), "--card", card)
+    finally:
+        logger.removeHandler(handler)
+    assert result.exit_code == 0, result.output
+    assert not [r.getMessage() for r in records], records  # "Repo card metadata block was not found"
+    assert card.read_text().startswith("---\nmodel-index:") and "Some text." in card.read_text()
+
+
+def test_make_random_model_draws_no_progress_bar(tiny_model, tmp_path, capfd, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from make_random_model import make_random_model
+
+    make_random_model(tiny_model, tmp_path / "random")
+    assert (tmp_path / "random" / "config.json").is_file()
+    assert "Writing model shards" not in capfd.readouterr().err

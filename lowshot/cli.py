@@ -228,8 +228,11 @@ def extract(
                               "ViTMAE, Swin, ConvNeXt, or any vision model's pooled output.")] = DEFAULT_MODEL,
     data: Annotated[str | None, _option(
         "--data", "-d", help="Folder with train/ and val/ (or test/) ImageFolder splits, a datasets.save_to_disk "
-                             "folder, or a Hugging Face dataset id. [default: a tiny bundled Imagenette demo "
-                             "sample — a smoke test, not a benchmark]")] = None,
+                             "folder, or a Hugging Face dataset id. val/ may also be ImageNet's flat validation "
+                             "folder, labelled by Kaggle's LOC_val_solution.csv or the devkit's ground truth and "
+                             "meta.mat (looked for in val/, the folder, its devkit folder and up to 3 folders "
+                             "above). [default: a tiny bundled Imagenette demo sample — a smoke test, not a "
+                             "benchmark]")] = None,
     revision: Annotated[str | None, _option(help="Hub revision (branch, tag or commit).")] = None,
     train_split: Annotated[str, _option(help="Split to draw the labelled shots from.")] = "train",
     test_split: Annotated[str | None, _option(

@@ -4,11 +4,17 @@ A :class:`Split` is a list of items (a stable id, an integer label) plus a way t
 and an ``identity`` that changes whenever the data changes (file list with sizes and mtimes, or the dataset
 fingerprint). Folder rule: one sub-folder per class; hidden files and folders (leading ``.``) and files whose
 extension is not in :data:`IMAGE_EXTENSIONS` are ignored.
+
+ImageNet's validation set as distributed is one flat folder of ``ILSVRC2012_val_00000001.JPEG`` … and a labels file
+(:func:`flat_image_folder`): a test split folder without sub-folders is read that way, its labels taken from
+Kaggle's ``LOC_val_solution.csv`` or the devkit's ground truth with its ``meta.mat``. Its ids are the paths the same
+images have in the usual ImageFolder tree (``n01751748/ILSVRC2012_val_00000001.JPEG``), so both give one listing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import io
 import json
@@ -16,19 +22,28 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
+from .errors import DataError, MissingDependencyError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
 TEST_SPLIT_CANDIDATES = ("val", "validation", "test")
 DEMO_DATA = Path(__file__).parent / "demo_data" / "imagenette-mini"
+# ImageNet's validation labels as distributed. Kaggle's ImageNet Object Localization Challenge: a CSV with the header
+# ImageId,PredictionString and rows "ILSVRC2012_val_00000001,n01751748 x y x y …" (the box's wnid first). The ILSVRC
+# 2012 devkit (ILSVRC2012_devkit_t12/data/): line n of the ground truth is the ILSVRC2012_ID (1-1000) of image n, and
+# meta.mat's synsets map ILSVRC2012_ID to WNID (not in sorted-wnid order: LOC_synset_mapping.txt cannot stand in).
+KAGGLE_LABELS = "LOC_val_solution.csv"
+DEVKIT_LABELS = "ILSVRC2012_validation_ground_truth.txt"
+DEVKIT_META = "meta.mat"
+DEVKIT_DATA = Path("ILSVRC2012_devkit_t12") / "data"
+LABEL_SEARCH_PARENTS = 3  # Kaggle unpacks LOC_val_solution.csv three folders above ILSVRC/Data/CLS-LOC/val
 
 
 @dataclass
@@ -45,14 +60,15 @@ class Split:
     _hf: Any = None
     _image_column: str | None = None
     _extra: dict = field(default_factory=dict)
+    _files: list[str] | None = None  # file paths under _root where they differ from the ids (a flat folder)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def open(self, index: int) -> Image.Image:
         """Open item ``index`` as a PIL image (not yet decoded for files; raises on unreadable data)."""
-        if self._root is not None:
-            return Image.open(self._root / self.ids[index])  # lazy: draft() can still shrink a big JPEG
+        if self._root is not None:  # lazy: draft() can still shrink a big JPEG
+            return Image.open(self._root / (self._files[index] if self._files is not None else self.ids[index]))
         value = self._hf[index][self._image_column]
         if isinstance(value, Image.Image):
             return value
@@ -121,8 +137,13 @@ def _folder_dataset(root: Path, train_split: str, test_split: str | None, listin
         raise DataError(f"{root}: no split {train_split!r}; available: {', '.join(sorted(available)) or 'none'} "
                         "(expected one sub-folder per split, each with one sub-folder per class)")
     test_name = _pick_test_split(available, test_split, str(root))
-    return Dataset(str(root), image_folder(root / train_split, name=train_split, listing_cache=listing_cache),
-                   image_folder(root / test_name, name=test_name, listing_cache=listing_cache))
+    train = image_folder(root / train_split, name=train_split, listing_cache=listing_cache)
+    if _is_flat(root / test_name):
+        test = flat_image_folder(root / test_name, name=test_name, classes=train.classes, data_root=root,
+                                 listing_cache=listing_cache)
+    else:
+        test = image_folder(root / test_name, name=test_name, listing_cache=listing_cache)
+    return Dataset(str(root), train, test)
 
 
 def image_folder(root: Path, *, name: str, listing_cache: Path | None = None) -> Split:
@@ -154,6 +175,128 @@ def image_folder(root: Path, *, name: str, listing_cache: Path | None = None) ->
         _write_memo(memo_path, root, fresh)
     identity = {"kind": "folder", "files": len(ids), "listing_sha256": digest.hexdigest()}
     return Split(name, ids, np.asarray(labels, dtype=np.int64), classes, identity, str(root), _root=root)
+
+
+def _is_flat(folder: Path) -> bool:
+    """A folder with image files and no (visible) sub-folder: ImageNet's validation set as distributed."""
+    images = False
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                return False
+            images = images or os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+    return images
+
+
+def flat_image_folder(root: Path, *, name: str, classes: Sequence[str], data_root: Path | None = None,
+                      listing_cache: Path | None = None) -> Split:
+    """A split whose images lie in one folder, labelled by the file :func:`find_flat_labels` finds (ImageNet's
+    validation set as distributed). An item's id is its path in the equivalent ImageFolder tree
+    (``<wnid>/<file>``) and the identity hashes the lines that tree's listing would, so both give the same listing
+    (and cache entries). An image without a label, or labelled with a class not in ``classes``, is an error."""
+    labels_path = find_flat_labels(root, data_root if data_root is not None else root.parent)
+    wnids = read_flat_labels(labels_path)
+    index = {c: i for i, c in enumerate(classes)}
+    base = root.parent  # scanned as base/<root.name>, so the listing memo works as for a class folder
+    memo_path = listing_cache / f"{hashlib.sha256(f'flat:{root.resolve()}'.encode()).hexdigest()[:24]}.json" \
+        if listing_cache is not None else None
+    memo = _read_memo(memo_path, base)
+    fresh: dict[str, list] = {}
+    members: list[list[tuple[str, str]]] = [[] for _ in classes]  # per class: (line of the tree's listing, file)
+    for lines in _scan(base, root.name, memo, fresh):
+        for line in filter(None, lines.split("\n")):
+            rel, rest = line.split("\0", 1)
+            file = rel[len(root.name) + 1:]
+            wnid = wnids.get(PurePosixPath(file).stem)
+            if wnid is None:
+                raise DataError(f"{root / file}: no label in {labels_path} (each image of a flat {name}/ folder "
+                                "needs one)")
+            if wnid not in index:
+                raise DataError(f"{labels_path}: {file} is labelled {wnid}, which is not a class of the train split")
+            members[index[wnid]].append((f"{wnid}/{file}\0{rest}\n", file))
+    ids: list[str] = []
+    files: list[str] = []
+    labels: list[int] = []
+    digest = hashlib.sha256()
+    for label, items in enumerate(members):
+        items.sort()
+        digest.update("".join(line for line, _ in items).encode())
+        ids += [line.split("\0", 1)[0] for line, _ in items]
+        files += [file for _, file in items]
+        labels += [label] * len(items)
+    if not ids:
+        raise DataError(f"{root}: split {name!r} has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if memo_path is not None and fresh != memo:
+        _write_memo(memo_path, base, fresh)
+    identity = {"kind": "folder", "files": len(ids), "listing_sha256": digest.hexdigest()}
+    return Split(name, ids, np.asarray(labels, dtype=np.int64), list(classes), identity, str(root), _root=root,
+                 _files=files)
+
+
+def find_flat_labels(folder: Path, data_root: Path) -> Path:
+    """The labels of a flat image folder: the first of Kaggle's ``LOC_val_solution.csv``, the devkit's ground truth,
+    or ``ILSVRC2012_devkit_t12/data/``'s, found in the folder, the data folder, or up to ``LABEL_SEARCH_PARENTS``
+    folders above the data folder (where Kaggle's download puts its CSV)."""
+    places = [folder, data_root, *list(data_root.resolve().parents)[:LABEL_SEARCH_PARENTS]]
+    for place in places:
+        for candidate in (place / KAGGLE_LABELS, place / DEVKIT_LABELS, place / DEVKIT_DATA / DEVKIT_LABELS):
+            if candidate.is_file():
+                return candidate
+    raise DataError(f"{folder}: a flat folder of images needs a labels file ({KAGGLE_LABELS} from Kaggle, or the "
+                    f"devkit's {DEVKIT_LABELS} with its {DEVKIT_META}) in it, in {data_root} or up to "
+                    f"{LABEL_SEARCH_PARENTS} folders above; or give it one sub-folder per class")
+
+
+def read_flat_labels(path: Path) -> dict[str, str]:
+    """File stem (``ILSVRC2012_val_00000001``) -> wnid, from Kaggle's CSV or the devkit's ground truth."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
+    if path.name == DEVKIT_LABELS:
+        return _devkit_labels(path, text)
+    rows = csv.reader(io.StringIO(text))
+    header = [cell.strip() for cell in next(rows, [])]
+    if header[:2] != ["ImageId", "PredictionString"]:
+        raise DataError(f"{path}: expected the header ImageId,PredictionString (Kaggle's {KAGGLE_LABELS}), found "
+                        f"{','.join(header)[:60]!r}")
+    labels = {}
+    for number, row in enumerate(rows, 2):
+        if not row:
+            continue
+        boxes = row[1].split() if len(row) > 1 else []
+        if not boxes or not row[0].strip():
+            raise DataError(f"{path}, line {number}: expected 'ImageId,wnid x y x y …', found {','.join(row)[:60]!r}")
+        labels[row[0].strip()] = boxes[0]
+    return labels
+
+
+def _devkit_labels(path: Path, text: str) -> dict[str, str]:
+    """Line n of the devkit's ground truth is the ILSVRC2012_ID of ``ILSVRC2012_val_<n, 8 digits>``; the devkit's
+    ``meta.mat`` beside it maps ILSVRC2012_ID to WNID."""
+    meta = path.parent / DEVKIT_META
+    if not meta.is_file():
+        raise DataError(f"{path}: the devkit's ground truth needs its {DEVKIT_META} beside it (ILSVRC2012_ID -> wnid; "
+                        f"it is in {DEVKIT_DATA}/), or use Kaggle's {KAGGLE_LABELS} instead")
+    try:
+        from scipy.io import loadmat
+    except ImportError as exc:  # pragma: no cover - scipy comes with scikit-learn
+        raise MissingDependencyError("reading the devkit's meta.mat needs scipy: pip install scipy") from exc
+    try:
+        synsets = loadmat(meta, squeeze_me=True)["synsets"]
+        wnid_of = {int(i): str(w) for i, w in zip(synsets["ILSVRC2012_ID"], synsets["WNID"], strict=True)}
+    except Exception as exc:  # noqa: BLE001 - loadmat raises many types; one clear line is what matters
+        raise DataError(f"{meta}: not the devkit's meta.mat (synsets with ILSVRC2012_ID and WNID): {exc}") from exc
+    labels = {}
+    for number, line in enumerate(text.rstrip("\n").split("\n"), 1):
+        try:
+            labels[f"ILSVRC2012_val_{number:08d}"] = wnid_of[int(line)]
+        except (ValueError, KeyError):
+            raise DataError(f"{path}, line {number}: {line.strip()[:20]!r} is not an ILSVRC2012_ID of "
+                            f"{meta}") from None
+    return labels
 
 
 LISTING_MEMO_VERSION = 1

@@ -79,3 +79,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def imagenette_cache(tmp_path_factory) -> Path:
+    """One feature cache for the session's full-Imagenette runs (the README quickstart, the docs, the committed
+    benchmark against its baseline): DeiT-Tiny float32 features of the test split and the protocol's train images
+    are encoded once and are cache hits for every later test that asks for the same settings."""
+    require_shared()
+    return tmp_path_factory.mktemp("imagenette-cache")

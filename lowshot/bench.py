@@ -2,7 +2,8 @@
 
 The config names the models, the data and the protocol; a run extracts features (cached), probes every model,
 writes one results JSON per model, a Markdown report (comparison table + regression gate) and a plot, and gates
-each model that has a baseline. Paths in the config are relative to the config file. Example::
+each model that has a baseline. Paths in the config are relative to the config file, and results record them so
+(with the weights' sha256), never as this machine's absolute paths: a committed baseline holds none. Example::
 
     title = "DeiT-Tiny on Imagenette"
     data = "../../shared/data/datasets/imagenette2-224"
@@ -61,6 +62,7 @@ class BenchModel:
     path: str  # a folder (resolved) or a hub id
     baseline: Path | None = None
     revision: str | None = None
+    given: str = ""  # as the config writes it (relative to the config file): what results record
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class BenchDataset:
     data: str  # a folder (resolved) or a Hugging Face dataset id
     train_split: str = "train"
     test_split: str | None = None
+    given: str = ""  # as the config writes it
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class BenchConfig:
     published: bool = False
     significant: bool = False  # gate only drops whose paired 95% interval excludes 0
     datasets: tuple[BenchDataset, ...] = ()  # [[datasets]]: several run as a suite; empty: the single ``data``
+    data_given: str = ""  # ``data`` as the config writes it
 
 
 @dataclass
@@ -131,7 +135,7 @@ def load_config(path: str | os.PathLike) -> BenchConfig:
                                 f"with several [[datasets]] (one baseline per dataset, e.g. "
                                 f"'baseline/{DATASET_PLACEHOLDER}/{m['name']}.json')")
         parsed.append(BenchModel(m["name"], _resolve(base, m["path"], f"{where} models[{i}].path"),
-                                 base / m["baseline"] if "baseline" in m else None, m.get("revision")))
+                                 base / m["baseline"] if "baseline" in m else None, m.get("revision"), m["path"]))
     names = [m.name for m in parsed]
     if len(set(names)) != len(names):
         raise BadInputError(f"{where}: model names must be unique ({', '.join(names)})")
@@ -156,7 +160,8 @@ def load_config(path: str | os.PathLike) -> BenchConfig:
         models=tuple(parsed), output=base / data.get("output", f"out/{path.stem}"), probe=probe, extract=extract,
         title=data.get("title", path.stem), max_drop=float(data.get("max_drop", DEFAULT_MAX_DROP)),
         plot=data.get("plot", True), published=data.get("published", False),
-        significant=data.get("significant", False), datasets=datasets)
+        significant=data.get("significant", False), datasets=datasets,
+        data_given=datasets[0].given if datasets else data["data"])
     return _for_dataset(config, datasets[0]) if len(datasets) == 1 else config
 
 
@@ -177,7 +182,7 @@ def _datasets(data: dict, base: Path, where: str) -> tuple[BenchDataset, ...]:
             raise BadInputError(f"{where}: dataset name {d['name']!r} must be non-empty, have no slashes and not be "
                                 "'mean' (it names a folder and a column group)")
         out.append(BenchDataset(d["name"], _resolve(base, d["data"], f"{where} datasets[{i}].data"),
-                                d.get("train_split", "train"), d.get("test_split")))
+                                d.get("train_split", "train"), d.get("test_split"), d["data"]))
     names = [d.name for d in out]
     if not out or len(set(names)) != len(names):
         raise BadInputError(f"{where}: [[datasets]] must list at least one dataset, with unique names "
@@ -189,7 +194,7 @@ def _for_dataset(config: BenchConfig, dataset: BenchDataset) -> BenchConfig:
     """The single-dataset benchmark of one [[datasets]] entry: its data and splits, {dataset} in baselines filled."""
     models = tuple(replace(m, baseline=Path(str(m.baseline).replace(DATASET_PLACEHOLDER, dataset.name)))
                    if m.baseline is not None else m for m in config.models)
-    return replace(config, data=dataset.data, models=models, datasets=(dataset,),
+    return replace(config, data=dataset.data, data_given=dataset.given, models=models, datasets=(dataset,),
                    extract=replace(config.extract, train_split=dataset.train_split, test_split=dataset.test_split))
 
 
@@ -237,8 +242,8 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
         state = "cache hit" if run.train.cached and run.test.cached else "extracted"
         log(f"{model.name}: {len(run.train.features):,} train / {len(run.test.features):,} test features ({state})")
         result = run_probe(run.train.features, run.test.features, config.probe, progress=progress,
-                           meta={"model": model.path, "data": run.data, "label": model.name,
-                                 "bench": {"config": config.source.name, "title": config.title}})
+                           meta={"model": model.given or model.path, "data": config.data_given or config.data,
+                                 "label": model.name, "bench": {"config": config.source.name, "title": config.title}})
         results[model.name] = result
         written.append(_write(result, output / f"{model.name}.json"))
     names = list(results)

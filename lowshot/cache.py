@@ -105,7 +105,12 @@ class Features:
 
     An entry may hold only some of its split's images: ``rows[i]`` is row i's index in the split's listing (None:
     the rows are the whole listing, in order), and :meth:`listing` gives every listed item, which is what subsets
-    are drawn from."""
+    are drawn from.
+
+    ``origin`` says what the request that returned these features named (``extract.model_origin``: the model as
+    one finds it again, the data, the weights' identity). An entry is keyed by content, so its manifest keeps the
+    names of whichever run wrote it; results record the origin of the call instead (None: loaded by key, and the
+    manifest's record stands in)."""
 
     key: str
     features: np.ndarray
@@ -116,6 +121,7 @@ class Features:
     rows: np.ndarray | None = None
     listing_path: Path | None = None
     _listing: Listing | None = field(default=None, repr=False, compare=False)
+    origin: dict | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -402,7 +408,7 @@ class ShardStore:
 
     def names(self) -> list[str]:
         """Finished shards (the ``.json`` is written last and marks a shard done)."""
-        return sorted(p.stem for p in self.folder.glob("shard-*.json") if p.with_suffix(".npy").is_file())
+        return finished_shards(self.folder)
 
     def read(self, name: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         """(rows, features memory-mapped, unreadable rows -> reason) of a finished shard."""
@@ -413,9 +419,7 @@ class ShardStore:
 
     def covered(self) -> np.ndarray:
         """Listing indices of every item in a finished shard (read or found unreadable)."""
-        rows = [np.asarray(json.loads((self.folder / f"{n}.json").read_text())["rows"], dtype=np.int64)
-                for n in self.names()]
-        return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
+        return shard_rows(self.folder)
 
     def write(self, rows: np.ndarray, features: np.ndarray, failed: dict[int, str]) -> None:
         """``features`` has one row per item of ``rows`` (rows of ``failed`` items are ignored)."""
@@ -436,6 +440,19 @@ class ShardStore:
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def finished_shards(folder: Path) -> list[str]:
+    """Names of the finished shards in a partial entry's folder (the ``.json`` is written last and marks one done)."""
+    return sorted(p.stem for p in folder.glob("shard-*.json") if p.with_suffix(".npy").is_file())
+
+
+def shard_rows(folder: Path) -> np.ndarray:
+    """Listing indices of every item in a finished shard of ``folder`` (read or found unreadable), read without
+    opening a :class:`ShardStore` (which resets a folder of another layout): what an interrupted run keeps."""
+    rows = [np.asarray(json.loads((folder / f"{name}.json").read_text())["rows"], dtype=np.int64)
+            for name in finished_shards(folder)]
+    return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
 
 
 def _gather(old: Features | None, store: ShardStore) -> tuple[list[np.ndarray], np.ndarray, dict[int, str]]:

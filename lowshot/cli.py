@@ -195,8 +195,8 @@ def _friendly(command):
             where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
             err.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", markup=True, highlight=False)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("interrupted: finished shards are kept in the cache; rerun the same command to resume")
+        except KeyboardInterrupt as exc:  # during an extraction: what the cache keeps (extract.ExtractionInterrupted)
+            err.print(f"interrupted: {exc}" if str(exc) else "interrupted", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
 
     wrapper.__doc__ = _paragraphs(command.__doc__)  # the help typer shows
@@ -502,8 +502,7 @@ def probe(
         _readout_notes(train.manifest.get("readout"))
     try:
         with progress_callback(err, unit="fit") as progress:
-            results = run_probe(train, test, settings, meta={"model": run["model"], "data": run["data"]},
-                                progress=progress)
+            results = run_probe(train, test, settings, progress=progress)  # model and data: the features' origin
     except MissingFeaturesError as exc:
         recorded = run.get("extract_settings") or {}
         extra = "".join(f" --{name} {recorded[name]}" for name in ("transform", "feature", "dtype")

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,11 +33,11 @@ from .backbones import (
     resolve_device,
     resolve_model,
 )
-from .cache import FeatureCache, Features, ShardStore, now_iso, write_json_atomic
+from .cache import FeatureCache, Features, ShardStore, now_iso, shard_rows, write_json_atomic
 from .config import ExtractSettings, ProbeSettings
 from .datasets import Dataset, Split, open_dataset
 from .devices import Device
-from .errors import BadInputError, CacheError, DataError
+from .errors import BadInputError, CacheError, DataError, LowshotError
 from .protocol import needed_indices, scored_indices
 from .splits import Listing
 from .transforms import ImageTransform, named_transform
@@ -56,6 +57,11 @@ Progress = Callable[[str, int, int], None]
 """``progress(task, done, total)``: called as images finish; the CLI draws it, the library stays silent."""
 Need = Callable[[Listing], "np.ndarray | None"]
 """Which listing indices of a split must be encoded (None: all of them), given what is known to be unreadable."""
+
+
+class ExtractionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an extraction; the message says how many images of each split the cache keeps (finished
+    shards and the entry) and that rerunning the same command resumes from them."""
 
 
 @dataclass
@@ -93,6 +99,24 @@ class Plan:
     settings: dict
     keys: dict[str, str]
     options: ExtractSettings
+
+    @property
+    def origin(self) -> dict:
+        """What this request names, as one finds it again: a model folder or MSN checkpoint by its absolute path, a
+        hub model by its id and the revision it resolved to; the data likewise; and the weights' identity (sha256
+        of each weight file and of the config). Results record this (``Features.origin``), never the names in a
+        cache entry's manifest, which are those of whichever run wrote the entry."""
+        source = self.ref.info.get("source")
+        hub = source == "hub"
+        return {"model": self.ref.name if hub else str(self.ref.folder), "model_source": source,
+                "revision": self.ref.info.get("revision") if hub else None, "identity": self.ref.identity,
+                "data": _located(self.dataset.source)}
+
+
+def _located(data: str) -> str:
+    """A local path made absolute; a hub id as it is."""
+    path = Path(data).expanduser()
+    return str(path.resolve()) if path.exists() else data
 
 
 def plan_extraction(model: str, data: str | os.PathLike | None, settings: ExtractSettings, *,
@@ -167,20 +191,27 @@ def extract_features(
                                                input_size=plan.transform.crop)
             return state["model"]
 
-        results = {split.name: _ensure_split(split, needs[split.name], plan, cache, dist, backbone,
-                                             progress=progress if dist.is_main else None)
-                   for split in plan.dataset.splits()}
+        try:
+            results = {split.name: _ensure_split(split, needs[split.name], plan, cache, dist, backbone,
+                                                 progress=progress if dist.is_main else None)
+                       for split in plan.dataset.splits()}
+        except KeyboardInterrupt as exc:
+            if not dist.is_main:
+                raise
+            raise ExtractionInterrupted(_kept(plan, cache, needs)) from exc
         train, test = results[plan.dataset.train.name], results[plan.dataset.test.name]
+        for part in (train, test):
+            part.features.origin = plan.origin
         if "model" in state:
             engine_used = {"engine": state["model"].engine, "engine_reason": state["model"].engine_reason}
         else:  # all cache hits: say which engine computed the stored features
             engine_used = {"engine": train.features.manifest.get("engine", "stock"), "engine_reason": "cached"}
         resolved = {**plan.settings, **engine_used, "world_size": dist.world_size}
         if dist.is_main and train.split != test.split:  # one split on both sides (an export) is no probe run
-            cache.record_run({"model": model, "data": plan.dataset.source, "train_key": train.features.key,
-                              "test_key": test.features.key, "train_split": train.split, "test_split": test.split,
-                              "settings": resolved, "extract_settings": settings.to_dict(),
-                              "created": now_iso()})
+            cache.record_run({"model": plan.origin["model"], "data": plan.origin["data"], "origin": plan.origin,
+                              "train_key": train.features.key, "test_key": test.features.key,
+                              "train_split": train.split, "test_split": test.split, "settings": resolved,
+                              "extract_settings": settings.to_dict(), "created": now_iso()})
         dist.barrier()  # ranks leave together: none tears its process group down while rank 0 still writes
         return Extraction(model, plan.dataset.source, train, test, resolved)
     finally:
@@ -205,6 +236,7 @@ def load_features(
         for run in cache.runs():
             train, test = cache.load(run["train_key"]), cache.load(run["test_key"])
             if train is not None and test is not None:
+                train.origin = test.origin = run.get("origin")
                 return train, test, run
         raise CacheError(f"no extracted features in {cache.root}; run 'lowshot extract --model … --data …' first")
     settings = _extract_settings(settings, options)
@@ -214,7 +246,8 @@ def load_features(
     if train is None or test is None:
         raise CacheError(f"no cached features for model {model or DEFAULT_MODEL!r} on {plan.dataset.source!r} with "
                          "these settings; run 'lowshot extract' with the same options first")
-    run = {"model": model or DEFAULT_MODEL, "data": plan.dataset.source, "train_key": train.key,
+    train.origin = test.origin = plan.origin
+    run = {"model": plan.origin["model"], "data": plan.origin["data"], "origin": plan.origin, "train_key": train.key,
            "test_key": test.key, "train_split": plan.dataset.train.name, "test_split": plan.dataset.test.name,
            "settings": plan.settings, "extract_settings": settings.to_dict()}
     return train, test, run
@@ -296,7 +329,24 @@ def _ensure_split(split: Split, need: Need, plan: Plan, cache: FeatureCache, dis
                          skipped=found.manifest.get("skipped", {}), needed=_needed(split, need, found))
 
 
-def _needed(split: Split, need: Need, found: Features) -> int:
+def _kept(plan: Plan, cache: FeatureCache, needs: dict[str, Need]) -> str:
+    """What an interrupted extraction leaves, per split: how many of the images this request needs are in the
+    entry or in a finished shard (a rerun encodes only the others)."""
+    resume = "rerun the same command to resume"
+    try:
+        counts = []
+        for split in plan.dataset.splits():
+            key = plan.keys[split.name]
+            found = cache.load(key)
+            missing = np.setdiff1d(_missing(split, needs[split.name], found), shard_rows(cache.partial_dir(key)))
+            needed = _needed(split, needs[split.name], found)
+            counts.append(f"{split.name} {needed - len(missing):,} of {needed:,}")
+    except (OSError, ValueError, KeyError, LowshotError):
+        return f"finished shards are kept in the cache; {resume}"
+    return f"images kept in the cache: {', '.join(counts)}; {resume} (it encodes only the rest)"
+
+
+def _needed(split: Split, need: Need, found: Features | None) -> int:
     wanted = need(_listing_of(split, found))
     return len(split) if wanted is None else len(wanted)
 
@@ -304,7 +354,8 @@ def _needed(split: Split, need: Need, found: Features) -> int:
 def _manifest(split: Split, plan: Plan, backbone: Backbone, previous: Features | None) -> dict:
     return {
         "classes": split.classes, "split": split.name, "data": split.source, "data_identity": split.identity,
-        "model": plan.ref.name, "model_identity": plan.ref.identity, "model_info": plan.ref.info, **plan.settings,
+        "model": plan.origin["model"], "model_identity": plan.ref.identity, "model_info": plan.ref.info,
+        **plan.settings,
         "extract_settings": plan.options.to_dict(), "engine": backbone.engine,
         "forward_batch": backbone.forward_batch,
         "created": previous.manifest.get("created", now_iso()) if previous is not None else now_iso(),

@@ -8,6 +8,8 @@ only those (``lowshot.extract``), and :func:`run_probe` finds their rows in a fe
 from __future__ import annotations
 
 import dataclasses
+import functools
+import subprocess
 import time
 import zlib
 from collections.abc import Callable
@@ -215,7 +217,7 @@ def locate_rows(train: Features, subsets: list[Subset]) -> list[np.ndarray]:
         raise MissingFeaturesError(
             f"features of {len(absent):,} of the {needed:,} train images these subsets use are not in the cache "
             f"(entry {train.key[:12]} holds {len(train):,} of {listed:,})",
-            model=train.manifest.get("model"), data=_dataset_of(train), missing=len(absent))
+            model=origin_of(train)["model"], data=origin_of(train)["data"], missing=len(absent))
     return rows
 
 
@@ -254,13 +256,16 @@ def summary_intervals(correct: dict[str, list[np.ndarray]], settings: ProbeSetti
 
 
 def build_meta(train: Features, test: Features, settings: ProbeSettings, extra: dict | None = None) -> dict:
-    """The results' ``meta``: versions, data, features, the protocol (as the gate compares it) and the settings."""
+    """The results' ``meta``: versions, model and data, provenance, features, the protocol (as the gate compares
+    it) and the settings. ``extra`` adds or overrides keys (``lowshot bench`` records paths as its config gives
+    them, relative to the config file, so committed results hold no machine paths)."""
     lam = settings.lam
     listing = train.listing()
+    origin = origin_of(train)
     info = {
         "lowshot_version": __version__, "date": now_iso(),
         **({"limit": settings.limit} if settings.limit is not None else {}),  # a quick run: first, where it is seen
-        "model": train.manifest.get("model"), "data": _dataset_of(train),
+        "model": origin["model"], "data": origin["data"], "provenance": provenance(origin),
         "train_split": train.manifest.get("split"), "test_split": test.manifest.get("split"),
         "n_train_pool": len(listing) if settings.limit is None else int(np.minimum(
             np.bincount(np.asarray(listing.labels), minlength=len(listing.classes)), settings.limit).sum()),
@@ -290,6 +295,39 @@ def build_meta(train: Features, test: Features, settings: ProbeSettings, extra: 
         info["ci"] = {"method": "percentile bootstrap over test images (paired across seeds in the summary)",
                       "level": CI_LEVEL, "n_boot": settings.n_boot, "seed": settings.ci_seed}
     return info
+
+
+def origin_of(features: Features) -> dict:
+    """What produced ``features``: the origin of the request that returned them (``extract.Plan.origin``), else
+    (an entry loaded by key) the model and data its manifest recorded at its last extraction."""
+    if features.origin is not None:
+        return features.origin
+    manifest, info = features.manifest, features.manifest.get("model_info") or {}
+    return {"model": manifest.get("model"), "model_source": info.get("source"), "revision": info.get("revision"),
+            "identity": manifest.get("model_identity") or {}, "data": _dataset_of(features)}
+
+
+def provenance(origin: dict) -> dict:
+    """The results' ``provenance``: how the model was found (folder, hub with its revision, MSN checkpoint), the
+    sha256 of its weights and config, and the git commit of the lowshot checkout (None when not run from one)."""
+    return {"model_source": origin.get("model_source"), "revision": origin.get("revision"),
+            **origin.get("identity", {}), "lowshot_commit": lowshot_commit()}
+
+
+@functools.cache
+def lowshot_commit() -> str | None:
+    """The commit checked out where lowshot runs from a git clone (its folder's parent holds ``.git``), else None:
+    an installed package, no git binary, or any git error (never a failure; once per process)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():  # not a clone: never the commit of some repository that encloses site-packages
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = done.stdout.strip()
+    return sha if done.returncode == 0 and len(sha) in (40, 64) else None
 
 
 def order_fingerprint(features: Features) -> str:

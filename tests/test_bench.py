@@ -1,6 +1,8 @@
 """lowshot bench: the committed CI benchmark config and baseline, and a small version of it run end to end."""
 
+import hashlib
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -86,6 +88,24 @@ def test_small_bench_writes_results_report_and_plot_and_gates_against_its_baseli
     assert refused.exit_code == 2 and "lambda: 0.075 vs 0.0025" in refused.output
     forced = runner.invoke(app, ["bench", str(config), "--force"])
     assert forced.exit_code == 1 and "ncm 2-shot" in forced.output
+
+
+def test_bench_results_record_model_and_data_as_the_config_gives_them_and_no_machine_path(tiny_model, image_data,
+                                                                                          cache_dir, tmp_path):
+    from lowshot.cli import app
+
+    shutil.copytree(tiny_model, tmp_path / "models" / "tiny")
+    shutil.copytree(image_data, tmp_path / "data" / "mini")
+    config = tmp_path / "bench.toml"
+    write_config(config, "models/tiny", "data/mini", classifiers=["logistic"], shots=[1], seeds=1)
+    first = runner.invoke(app, ["bench", str(config), "--update-baseline"])
+    assert first.exit_code == 0, first.output
+    text = (tmp_path / "baseline" / "tiny.json").read_text()
+    meta = json.loads(text)["meta"]
+    assert meta["model"] == "models/tiny" and meta["data"] == "data/mini"  # relative to the config file
+    weights = hashlib.sha256((tmp_path / "models" / "tiny" / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["provenance"]["weights_sha256"] == {"model.safetensors": weights}
+    assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text and str(cache_dir) not in text
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -136,7 +136,7 @@ def test_probe_with_model_and_data_encodes_what_is_missing_then_probes(tiny_mode
     more = runner.invoke(app, ["probe", *common, "--shots", "5", "--percent", "0", "--seeds", "3"])
     assert more.exit_code == 0, more.output
     assert "val: 9 x 32 features" in more.stderr or "val" not in more.stderr  # the test split was not re-encoded
-    listing = runner.invoke(app, ["cache", "list"], env={"COLUMNS": "250"})
+    listing = runner.invoke(app, ["cache", "list", "--wide"])
     held = len(needed_indices(ProbeSettings(shots=(1, 2, 5), percents=(), seeds=3), listing_of(data)))
     assert f"{held} of 30" in listing.stdout.replace(",", "") and "9 of 9" in listing.stdout
 

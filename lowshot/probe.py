@@ -26,8 +26,16 @@ from .config import BACKENDS, DEFAULT_LAMBDA
 from .errors import BadInputError
 from .flushed import check_cancelled, run_flushed
 
-LAMBDA_GRID = tuple(float(f"{v:.6g}") for v in 10.0 ** np.arange(-4.0, 0.01, 0.5))  # 1e-4 … 1, for lam="auto"
+# lam="auto": nine values half a decade apart, centred on the protocol's default (DEFAULT_LAMBDA x 10^-2 … 10^2)
+LAMBDA_GRID = tuple(float(f"{DEFAULT_LAMBDA * 10.0 ** (k / 2):.6g}") for k in range(-4, 5))
 MAX_FOLDS = 5
+# Cross-validation is trusted from this many images per class: with two, each training fold holds one image per
+# class (a 1-shot problem, not the subset's) and the CV accuracy is two held-out images per class, so its ranking
+# of the grid is noise; the default is used and the row says why.
+MIN_CV_SHOTS = 3
+# The one-standard-error rule: a value is as good as the best when its CV accuracy is below the best's by at most
+# this many standard errors of the paired difference (see select_lambda).
+CV_STANDARD_ERRORS = 1.0
 # torch backend: stop once the optimality gap is certified below this fraction of the objective (the gradient
 # bound of _lbfgs: f - f* <= ||grad||^2 / (2 lam/n)). The old rule (relative decrease < 1e-7 twice) stopped up to
 # 1.2e-6 short on a Zen4 CPU; a certificate holds on any CPU, up to float32 rounding of the gradient.
@@ -514,32 +522,38 @@ def stratified_folds(codes: np.ndarray, n_folds: int, seed: int = 0) -> list[np.
 
 @dataclass(frozen=True)
 class LambdaChoice:
-    """What :func:`select_lambda` found: the chosen ``lam``, the mean CV accuracy of each grid value (None when CV
-    was impossible), and each value's solution averaged over the folds (a warm start for the final fit)."""
+    """What :func:`select_lambda` found: the chosen ``lam``; ``source``, how (``cv``, or ``default (…)`` with the
+    reason CV was not used); the CV accuracy of each grid value (None without CV); and each value's solution
+    averaged over the folds (a warm start for the final fit)."""
 
     lam: float
     scores: dict[float, float] | None
     coefs: dict[float, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def source(self) -> str:
-        return "cv" if self.scores is not None else "default (CV needs 2+ images per class)"
+    source: str = "cv"
 
 
 def select_lambda(x, y, *, grid: Sequence[float] = LAMBDA_GRID, backend: str = "torch", seed: int = 0,
-                  default: float = DEFAULT_LAMBDA, tol: float | None = None) -> LambdaChoice:
+                  default: float = DEFAULT_LAMBDA, tol: float | None = None, min_shots: int = MIN_CV_SHOTS,
+                  standard_errors: float = CV_STANDARD_ERRORS) -> LambdaChoice:
     """Choose lam by stratified cross-validation on the labelled training subset only (never the test labels).
 
-    Folds: min(5, smallest class count). With a class of one image (1-shot) CV is impossible and ``default`` is
-    returned with ``None`` scores. The highest mean CV accuracy wins; ties go to the larger lam. Each fold fits the
-    grid from strong to weak regularisation, warm-started along the path; ``tol`` defaults to ``CV_TOL``."""
+    Folds: min(5, smallest class count). With fewer than ``min_shots`` images in some class (1-shot: CV is
+    impossible; 2-shot: see MIN_CV_SHOTS) ``default`` is returned, with ``None`` scores and the reason in
+    ``source``. Otherwise every held-out image's prediction is kept, and the value chosen is, among those whose
+    CV accuracy is within ``standard_errors`` standard errors of the best (:func:`within_standard_errors`), the
+    one closest to ``default`` in log lam: on a few dozen held-out images the grid's accuracies differ by an
+    image or two, and taking the maximum then picks an extreme lam by chance. Each fold fits the grid from strong
+    to weak regularisation, warm-started along the path; ``tol`` defaults to ``CV_TOL``."""
     xt = preprocess(x)
     codes = np.unique(np.asarray(y), return_inverse=True)[1]
-    n_folds = min(MAX_FOLDS, int(np.bincount(codes).min()))
-    if n_folds < 2:
-        return LambdaChoice(default, None)
+    smallest = int(np.bincount(codes).min())
+    if smallest < 2:
+        return LambdaChoice(default, None, source="default (CV needs 2+ images per class)")
+    if smallest < min_shots:
+        return LambdaChoice(default, None, source=f"default ({smallest} images per class, too few for CV)")
+    n_folds = min(MAX_FOLDS, smallest)
     folds = stratified_folds(codes, n_folds, seed)
-    scores = {lam: 0.0 for lam in grid}
+    correct = {lam: np.zeros(len(codes), dtype=bool) for lam in grid}
     coefs: dict[float, np.ndarray] = {}
     path = sorted(grid, reverse=True)  # strong to weak regularisation, each fit warm-started from the path so far
     for held in folds:
@@ -551,11 +565,29 @@ def select_lambda(x, y, *, grid: Sequence[float] = LAMBDA_GRID, backend: str = "
                                   tol=tol if tol is not None or backend != "torch" else CV_TOL)
             probe.fit(x_train, y_train, coef_init=_extrapolate(path[:i], solutions, lam))
             solutions = solutions + [probe.coef_] if len(probe.classes_) == codes.max() + 1 else []
-            scores[lam] += probe.score(xt[held], codes[held]) / n_folds
+            correct[lam][held] = probe.predict(xt[held]) == codes[held]
             if solutions:
                 coefs[lam] = coefs.get(lam, 0.0) + probe.coef_ / n_folds
-    best = max(sorted(grid, reverse=True), key=lambda lam: scores[lam])  # max() keeps the first (largest) on ties
-    return LambdaChoice(best, scores, coefs)
+    eligible = within_standard_errors(correct, standard_errors)
+    chosen = min(sorted(eligible, reverse=True), key=lambda lam: abs(math.log(lam / default)))  # ties: larger lam
+    return LambdaChoice(chosen, {lam: float(c.mean()) for lam, c in correct.items()}, coefs)
+
+
+def within_standard_errors(correct: dict[float, np.ndarray], standard_errors: float = CV_STANDARD_ERRORS
+                           ) -> list[float]:
+    """The grid values as good as the best on the CV evidence: ``correct[lam]`` says which held-out images lam's
+    fits predicted right; lam is kept when the best's accuracy exceeds its own by at most ``standard_errors``
+    standard errors of the per-image difference (paired: every value is scored on the same images, and most
+    predictions agree, so a difference of one image is within one standard error, and of a few is not)."""
+    accuracy = {lam: float(np.mean(c)) for lam, c in correct.items()}
+    best = correct[max(accuracy, key=accuracy.get)].astype(np.float64)
+    kept = []
+    for lam, c in correct.items():
+        diff = best - c
+        error = diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        if diff.mean() <= standard_errors * error + 1e-12:
+            kept.append(lam)
+    return kept
 
 
 def _extrapolate(lams: Sequence[float], solutions: list[np.ndarray], lam: float) -> np.ndarray | None:

@@ -135,6 +135,9 @@ class Results:
             entry = {"subset": name, "classifier": classifier, "mean": round(mean, 4), "std": _rounded(std),
                      "n_seeds": len(rows), "n_train": round(sum(r["n_train"] for r in rows) / len(rows), 1),
                      "lambda": (lambdas[0] if len(lambdas) == 1 else lambdas) if lambdas else None}
+            sources = sorted({r["lambda_source"] for r in rows if r.get("lambda_source") not in (None, "fixed")})
+            if sources:  # lambda auto: CV's choice, or the default and why CV was not used (setting() shows it)
+                entry["lambda_source"] = sources[0] if len(sources) == 1 else sources
             ks = sorted({r["k"] for r in rows if r.get("k") is not None})
             if ks:
                 entry["k"] = ks[0] if len(ks) == 1 else ks
@@ -262,12 +265,18 @@ def format_ci(entry: dict) -> str:
 
 
 def setting(entry: dict) -> str:
-    """The classifier's hyper-parameter for a summary entry: λ for the probe, k for k-NN, – for NCM."""
+    """The classifier's hyper-parameter for a summary entry: λ for the probe, k for k-NN, – for NCM. Under
+    ``--lambda auto`` a λ that is the default because CV was not used (too few images per class) says so:
+    ``0.0025 (default)``, or ``(default in some seeds)``."""
     def join(value) -> str:
         return "/".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
 
     if entry.get("lambda") is not None:
-        return join(entry["lambda"])
+        sources = entry.get("lambda_source") or []
+        sources = [sources] if isinstance(sources, str) else sources
+        fallback = [s.startswith("default") for s in sources]
+        suffix = " (default)" if fallback and all(fallback) else " (default in some seeds)" if any(fallback) else ""
+        return join(entry["lambda"]) + suffix
     if entry.get("k") is not None:
         return f"k={join(entry['k'])}"
     return "–"

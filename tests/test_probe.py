@@ -8,6 +8,7 @@ from lowshot import probe as probe_module
 from lowshot.errors import BadInputError
 from lowshot.probe import (
     DEFAULT_LAMBDA,
+    LAMBDA_GRID,
     TORCH_TOL,
     LogisticProbe,
     _History,
@@ -17,6 +18,7 @@ from lowshot.probe import (
     preprocess,
     select_lambda,
     stratified_folds,
+    within_standard_errors,
 )
 
 
@@ -112,12 +114,47 @@ def test_probe_has_no_intercept_and_is_sklearn_shaped():
 def test_lambda_selection_uses_cv_inside_the_shots_and_falls_back_for_one_shot():
     x, y = blobs(per_class=5, spread=3.0)
     choice = select_lambda(x, y, grid=(1e-3, 1e-1, 10.0))
-    assert choice.scores is not None and choice.lam in choice.scores and choice.source == "cv"
-    assert choice.scores[choice.lam] == max(choice.scores.values())
+    assert choice.scores is not None and set(choice.scores) == {1e-3, 1e-1, 10.0} and choice.source == "cv"
+    assert choice.lam in choice.scores and all(0 <= s <= 1 for s in choice.scores.values())
     one_x, one_y = blobs(per_class=1)
     fallback = select_lambda(one_x, one_y)
     assert (fallback.lam, fallback.scores, fallback.coefs) == (DEFAULT_LAMBDA, None, {})
-    assert fallback.source.startswith("default")
+    assert fallback.source == "default (CV needs 2+ images per class)"
+
+
+def test_lambda_auto_with_two_shots_uses_the_default_and_says_cv_had_too_few_images():
+    # two images per class: each CV training fold is a 1-shot problem, scored on two held-out images per class
+    for seed in range(3):
+        x, y = blobs(n_classes=10, per_class=2, dim=32, seed=seed, spread=4.0)
+        choice = select_lambda(x, y, seed=seed)
+        assert (choice.lam, choice.scores) == (DEFAULT_LAMBDA, None)
+        assert choice.source == "default (2 images per class, too few for CV)"
+    assert select_lambda(x, y, min_shots=2).source == "cv"  # the threshold is a parameter, CV itself still works
+
+
+def test_lambda_auto_picks_the_default_when_cv_cannot_tell_the_grid_apart_not_the_largest_lambda():
+    # well-separated classes: every grid value predicts every held-out image right, so CV has no preference
+    x, y = blobs(n_classes=6, per_class=5, dim=24, spread=0.2)
+    choice = select_lambda(x, y)
+    assert set(choice.scores.values()) == {1.0}
+    assert DEFAULT_LAMBDA in LAMBDA_GRID and choice.lam == DEFAULT_LAMBDA and choice.source == "cv"
+    assert LAMBDA_GRID[len(LAMBDA_GRID) // 2] == DEFAULT_LAMBDA  # the grid is centred on the default
+
+
+def test_one_standard_error_rule_ignores_a_one_image_edge_but_not_a_clear_win():
+    n = 50
+    base = np.ones(n, dtype=bool)
+    base[:4] = False  # the default's fits: 46 of 50 held-out images right
+    one_better = base.copy()
+    one_better[0] = True  # 47: one image better
+    clearly = base.copy()
+    clearly[:4] = True  # 50: four images better, none worse
+    swapped = base.copy()
+    swapped[[0, 1]], swapped[[10, 11]] = True, False  # the same count, on other images
+    assert sorted(within_standard_errors({DEFAULT_LAMBDA: base, 0.25: one_better, 1e-4: swapped})) == \
+        [1e-4, DEFAULT_LAMBDA, 0.25]
+    assert within_standard_errors({DEFAULT_LAMBDA: base, 0.25: clearly, 1e-4: swapped}) == [0.25]
+    assert within_standard_errors({DEFAULT_LAMBDA: base, 0.25: clearly}, standard_errors=3.0) == [DEFAULT_LAMBDA, 0.25]
 
 
 def test_stratified_folds_cover_each_item_once_and_balance_classes():

@@ -569,7 +569,8 @@ def select_lambda(x, y, *, grid: Sequence[float] = LAMBDA_GRID, backend: str = "
             if solutions:
                 coefs[lam] = coefs.get(lam, 0.0) + probe.coef_ / n_folds
     eligible = within_standard_errors(correct, standard_errors)
-    chosen = min(sorted(eligible, reverse=True), key=lambda lam: abs(math.log(lam / default)))  # ties: larger lam
+    # the closest to the default in decades, rounded so that values half a decade either side tie: the larger wins
+    chosen = min(sorted(eligible, reverse=True), key=lambda lam: round(abs(math.log10(lam / default)), 6))
     return LambdaChoice(chosen, {lam: float(c.mean()) for lam, c in correct.items()}, coefs)
 
 

@@ -1,4 +1,4 @@
-"""Baselines beside the logistic probe, on the same row-centred + L2-normalised features, scikit-learn style.
+"""Baselines beside the logistic probe, on the same row-centred + L2-normalised features, as scikit-learn classifiers.
 
 - ``KNNClassifier``: the k most cosine-similar training images vote; k is chosen by leave-one-out on the labelled
   training subset only (never the test labels). With one image per class leave-one-out is impossible: k = 1.
@@ -9,13 +9,13 @@ They show how much the trained probe adds over a classifier with nothing to fit.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from .errors import BadInputError
-from .probe import ScoreClassifier
+from .probe import EstimatorInputError, ScoreClassifier
 
 KNN_K_GRID = (1, 3, 5, 10, 20)  # candidates for leave-one-out; 20 is DINO's k-NN default with all labels
 _BATCH = 4096  # test rows per similarity block (4,096 x 13,000 float32 = 213 MB for ImageNet 1%)
@@ -63,51 +63,57 @@ def leave_one_out_k(x: torch.Tensor, codes: np.ndarray, *, grid: Sequence[int] =
 
 
 class KNNClassifier(ScoreClassifier):
-    """k nearest neighbours by cosine similarity, majority vote.
+    """k nearest neighbours by cosine similarity, majority vote; a scikit-learn classifier.
 
     ``k="auto"`` (default) picks k by leave-one-out on the training data given to ``fit`` (``k_``, with the
-    candidates' accuracies in ``loo_scores_``); an int fixes it. ``preprocess=False`` when rows are already
-    centred and L2-normalised."""
+    candidates' accuracies in ``loo_scores_``) among ``k_grid``; an int fixes it (at most the training size).
+    ``preprocess=False`` when rows are already centred and L2-normalised. ``class_scores`` are each class's votes
+    plus a similarity tie-break (see ``_votes``)."""
 
     def __init__(self, k: int | str = "auto", *, k_grid: Sequence[int] = KNN_K_GRID, preprocess: bool = True):
         self.k = k
-        self.k_grid = tuple(k_grid)
+        self.k_grid = k_grid
         self.preprocess = preprocess
 
     def fit(self, x, y) -> KNNClassifier:
-        if self.k != "auto" and not (isinstance(self.k, int) and self.k >= 1):
-            raise BadInputError(f"k {self.k!r}: expected a positive integer or 'auto'")
-        self.x_ = self._prepare(x)
-        codes = self._labels(y)
+        if self.k != "auto" and not _positive_int(self.k):
+            raise EstimatorInputError(f"k {self.k!r}: expected a positive integer or 'auto'")
+        if self.k == "auto" and not (len(self.k_grid) and all(_positive_int(k) for k in self.k_grid)):
+            raise EstimatorInputError(f"k_grid {self.k_grid!r}: expected positive integers")
+        self.x_, codes = self._fit_rows(x, y)
         self.codes_ = torch.as_tensor(codes)
         if self.k == "auto":
-            self.k_, self.loo_scores_ = leave_one_out_k(self.x_, codes, grid=self.k_grid)
+            self.k_, self.loo_scores_ = leave_one_out_k(self.x_, codes, grid=tuple(int(k) for k in self.k_grid))
         else:
             self.k_, self.loo_scores_ = min(int(self.k), len(codes)), None
         return self
 
-    def decision_function(self, x) -> np.ndarray:
-        xt = self._prepare(x)
+    def _scores(self, rows: torch.Tensor) -> np.ndarray:
         blocks = []
-        for start in range(0, len(xt), _BATCH):
-            top_sim, top_idx = (xt[start:start + _BATCH] @ self.x_.T).topk(self.k_, dim=1)
+        for start in range(0, len(rows), _BATCH):
+            top_sim, top_idx = (rows[start:start + _BATCH] @ self.x_.T).topk(self.k_, dim=1)
             blocks.append(_votes(top_sim, self.codes_[top_idx], len(self.classes_)))
         return torch.cat(blocks).numpy()
 
 
+def _positive_int(k) -> bool:
+    return isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1
+
+
 class NearestClassMean(ScoreClassifier):
-    """The class whose mean training feature is most cosine-similar (means re-normalised to unit length)."""
+    """The class whose mean training feature is most cosine-similar (means re-normalised to unit length); a
+    scikit-learn classifier."""
 
     def __init__(self, *, preprocess: bool = True):
         self.preprocess = preprocess
 
     def fit(self, x, y) -> NearestClassMean:
-        xt = self._prepare(x)
-        codes = torch.as_tensor(self._labels(y))
+        xt, codes = self._fit_rows(x, y)
+        codes = torch.as_tensor(codes)
         means = torch.zeros(len(self.classes_), xt.shape[1]).index_add_(0, codes, xt)
         means /= torch.bincount(codes, minlength=len(self.classes_)).unsqueeze(1).to(means.dtype)
         self.means_ = means / means.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return self
 
-    def decision_function(self, x) -> np.ndarray:
-        return (self._prepare(x) @ self.means_.T).numpy()
+    def _scores(self, rows: torch.Tensor) -> np.ndarray:
+        return (rows @ self.means_.T).numpy()

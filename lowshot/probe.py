@@ -10,17 +10,25 @@ float64 sums, stopped by a certified optimality gap; on a thread that flushes de
 ``lowshot/flushed.py``) or by scikit-learn's lbfgs (``backend="sklearn"``, the reference).
 scikit-learn's default ``tol=1e-4`` can stop at iteration 0 on many-class few-shot problems and return an all-zero
 model; both backends here use tight tolerances. ``benchmarks/probe_speed.py`` compares the two.
+
+``LogisticProbe`` and the neighbour classifiers (``lowshot/neighbors.py``) share ``ScoreClassifier``: scikit-learn
+classifiers (``BaseEstimator``), so ``clone``, ``Pipeline``, ``GridSearchCV`` and ``cross_val_score`` take them.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import type_of_target
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .config import BACKENDS, DEFAULT_LAMBDA
 from .errors import BadInputError
@@ -74,40 +82,89 @@ def preprocess(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-class ScoreClassifier:
-    """What the probe and the neighbour classifiers share, scikit-learn style: row preprocessing, labels -> class codes,
-    ``predict`` from ``decision_function``, and top-1 ``score``."""
+class EstimatorInputError(BadInputError, ValueError):
+    """Data or a hyper-parameter an estimator cannot use: a lowshot error (one line at the command line) that is
+    also the ``ValueError`` scikit-learn's conventions ask of an estimator."""
+
+
+class ScoreClassifier(ClassifierMixin, BaseEstimator):
+    """What the probe and the neighbour classifiers share, as a scikit-learn classifier: input validation, row
+    preprocessing, labels -> class codes, and ``predict``/``decision_function`` from one score per class
+    (``class_scores``); ``score`` (top-1 accuracy) is scikit-learn's.
+
+    Subclasses compute ``_scores(rows)``, an (n, n_classes) array over ``classes_``, from validated rows."""
 
     preprocess: bool
 
-    def _prepare(self, x) -> torch.Tensor:
-        return preprocess(x) if self.preprocess else torch.as_tensor(np.asarray(x), dtype=torch.float32)
-
-    def _labels(self, y) -> np.ndarray:
-        """Set ``classes_`` and return each label's index into it (at least two classes are needed)."""
-        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
+    def _fit_rows(self, x, y) -> tuple[torch.Tensor, np.ndarray]:
+        """Validate the training data; set ``n_features_in_`` and ``classes_`` (at least two); return the rows,
+        prepared, and each label's index into ``classes_``."""
+        with _lowshot_errors():
+            x, y = validate_data(self, x, y, dtype=np.float32)
+            kind = type_of_target(y, input_name="y")
+        # check_classification_targets' test and wording, without its warning when most labels are distinct (every
+        # 1-shot subset's are)
+        if kind not in ("binary", "multiclass"):
+            raise EstimatorInputError(f"Unknown label type: {kind}: {type(self).__name__} needs class labels, "
+                                      "not continuous values")
+        self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise BadInputError(f"{type(self).__name__} needs at least two classes in the training labels")
-        return codes
+            raise EstimatorInputError(f"{type(self).__name__} cannot fit one class: the training labels need two "
+                                      f"or more (got only {self.classes_[0]!r})")
+        return self._prepare(x), codes
 
-    def decision_function(self, x) -> np.ndarray:
+    def _test_rows(self, x) -> torch.Tensor:
+        check_is_fitted(self)
+        with _lowshot_errors():
+            x = validate_data(self, x, dtype=np.float32, reset=False)
+        return self._prepare(x)
+
+    def _prepare(self, x: np.ndarray) -> torch.Tensor:
+        if self.preprocess:
+            return preprocess(x)
+        return torch.from_numpy(x if x.flags.writeable else x.copy())  # torch refuses read-only memory
+
+    def _scores(self, rows: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
 
-    def predict(self, x) -> np.ndarray:
-        return self.classes_[self.decision_function(x).argmax(axis=1)]
+    def class_scores(self, x) -> np.ndarray:
+        """One score per sample and class of ``classes_``, shape (n, n_classes) also for two classes (the
+        protocol ranks every class: top-5, the true class's rank)."""
+        return self._scores(self._test_rows(x))
 
-    def score(self, x, y) -> float:
-        """Top-1 accuracy (a fraction)."""
-        return float(np.mean(self.predict(x) == np.asarray(y)))
+    def decision_function(self, x) -> np.ndarray:
+        """``class_scores``; with two classes, scikit-learn's 1-D form: class 1's score minus class 0's (in float64,
+        exact for float32 scores, so its sign is ``predict``'s choice)."""
+        scores = self.class_scores(x)
+        if scores.shape[1] == 2:
+            return scores[:, 1].astype(np.float64) - scores[:, 0]
+        return scores
+
+    def predict(self, x) -> np.ndarray:
+        best = self.class_scores(x).argmax(axis=1)
+        return self.classes_[best]
+
+
+@contextmanager
+def _lowshot_errors():
+    """scikit-learn's validation errors (NaN, wrong shape, one feature count in fit and another later) raised as
+    :class:`EstimatorInputError`, with their message: a lowshot error the command line reports in words."""
+    try:
+        yield
+    except EstimatorInputError:
+        raise
+    except ValueError as error:
+        raise EstimatorInputError(str(error)) from error
 
 
 class LogisticProbe(ScoreClassifier):
-    """Multinomial logistic regression without intercept, scikit-learn style.
+    """Multinomial logistic regression without intercept, a scikit-learn classifier.
 
     ``coef_`` has shape (n_classes, dim); ``classes_`` are the labels seen in ``fit``; ``objective_`` is the
     summed log-loss + lam/2 ||W||^2 at the solution, in float64, computed when first read (the probe keeps its
     training features for it: cross-validation's fits never read it, and at ImageNet's 1% subset each such value
     is an n x 1,000 float64 product and ~200 MB of fresh buffers); ``n_iter_`` the solver's iterations.
+    ``fit(x, y, coef_init=W)`` starts the torch solver from W (classes x dim), e.g. a nearby lam's solution.
 
     ``tol`` (None: the backend's default): for ``torch`` the relative optimality gap the solver certifies before
     it stops (``TORCH_TOL``; ``gap_bound_`` is the bound reached: objective_ <= (1 + gap_bound_) x the optimum, up
@@ -123,12 +180,11 @@ class LogisticProbe(ScoreClassifier):
         self.preprocess = preprocess
 
     def fit(self, x, y, *, coef_init: np.ndarray | None = None) -> LogisticProbe:
-        if not self.lam > 0:
-            raise BadInputError(f"--lambda {self.lam}: must be positive")
+        if not (isinstance(self.lam, numbers.Real) and self.lam > 0):
+            raise EstimatorInputError(f"--lambda {self.lam}: must be positive")
         if self.backend not in BACKENDS:
-            raise BadInputError(f"backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
-        xt = self._prepare(x)
-        codes = self._labels(y)
+            raise EstimatorInputError(f"backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        xt, codes = self._fit_rows(x, y)
         if self.backend == "sklearn":
             tol = SKLEARN_TOL if self.tol is None else self.tol
             coef, n_iter = _fit_sklearn(xt.numpy(), codes, self.lam, self.max_iter, tol)
@@ -147,13 +203,18 @@ class LogisticProbe(ScoreClassifier):
     def objective_(self) -> float:
         """The objective at ``coef_`` in float64, as for scikit-learn's solution (float32 logits put ~1e-6 of
         rounding into the value itself on nearly separable problems, more than the certified gap)."""
+        check_is_fitted(self)
         if self._objective is None:
             xt, codes = self._training
             self._objective = objective(self.coef_, xt, codes, self.lam)
         return self._objective
 
-    def decision_function(self, x) -> np.ndarray:
-        return (self._prepare(x) @ torch.as_tensor(self.coef_).T).numpy()
+    def _scores(self, rows: torch.Tensor) -> np.ndarray:
+        return (rows @ torch.as_tensor(self.coef_).T).numpy()
+
+    def predict_proba(self, x) -> np.ndarray:
+        """The model's class probabilities: the softmax of ``class_scores``, in float64 (rows sum to 1)."""
+        return torch.softmax(torch.as_tensor(self.class_scores(x), dtype=torch.float64), dim=1).numpy()
 
 
 def objective(coef: np.ndarray, x: torch.Tensor, codes: np.ndarray, lam: float) -> float:

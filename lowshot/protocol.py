@@ -227,7 +227,7 @@ def score_subset(classifier: str, x, y, x_test, y_test, subset: Subset,
     class of every test image, rank of its true class: ``stats.true_class_rank``)."""
     started = time.perf_counter()
     model, fitted = FITS[classifier](x, y, subset, ctx)
-    predicted, rank = true_class_rank(model.decision_function(x_test), model.classes_, y_test)
+    predicted, rank = true_class_rank(model.class_scores(x_test), model.classes_, y_test)
     hit = rank == 0
     row = {"subset": subset.name, "shots": subset.shots, "percent": subset.percent, "seed": subset.seed,
            "classifier": classifier,

@@ -126,3 +126,19 @@ def test_the_run_record_keeps_the_absolute_model_and_data_paths(layout, cache_di
     (record,) = [json.loads(p.read_text()) for p in (cache_dir / "runs").glob("*.json")]
     assert record["model"] == str(model.resolve()) and record["origin"]["data"] == str(data.resolve())
     assert os.path.isabs(record["data"])
+
+
+def test_a_hub_model_is_recorded_by_id_and_resolved_revision_never_by_its_snapshot_folder():
+    from pathlib import Path
+
+    from lowshot.backbones import ModelRef
+    from lowshot.datasets import Dataset
+    from lowshot.extract import Plan
+
+    identity = {"weights_sha256": {"model.safetensors": "ab" * 32}, "config_sha256": "cd" * 32}
+    ref = ModelRef("facebook/vit-msn-small", Path("/root/.cache/huggingface/hub/snapshots/0123abc"), identity,
+                   {"source": "hub", "revision": "0123abc"})
+    origin = Plan(ref, Dataset("user/some-dataset", None, None), None, {}, {}, None).origin
+    assert origin["model"] == "facebook/vit-msn-small" and origin["revision"] == "0123abc"
+    assert origin["data"] == "user/some-dataset" and origin["identity"] == identity
+    assert "snapshots" not in json.dumps(origin)

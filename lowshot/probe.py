@@ -148,13 +148,16 @@ class ScoreClassifier(ClassifierMixin, BaseEstimator):
 @contextmanager
 def _lowshot_errors():
     """scikit-learn's validation errors (NaN, wrong shape, one feature count in fit and another later) raised as
-    :class:`EstimatorInputError`, with their message: a lowshot error the command line reports in words."""
+    :class:`EstimatorInputError`: a lowshot error the command line reports in words. A first line that is a whole
+    sentence is the message ("Input X contains NaN."; the lines after it suggest other scikit-learn estimators);
+    otherwise the message is kept whole ("Expected 2D array, got 1D array instead:", the array, what to do)."""
     try:
         yield
     except EstimatorInputError:
         raise
     except ValueError as error:
-        raise EstimatorInputError(str(error)) from error
+        first = str(error).strip().split("\n", 1)[0]
+        raise EstimatorInputError(first if first.endswith(".") else str(error)) from error
 
 
 class LogisticProbe(ScoreClassifier):

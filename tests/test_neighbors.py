@@ -63,3 +63,12 @@ def test_ncm_uses_the_normalised_class_means():
     ncm = NearestClassMean(preprocess=False).fit(x, [0, 0, 1, 1])
     np.testing.assert_allclose(np.linalg.norm(ncm.means_.numpy(), axis=1), 1.0, atol=1e-6)
     assert list(ncm.predict(np.array([[1.0, 0.1], [-0.1, 1.0]]))) == [0, 1]
+
+
+def test_knn_bad_k_grid_is_refused_in_fit_not_in_the_constructor():
+    x, y = blobs(n_classes=3, per_class=4)
+    knn = KNNClassifier(k_grid=(0, 3))  # hyper-parameters are stored as given (scikit-learn's clone needs that)
+    assert knn.k_grid == (0, 3)
+    with pytest.raises(BadInputError, match="k_grid"):
+        knn.fit(x, y)
+    assert KNNClassifier(k_grid=[3]).fit(x, y).k_ == 3  # any sequence of positive integers

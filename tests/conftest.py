@@ -85,6 +85,11 @@ def one_thread():
 def imagenette_cache(tmp_path_factory) -> Path:
     """One feature cache for the session's full-Imagenette runs (the README quickstart, the docs, the committed
     benchmark against its baseline): DeiT-Tiny float32 features of the test split and the protocol's train images
-    are encoded once and are cache hits for every later test that asks for the same settings."""
+    are encoded once and are cache hits for every later test that asks for the same settings. LOWSHOT_TEST_CACHE
+    names a folder that outlives the session (CI's two passes share it; a contributor's loop keeps its features)."""
     require_shared()
+    kept = os.environ.get("LOWSHOT_TEST_CACHE")
+    if kept:
+        Path(kept).mkdir(parents=True, exist_ok=True)
+        return Path(kept)
     return tmp_path_factory.mktemp("imagenette-cache")

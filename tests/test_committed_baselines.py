@@ -55,12 +55,6 @@ def test_the_machine_path_pattern_finds_each_kind_and_spares_relative_paths():
 
 
 # -- each committed bench config against its committed baselines (real DeiT-Tiny: slow) ---------------------------
-@pytest.fixture(scope="session")
-def bench_cache(tmp_path_factory) -> Path:
-    """One feature cache for every committed benchmark of the session."""
-    return tmp_path_factory.mktemp("committed-bench-cache")
-
-
 def bench_passes(config: Path, cache: Path, output: Path) -> str:
     result = runner.invoke(app, ["bench", str(config), "--cache-dir", str(cache), "--output", str(output)])
     assert result.exit_code == 0, result.output
@@ -69,15 +63,15 @@ def bench_passes(config: Path, cache: Path, output: Path) -> str:
 
 
 @pytest.mark.slow
-def test_ci_benchmark_passes_its_gate_against_its_committed_baseline(bench_cache, tmp_path):
+def test_ci_benchmark_passes_its_gate_against_its_committed_baseline(imagenette_cache, tmp_path):
     """What examples/github-actions-benchmark.yml runs: 'lowshot bench benchmarks/imagenette-deit-tiny.toml'."""
     require_shared()
-    output = bench_passes(REPO / "benchmarks" / "imagenette-deit-tiny.toml", bench_cache, tmp_path / "out")
+    output = bench_passes(REPO / "benchmarks" / "imagenette-deit-tiny.toml", imagenette_cache, tmp_path / "out")
     assert "gate passed: deit-tiny" in output
 
 
 @pytest.mark.slow
-def test_example_suite_passes_its_gates_against_its_committed_baselines(bench_cache, tmp_path):
+def test_example_suite_passes_its_gates_against_its_committed_baselines(imagenette_cache, tmp_path):
     """examples/suite.toml with its inputs made as its header says, in a copy of the repository's layout (the config
     reaches ../../shared beside the checkout and out/ beside itself)."""
     require_shared()
@@ -101,7 +95,7 @@ def test_example_suite_passes_its_gates_against_its_committed_baselines(bench_ca
                 per_split={"train": 30, "val": 30})
     make_digits(examples / "out" / "digits")
     make_random_model(SHARED / "models" / "deit-tiny-patch16-224", examples / "out" / "deit-tiny-random")
-    output = bench_passes(examples / "suite.toml", bench_cache, tmp_path / "out")
+    output = bench_passes(examples / "suite.toml", imagenette_cache, tmp_path / "out")
     for name in ("deit-tiny on imagenette", "deit-tiny-random on imagenette", "deit-tiny on digits",
                  "deit-tiny-random on digits"):
         assert f"gate passed: {name}" in output

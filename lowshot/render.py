@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from rich import box
 from rich.cells import cell_len
-from rich.console import Console
+from rich.console import Console, Group
 from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
@@ -129,10 +129,8 @@ def natural_width(columns: Sequence[Column]) -> int:
 _MEASURE = Console(width=100_000, file=io.StringIO())
 
 
-def _grid(columns: Sequence[Column], *, title: str | None = None, caption: str | None = None) -> Table:
-    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
-                  title_justify="left",
-                  caption_justify="left")
+def _grid(columns: Sequence[Column]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for column in columns:
         table.add_column(column.header, justify=column.justify, no_wrap=True, overflow="ellipsis")
     for row in zip(*(c.cells for c in columns), strict=True):
@@ -140,17 +138,18 @@ def _grid(columns: Sequence[Column], *, title: str | None = None, caption: str |
     return table
 
 
-def build(layout: Layout, *, title: str | None, caption: str, width: int) -> Table:
-    """The rich Table of a layout. A ``--wide`` layout wider than ``width`` keeps its natural width (print it with
-    ``crop=False``: the terminal wraps it, rich does not squeeze it); a narrow one that could not fit (a very
-    narrow terminal) is left to rich, which cuts cells to "…" rather than wrap them."""
+def build(layout: Layout, *, title: str | None, caption: str, width: int) -> Group:
+    """The title, the rich Table of a layout and the caption. Title and caption wrap at the terminal's width, not
+    the table's. A ``--wide`` layout wider than ``width`` keeps its natural width (print it with ``crop=False``:
+    the terminal wraps it, rich does not squeeze it); a narrow one that could not fit (a very narrow terminal) is
+    left to rich, which cuts cells to "…" rather than wrap them."""
     if layout.dropped:
         caption += f"{' · ' if caption else ''}--wide adds: {', '.join(layout.dropped)}"
-    table = _grid(layout.columns, title=title, caption=caption or None)
+    table = _grid(layout.columns)
     natural = natural_width(layout.columns)
     if layout.wide and natural > width:
         table.width = natural
-    return table
+    return Group(*([Text(title)] if title else []), table, *([Text(caption, style="dim")] if caption else []))
 
 
 def _shrunk(column: Column, target: int | None) -> Column:
@@ -174,7 +173,7 @@ def _plain(cell: str | Text) -> str:
 
 
 # -- the tables ----------------------------------------------------------------------------------------------------
-def results_table(results: Results, *, width: int = NARROW, wide: bool = False) -> Table:
+def results_table(results: Results, *, width: int = NARROW, wide: bool = False) -> Group:
     """``lowshot probe``: one row per (classifier x) subset, mean ± std over seeds, the CI when computed."""
     meta = results.meta
     summary = results.summary
@@ -202,7 +201,7 @@ def results_table(results: Results, *, width: int = NARROW, wide: bool = False) 
     return build(layout, title=title, caption=caption, width=width)
 
 
-def comparison_table(comparison: Comparison, *, width: int = NARROW, wide: bool = False) -> Table:
+def comparison_table(comparison: Comparison, *, width: int = NARROW, wide: bool = False) -> Group:
     """Rows = models (x classifier), columns = subsets; the best measured value per column in bold. A narrow
     terminal gets ``mean ± std [CI]`` cells where they fit, else ``mean ± std`` (the CI in ``--wide``), else the
     means alone. A suite over several datasets has a line per dataset instead of a column per dataset x subset,
@@ -277,7 +276,7 @@ PAIRED_BRIEF = ("Δ = row − reference, mean over seeds; CI: paired bootstrap o
                 "Stouffer-combined; B / A only: images only B / only A gets right; bold: CI excludes 0")
 
 
-def paired_table(comparison: Comparison, *, width: int = NARROW, wide: bool = False) -> Table:
+def paired_table(comparison: Comparison, *, width: int = NARROW, wide: bool = False) -> Group:
     """Δ of each file vs the first, with its paired interval and p-value; significant intervals in bold."""
     deltas = [(label, d) for label, ds in comparison.paired.items() for d in ds]
     several = len({d.classifier for _, d in deltas}) > 1
@@ -297,7 +296,7 @@ def paired_table(comparison: Comparison, *, width: int = NARROW, wide: bool = Fa
                  else PAIRED_BRIEF, width=width)
 
 
-def cache_table(manifests: list[dict], *, width: int = NARROW, wide: bool = False) -> Table:
+def cache_table(manifests: list[dict], *, width: int = NARROW, wide: bool = False) -> Group:
     """``lowshot cache list``: one line per entry; the model and data paths abbreviated from the left (whole
     with ``--wide``), which also adds the feature, transform, dimension and creation time."""
     def held(m: dict) -> str:  # of the split's images

@@ -415,7 +415,8 @@ def probe(
     seeds: Seeds = 3,
     lam: Annotated[str, _option(
         "--lambda", help="L2 penalty λ (objective: summed log-loss + λ/2‖W‖², as MSN; default from MSN's README), "
-                         "or 'auto': cross-validation inside the labelled shots only (1-shot: the default λ).",
+                         "or 'auto': cross-validation inside the labelled shots only, the one-standard-error "
+                         "choice nearest the default (under 3 images per class: the default, as the table says).",
     )] = str(DEFAULT_LAMBDA),
     split_file: SplitFile = None,
     allow_fewer: AllowFewer = False,

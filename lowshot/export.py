@@ -58,7 +58,9 @@ def export_features(model: str, data: str | os.PathLike | None, settings: Extrac
     settings = dataclasses.replace(settings, train_split=split, test_split=split)
     run = extract_features(model, data, settings, all_images=True, cache_dir=cache_dir, progress=progress)
     part = run.test
-    meta = {"model": run.model, "data": run.data, "split": part.split, "key": part.features.key,
+    origin = part.features.origin or {}  # the model and data of this call, by absolute path (or hub id)
+    meta = {"model": origin.get("model", run.model), "data": origin.get("data", run.data), "split": part.split,
+            "key": part.features.key,
             **{k: run.settings.get(k) for k in ("feature", "readout", "dtype", "device", "transform", "engine")}}
     writer = _write_npz if fmt == "npz" else _write_parquet
     save_with(output, "wb", lambda handle: writer(handle, part.features, meta))  # atomic: never half a file

@@ -175,8 +175,8 @@ def run_probe(train: Features, test: Features, settings: ProbeSettings | None = 
     subset and score it on the whole test split.
 
     ``settings`` is a :class:`~lowshot.config.ProbeSettings`, or its fields as keyword arguments (``shots=(1, 2)``,
-    ``lam="auto"``, ...). ``lam="auto"``: cross-validation inside each labelled subset over ``LAMBDA_GRID`` (1-shot
-    subsets, where CV is impossible, use ``DEFAULT_LAMBDA``). ``ci=True`` adds a percentile bootstrap 95% interval
+    ``lam="auto"``, ...). ``lam="auto"``: :func:`~lowshot.probe.select_lambda` inside each labelled subset (subsets
+    with fewer than ``MIN_CV_SHOTS`` images in a class use ``DEFAULT_LAMBDA``, and their rows say so). ``ci=True`` adds a percentile bootstrap 95% interval
     over test images to every row and summary entry. ``train`` may hold only some of its split's images: those
     the subsets use must be there (else :class:`~lowshot.errors.MissingFeaturesError`, before any fit)."""
     settings = _settings(settings, options)

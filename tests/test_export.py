@@ -158,3 +158,16 @@ def test_probe_picks_the_features_of_the_readout_it_is_given(tiny_model, image_d
     default = invoke("probe", "--model", tiny_model, "--data", image_data, "--device", "cpu", "--dtype", "float32",
                      "--shots", "1", "--percent", "0", "--seeds", "1", "--format", "json")
     assert json.loads(default.stdout)["meta"]["readout"]["readout"] == "cls-prenorm"  # not the avgpool entry
+
+
+def test_an_export_records_the_model_and_data_by_absolute_path_when_given_relative_ones(tiny_model, image_data,
+                                                                                       cache_dir, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.chdir(tiny_model.parent.parent)
+    model = tiny_model.relative_to(tiny_model.parent.parent)
+    out = tmp_path / "feats.npz"
+    result = invoke("export", "--model", model, "--data", image_data, "--split", "val", "--output", out,
+                    "--device", "cpu", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    meta = load_export(out)["meta"]
+    assert meta["model"] == str(tiny_model.resolve()) and meta["data"] == str(image_data.resolve())

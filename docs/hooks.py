@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from griffe import Extension
+from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -38,7 +39,7 @@ def site_markdown(readme: str) -> str:
 
 def on_files(files, config):
     if files.get_file_from_path("index.md") is not None:
-        raise SystemExit("docs/index.md exists: the home page is generated from README.md, remove that file")
+        raise PluginError("docs/index.md exists: the home page is generated from README.md, remove that file")
     files.append(File.generated(config, "index.md", content=site_markdown(README.read_text(encoding="utf-8"))))
     return files
 

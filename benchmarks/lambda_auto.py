@@ -9,8 +9,8 @@ Three ways to set λ, side by side on the same subsets (1, 2, 5 images per class
   its ``scores``. It shows what the one-standard-error rule and the shot threshold buy.
 
 Feature sets (float32, MSN transform, pre-LayerNorm CLS): DeiT-Tiny on Imagenette (``../shared/data``), and the
-same architecture with random weights (made by ``make_random_model.py`` into ``benchmarks/out`` if absent), whose
-features are weak and where λ matters more. Features come from the lowshot cache (``LOWSHOT_CACHE_DIR``): the
+same architecture with random weights (made by ``examples/make_random_model.py`` into ``benchmarks/out`` if absent),
+whose features are weak and where λ matters more. Features come from the lowshot cache (``LOWSHOT_CACHE_DIR``): the
 first run encodes the 3,925 val images and the train shots of each model.
 
     python benchmarks/lambda_auto.py        # writes benchmarks/results/lambda_auto.{json,md}
@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import DEIT_TINY, IMAGENETTE, RESULTS, begin, describe, publish  # noqa: E402
-from benchmarks.make_random_model import make_random_model  # noqa: E402
+from examples.make_random_model import make_random_model  # noqa: E402
 from lowshot import extract_features  # noqa: E402
 from lowshot.config import ProbeSettings  # noqa: E402
 from lowshot.probe import DEFAULT_LAMBDA, LAMBDA_GRID, LogisticProbe, preprocess, select_lambda  # noqa: E402

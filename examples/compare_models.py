@@ -16,7 +16,7 @@ import lowshot
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 OUT = REPO / "benchmarks" / "out"
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "examples"))
 from make_random_model import make_random_model  # noqa: E402
 from make_subset import make_subset  # noqa: E402
 

@@ -193,7 +193,7 @@ def test_merging_into_a_card_without_front_matter_logs_no_hub_warning(tmp_path):
 
 
 def test_make_random_model_draws_no_progress_bar(tiny_model, tmp_path, capfd, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "examples"))
     from make_random_model import make_random_model
 
     make_random_model(tiny_model, tmp_path / "random")

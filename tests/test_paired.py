@@ -182,7 +182,7 @@ def test_metrics_flow_into_table_csv_json_and_gate(tmp_path):
 def test_deit_tiny_against_random_weights_is_a_significant_drop(tmp_path):
     """The golden case on real weights and photos: DeiT-Tiny's features against the same architecture with random
     weights on 10 Imagenette classes; every subset's drop is significant (interval below 0, tiny p)."""
-    from benchmarks.make_random_model import make_random_model
+    from examples.make_random_model import make_random_model
 
     data = make_image_folder(tmp_path / "nette", classes=10, train=5, test=20)
     random_model = make_random_model(DEIT_TINY, tmp_path / "deit-random")

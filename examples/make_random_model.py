@@ -1,7 +1,7 @@
 """Save a randomly initialised backbone with the same config as a real one: the "no pre-training" row of a
 comparison (what the probe gets from architecture and pixels alone).
 
-    python benchmarks/make_random_model.py ../shared/data/models/deit-tiny-patch16-224 benchmarks/out/deit-tiny-random
+    python examples/make_random_model.py ../shared/data/models/deit-tiny-patch16-224 examples/out/deit-tiny-random
 
 The weights are not committed: this script makes them (seeded, so the same folder every time).
 """

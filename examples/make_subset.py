@@ -1,7 +1,7 @@
 """Copy the first N images (by file name) of each class of an ImageFolder dataset: a small, fixed subset for a
 quick comparison (e.g. a random-init model, whose extraction on the full set would take minutes).
 
-    python benchmarks/make_subset.py ../shared/data/datasets/imagenette2-224 benchmarks/out/imagenette-20 \
+    python examples/make_subset.py ../shared/data/datasets/imagenette2-224 examples/out/imagenette-20 \
         --train 20 --val 20
 """
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,12 +85,24 @@ def process_sizes(text: str) -> tuple[int, int]:
     return sizes
 
 
+def portable(text: str) -> str:
+    """``text`` with this machine's folders written relative to the repository (``./…``, ``../shared/…``), the
+    temporary folder as ``$TMPDIR`` and the home folder as ``~``: results are committed, and a command line or log
+    line recorded in one must not name the machine it ran on."""
+    roots = [(tempfile.gettempdir(), "$TMPDIR"), (str(REPO), "."), (str(Path.home()), "~")]
+    if REPO.parent != Path(REPO.anchor):
+        roots.append((str(REPO.parent), ".."))
+    for root, name in sorted(roots, key=lambda r: -len(r[0])):  # the most specific folder first
+        text = re.sub(r"(?<![\w./-])" + re.escape(root) + r"(?![\w.-])", name, text)
+    return text
+
+
 def write(name: str, payload: dict, markdown: str, *, out_dir: Path = RESULTS) -> tuple[Path, Path]:
-    """``<name>.json`` and ``<name>.md`` side by side."""
+    """``<name>.json`` and ``<name>.md`` side by side, machine paths made portable."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    json_path.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n")
-    md_path.write_text(markdown.rstrip() + "\n")
+    json_path.write_text(portable(json.dumps(payload, indent=1, sort_keys=True, default=str)) + "\n")
+    md_path.write_text(portable(markdown.rstrip()) + "\n")
     return json_path, md_path
 
 

@@ -11,7 +11,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/gpu_speed.py                  # on a CUDA machine: results/gpu_speed.{json,md}
     HF_HUB_OFFLINE=1 python benchmarks/gpu_speed.py --device cpu --layers 2 --process-sizes 64,192 --reps 2 \\
-        --out /tmp/gpu-dry-run                                        # a dry run of the script itself, on a CPU
+        --out benchmarks/out/gpu-dry-run                              # a dry run of the script itself, on a CPU
 
 Every GPU timing synchronises the device before and after. No number from this script is quoted in the README
 until it has been run on a GPU.

@@ -1,6 +1,6 @@
 """The whole default protocol on an ImageNet-shaped folder, from an empty cache, timed end to end.
 
-    HF_HUB_OFFLINE=1 python benchmarks/imagenet_shaped.py [--tree /work/bench-tree] [--keep-tree] [--plan-only]
+    HF_HUB_OFFLINE=1 python benchmarks/imagenet_shaped.py [--tree ../bench-tree] [--keep-tree] [--plan-only]
 
 Builds an ImageFolder with ImageNet-1k's shape -- 1,000 classes, 1,281,167 train and 50,000 val entries -- out of hard
 links to the Imagenette photos in ../shared/data (so it costs directory entries, not disk), then:
@@ -131,7 +131,7 @@ def shard_rate(cache: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tree", type=Path, default=Path("/work/bench-tree"))
+    parser.add_argument("--tree", type=Path, default=REPO.parent / "bench-tree")
     parser.add_argument("--model", type=Path, default=DEIT_TINY)
     parser.add_argument("--classes", type=int, default=IMAGENET_CLASSES)
     parser.add_argument("--train", type=int, default=IMAGENET_TRAIN)

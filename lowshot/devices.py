@@ -4,9 +4,8 @@ The extraction loop hands each decoded batch (uint8 crops, N x H x W x 3) to :me
 normalised float batch on the model's device. What differs by device is hidden here:
 
 - **CPU**: normalise on the host (one copy to planar float, two in-place passes) into a float32 buffer the Device
-  keeps: a 64-image batch is 38.5 MB, over glibc's largest mmap threshold (32 MB), so a fresh one per batch was a
-  fresh mapping zero-filled page by page (9,409 page faults; staging 64 photos 20.1 ms against 9.3 ms with the
-  kept buffer, medians of ``benchmarks/page_faults.py``). A staged CPU batch is therefore valid until the next
+  keeps: a 64-image batch is 38.5 MB, over glibc's largest mmap threshold (32 MB), so a fresh buffer per batch would
+  be a fresh mapping zero-filled page by page. A staged CPU batch is therefore valid until the next
   :meth:`Device.stage`.
 - **CUDA** (and any accelerator torch reaches by ``.to(device)``): copy the *uint8* crops -- a quarter of the bytes
   of float32 -- from page-locked (pinned) host memory with a non-blocking copy, then convert and normalise on the

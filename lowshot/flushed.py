@@ -1,12 +1,9 @@
 """One thread that computes with denormal floats flushed to zero: where the probe's solver runs.
 
 Softmax probabilities far below a row's largest underflow into float32's denormal range (below 1.2e-38), and on x86
-an operation that reads or writes a denormal takes a microcode assist, about a hundred times the normal cost. Probe
-fits make them by the thousand: at MSN ``logistic_eval.py``'s default lambda (0.00025), up to a third of the
-probabilities of a 1,000-class 5-shot fit, 12% of a 1-shot fit's, and some even at 0.0025 on real features of
-look-alike classes. ``benchmarks/denormals.py``: the gradient product (1,000 classes x 5,000 rows x 384) with 4% of
-its probabilities denormal took 99 ms on the caller's thread against 12.3 here (95%: 2.2 s against 17 ms); the
-5-shot fit at lambda 0.00025 4.4 s against 3.0 s, same iterations, same objective.
+an operation that reads or writes a denormal takes a microcode assist, many times the normal cost. Probe fits make
+them in numbers, the more the smaller lambda is (MSN ``logistic_eval.py``'s default, 0.00025, more than 0.0025),
+and the gradient products over them would then run several times slower.
 
 FTZ and DAZ (flush to zero, denormals are zero: ``torch.set_flush_denormal``) make those values zero instead. They
 are per-thread state (MXCSR on x86): set on the caller's thread they would change the floating-point environment of

@@ -367,10 +367,9 @@ _WORKSPACE = threading.local()
 def _logit_buffers(n: int, n_classes: int, count: int) -> list[torch.Tensor]:
     """``count`` float32 (n, n_classes) tensors (whatever torch's default dtype), views of one block this thread
     keeps across fits and grows to the largest fit so far. Above glibc's largest mmap threshold (32 MB: 8,389 rows
-    x 1,000 classes) every fresh buffer is a fresh mapping, zero-filled page by page: cross-validation on a
-    1%-sized subset (45 fits of ~10,250 rows x 1,000 classes) made 1.0-2.6 million page faults with fresh buffers
-    and the objective computed after every fit, 0-0.11 million now (benchmarks/page_faults.py). Kept for the
-    thread's life: 4 x n x classes floats of its largest fit (205 MB for the 1% subset's final fit)."""
+    x 1,000 classes) every fresh buffer is a fresh mapping, zero-filled page by page, which cross-validation's many
+    fits of the same size would pay again and again. Kept for the thread's life: 4 x n x classes floats of its
+    largest fit (205 MB for ImageNet's 1% subset)."""
     size = n * n_classes
     block = getattr(_WORKSPACE, "block", None)
     if block is None or block.numel() < count * size:

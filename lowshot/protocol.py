@@ -176,9 +176,10 @@ def run_probe(train: Features, test: Features, settings: ProbeSettings | None = 
 
     ``settings`` is a :class:`~lowshot.config.ProbeSettings`, or its fields as keyword arguments (``shots=(1, 2)``,
     ``lam="auto"``, ...). ``lam="auto"``: :func:`~lowshot.probe.select_lambda` inside each labelled subset (subsets
-    with fewer than ``MIN_CV_SHOTS`` images in a class use ``DEFAULT_LAMBDA``, and their rows say so). ``ci=True`` adds a percentile bootstrap 95% interval
-    over test images to every row and summary entry. ``train`` may hold only some of its split's images: those
-    the subsets use must be there (else :class:`~lowshot.errors.MissingFeaturesError`, before any fit)."""
+    with fewer than ``MIN_CV_SHOTS`` images in a class use ``DEFAULT_LAMBDA``, and their rows say so). ``ci=True``
+    adds a percentile bootstrap 95% interval over test images to every row and summary entry. ``train`` may hold
+    only some of its split's images: those the subsets use must be there (else
+    :class:`~lowshot.errors.MissingFeaturesError`, before any fit)."""
     settings = _settings(settings, options)
     _check_compatible(train, test)
     test = scored_test(test, settings)

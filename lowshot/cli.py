@@ -571,8 +571,9 @@ def report(
     paired differences of each file to the first; gate them against a baseline; plot them; write model-index
     metadata for a Hugging Face model card.
 
-    Exit status: 0, or 1 when a subset dropped more than --max-drop points below --baseline, or 2 when the
-    protocols differ (without --force) or an input is bad.
+    Exit status: 0, or 1 when a subset dropped more than --max-drop points below --baseline or an output could
+    not be written (its content is kept in a file the error names), or 2 when the protocols differ (without
+    --force) or an input is bad.
     """
     from .outputs import REPORT_SUFFIXES, check_writable, output_format
     from .render import comparison_table, paired_table

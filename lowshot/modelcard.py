@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .errors import BadInputError
+from .errors import BadInputError, ProtocolMismatchError
 from .report import label_of, split_order
-from .results import Results
+from .results import Results, quick_run
 from .stats import METRIC_LABELS
 
 TASK_TYPE = "image-classification"
@@ -39,6 +39,9 @@ def eval_results(results: Results, *, metrics: list[str], source_url: str | None
     from huggingface_hub import EvalResult
 
     meta = results.meta
+    if quick_run(meta):  # a model card publishes the protocol's numbers, never a quick look
+        raise ProtocolMismatchError(f"{label_of(results)} is a quick run (--limit {meta['limit']} images per class), "
+                                    "not the protocol: a model card takes only full runs; rerun without --limit")
     dataset = _dataset_id(meta.get("data"))
     out = []
     for metric in metrics:

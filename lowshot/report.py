@@ -570,10 +570,11 @@ def compare(results: Sequence[Results], *, labels: Sequence[str] | None = None, 
     if paired:
         for label, other in zip(labels[1:], results[1:], strict=True):
             reason = unpaired_reason(reference, other, (labels[0], label))
-            if reason:
-                comparison.unpaired[label] = reason
+            deltas = [] if reason else paired_differences(reference, other, metric=metric, n_boot=n_boot)
+            if deltas:
+                comparison.paired[label] = deltas
             else:
-                comparison.paired[label] = paired_differences(reference, other, metric=metric, n_boot=n_boot)
+                comparison.unpaired[label] = reason or "no subset measured with the same classifier and seeds in both"
     return comparison
 
 

@@ -16,10 +16,6 @@ from .conftest import REPO, SHARED, require_shared
 runner = CliRunner()
 # Absolute paths of one machine: POSIX homes and scratch folders, this project's work tree, macOS, Windows drives.
 MACHINE_PATH = re.compile(r"(?<![\w.])(/work/|/root/|/home/|/tmp/|/Users/|[A-Za-z]:\\\\)")
-# Committed JSON that benchmark scripts wrote with command lines or log lines naming the machine's folders; not
-# results lowshot reads. Listed so the scan stays strict for everything else; strict xfail: a file fixed is
-# noticed, then leaves this list.
-RECORDED_COMMAND_LINES: set[str] = set()
 
 
 def committed_json() -> list[str]:
@@ -33,9 +29,7 @@ def committed_json() -> list[str]:
     return sorted(p for p in listed if p.endswith(".json"))
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="a benchmark script recorded a machine path"))
-    if p in RECORDED_COMMAND_LINES else p for p in committed_json()])
+@pytest.mark.parametrize("path", committed_json())
 def test_committed_json_holds_no_absolute_machine_path(path):
     text = (REPO / path).read_text()
     found = sorted({text[max(0, m.start() - 30):m.start() + 40] for m in MACHINE_PATH.finditer(text)})

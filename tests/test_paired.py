@@ -199,3 +199,12 @@ def test_deit_tiny_against_random_weights_is_a_significant_drop(tmp_path):
     assert all(d.delta < -20 and d.ci_high < 0 and d.p_value < 1e-6 for d in deltas), deltas
     result = runner.invoke(app, ["report", files["random"], "--baseline", files["deit-tiny"], "--significant"])
     assert result.exit_code == 1 and "2 subset(s) dropped significantly" in result.output
+
+
+def test_files_that_share_no_seeds_get_a_reason_not_an_empty_paired_table(tmp_path):
+    train, test = pair(classes=4, per_class=10, test_per_class=20, signal=1.0, seed=0)
+    three = lowshot.run_probe(train, test, shots=(1,), percents=(), seeds=3, meta={"label": "three"})
+    one = lowshot.run_probe(train, test, shots=(2,), percents=(), seeds=1, meta={"label": "one"})
+    comparison = compare([three, one], labels=["three", "one"], force=True)
+    assert comparison.paired == {}
+    assert "no subset measured with the same classifier and seeds" in comparison.unpaired["one"]

@@ -159,3 +159,19 @@ def test_bench_reads_limit_and_refuses_it_with_baselines_before_extracting(tiny_
     with pytest.raises(ProtocolMismatchError, match="limit = 3 makes this a quick run"):
         run_bench(loaded, cache_dir=tmp_path / "cache", update_baseline=True)
     assert decoded == []
+
+
+def test_a_model_card_refuses_a_quick_run_and_takes_the_full_one(tiny_model, data, cache_dir, tmp_path):
+    from lowshot.modelcard import merge_into_card, model_index_yaml
+
+    run = extract(tiny_model, data, cache_dir, FULL)
+    full = run_probe(run.train.features, run.test.features, FULL)
+    quick = run_probe(run.train.features, run.test.features, QUICK)
+    card = tmp_path / "README.md"
+    card.write_text("# a model\n")
+    with pytest.raises(ProtocolMismatchError, match="quick run .* a model card takes only full runs"):
+        model_index_yaml(quick, metrics=["top1"])
+    with pytest.raises(ProtocolMismatchError, match="quick run"):
+        merge_into_card(card, quick, metrics=["top1"])
+    assert card.read_text() == "# a model\n"  # nothing merged
+    assert "1-shot" in model_index_yaml(full, metrics=["top1"])

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import ExtractSettings, ProbeSettings
-from .errors import BadInputError, DataError, MissingDependencyError, ProtocolMismatchError, SettingError
+from .errors import BadInputError, DataError, MissingDependencyError, OutputError, ProtocolMismatchError, SettingError
 from .extract import extract_features
 from .outputs import check_folder, check_writable, output_format, save_text
 from .protocol import Progress, run_probe
@@ -100,6 +100,7 @@ class BenchOutcome:
     comparison: Comparison  # a suite: models x (dataset x subset) + mean over datasets, every dataset's gates
     written: list[Path]
     datasets: dict[str, Comparison] = field(default_factory=dict)  # a suite: each dataset's own comparison
+    unsaved: list[OutputError] = field(default_factory=list)  # files that failed: content kept where each says
 
 
 def load_config(path: str | os.PathLike) -> BenchConfig:
@@ -236,6 +237,8 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
     check_folder(output, flag="output folder")
     results: dict[str, Results] = {}
     written: list[Path] = []
+    unsaved: list[OutputError] = []
+    keep = _keeper(written, unsaved)
     for model in config.models:
         run = extract_features(model.path, config.data, dataclasses.replace(config.extract, revision=model.revision),
                                subsets=config.probe, cache_dir=cache_dir, progress=progress)
@@ -245,13 +248,13 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
                            meta={"model": model.given or model.path, "data": config.data_given or config.data,
                                  "label": model.name, "bench": {"config": config.source.name, "title": config.title}})
         results[model.name] = result
-        written.append(_write(result, output / f"{model.name}.json"))
+        keep(lambda result=result, name=model.name: _write(result, output / f"{name}.json"))
     names = list(results)
     comparison = build_report(list(results.values()), labels=names, published=config.published, force=force)
     if update_baseline:
         for model in config.models:
             if model.baseline is not None:
-                written.append(_write(results[model.name], model.baseline))
+                keep(lambda model=model: _write(results[model.name], model.baseline))
                 log(f"{model.name}: baseline updated ({model.baseline})")
     else:
         comparison.gates = [gate(results[name], base, max_drop=config.max_drop, force=force, label=name,
@@ -260,12 +263,12 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
                             for name, base in baselines.items()]
     title = f"## {config.title}\n\n"
     report = output / REPORT_NAME
-    written.append(save_text(report, title + comparison.to_markdown(), flag="report"))
+    keep(lambda: save_text(report, title + comparison.to_markdown(), flag="report"))
     if config.plot:
         from .plot import plot_comparison
 
-        written.append(plot_comparison(comparison, output / PLOT_NAME))
-    return BenchOutcome(config, results, comparison, written)
+        keep(lambda: plot_comparison(comparison, output / PLOT_NAME))
+    return BenchOutcome(config, results, comparison, written, unsaved=unsaved)
 
 
 def _run_suite(config: BenchConfig, *, output: Path, log: Callable[[str], None], **options) -> BenchOutcome:
@@ -274,19 +277,34 @@ def _run_suite(config: BenchConfig, *, output: Path, log: Callable[[str], None],
     per_dataset: dict[str, Comparison] = {}
     results: dict[str, Results] = {}
     written: list[Path] = []
+    unsaved: list[OutputError] = []
     for dataset in config.datasets:
         log(f"dataset {dataset.name}: {dataset.data}")
         outcome = run_bench(_for_dataset(config, dataset), output=output / dataset.name, log=log, **options)
         per_dataset[dataset.name] = outcome.comparison
         results.update({f"{dataset.name}/{name}": r for name, r in outcome.results.items()})
         written += outcome.written
+        unsaved += outcome.unsaved
         for result in outcome.comparison.gates:
             result.label = f"{result.label} on {dataset.name}"
     suite = suite_table(per_dataset)
     sections = [f"### {name}\n\n" + replace(c, gates=[]).to_markdown() for name, c in per_dataset.items()]
     text = f"## {config.title}\n\n" + suite.to_markdown() + "\n" + "\n".join(sections)
-    written.append(save_text(output / REPORT_NAME, text, flag="report"))
-    return BenchOutcome(config, results, suite, written, per_dataset)
+    _keeper(written, unsaved)(lambda: save_text(output / REPORT_NAME, text, flag="report"))
+    return BenchOutcome(config, results, suite, written, per_dataset, unsaved)
+
+
+def _keeper(written: list[Path], unsaved: list[OutputError]) -> Callable[[Callable[[], Path]], None]:
+    """``keep(write)``: run one save, adding its path to ``written``, or its OutputError (the content already kept
+    elsewhere) to ``unsaved``, so one file that cannot be written stops neither the other models nor the table."""
+
+    def keep(write: Callable[[], Path]) -> None:
+        try:
+            written.append(write())
+        except OutputError as exc:
+            unsaved.append(exc)
+
+    return keep
 
 
 def _write(results: Results, path: Path) -> Path:

@@ -709,7 +709,7 @@ def bench(
     out.print(comparison_table(outcome.comparison, width=out.width, wide=wide), crop=False)
     for note in outcome.comparison.notes:
         out.print(f"note: {note}", highlight=False)
-    _gate_verdict(outcome.comparison)
+    _gate_verdict(outcome.comparison, outcome.unsaved)
 
 
 @cache_app.command("list")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import BadInputError, ProtocolMismatchError
 from .report import label_of, split_order
-from .results import Results, quick_run
+from .results import Results, name_of, quick_run
 from .stats import METRIC_LABELS
 
 TASK_TYPE = "image-classification"
@@ -42,7 +42,7 @@ def eval_results(results: Results, *, metrics: list[str], source_url: str | None
     if quick_run(meta):  # a model card publishes the protocol's numbers, never a quick look
         raise ProtocolMismatchError(f"{label_of(results)} is a quick run (--limit {meta['limit']} images per class), "
                                     "not the protocol: a model card takes only full runs; rerun without --limit")
-    dataset = _dataset_id(meta.get("data"))
+    dataset = name_of(meta.get("data")) or "unknown"
     out = []
     for metric in metrics:
         summary = sorted(results.summary_of(metric), key=lambda s: split_order(s["subset"]))
@@ -110,10 +110,3 @@ def _identity(result) -> tuple:
     return (result.task_type, result.task_name, result.dataset_type, result.dataset_split, result.metric_type,
             (result.metric_name or "").split(MEAN_OF)[0])
 
-
-def _dataset_id(data: object) -> str:
-    """A Hub dataset id stays whole (``frgfm/imagenette``); a folder is named by its last component."""
-    text = str(data or "unknown").rstrip("/")
-    if not text.startswith(("/", ".", "~")) and text.count("/") == 1:
-        return text
-    return Path(text).name

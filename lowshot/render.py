@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .report import PAIRED_METHOD, PUBLISHED_SOURCE, PUBLISHED_TAG, SUITE_MEAN, Cell, Comparison, format_p
-from .results import Results, format_ci, format_mean, over_seeds, quick_run, setting
+from .results import Results, format_ci, format_mean, name_of, over_seeds, quick_run, setting
 from .stats import METRIC_LABELS
 
 NARROW = 80  # the width a table is laid out for when the console does not say (a pipe, a file, a test)
@@ -309,7 +309,7 @@ def cache_table(manifests: list[dict], *, width: int = NARROW, wide: bool = Fals
             return text
         if split and text.endswith(f"/{split}"):  # a split's folder: the split has its own column
             text = text[:-len(str(split)) - 1]
-        return _name_or_id(text)
+        return name_of(text)
 
     columns = [Column("key", [m.get("key", "?")[:12 if wide else 8] for m in manifests]),
                Column("model", [path(m.get("model")) for m in manifests], shrink_to=14),
@@ -326,12 +326,6 @@ def cache_table(manifests: list[dict], *, width: int = NARROW, wide: bool = Fals
                       wide_only=True)]
     return build(fit(columns, width, wide=wide), title="lowshot feature cache", caption="", width=width)
 
-
-def _name_or_id(text: str) -> str:
-    """The last component of a local path; a hub id (``facebook/vit-msn-small``) whole."""
-    if not text.startswith(("/", ".", "~")) and text.count("/") == 1:
-        return text
-    return text.rsplit("/", 1)[-1] or text
 
 
 def _short(path: object) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError, ProtocolMismatchError
-from .results import Results, classifier_of, format_ci, format_mean, over_seeds, quick_run, row_key
+from .results import Results, classifier_of, format_ci, format_mean, name_of, over_seeds, quick_run, row_key
 from .stats import (
     DEFAULT_METRIC,
     DEFAULT_N_BOOT,
@@ -74,7 +74,7 @@ def protocol(results: Results) -> dict[str, object]:
 def environment(results: Results) -> dict[str, object]:
     """Settings that may differ between compared results (they are noted, not refused)."""
     m = results.meta
-    return {"model": m.get("model"), "data": _name(m.get("data")), "dtype": m.get("dtype"),
+    return {"model": m.get("model"), "data": name_of(m.get("data")), "dtype": m.get("dtype"),
             "device": m.get("device"), "solver": (m.get("probe") or {}).get("backend"),
             "lowshot": m.get("lowshot_version")}
 
@@ -511,7 +511,7 @@ def split_order(name: str) -> tuple:
 
 def label_of(results: Results, path: str | Path | None = None) -> str:
     """``meta.label`` (set by ``lowshot bench``), else the model folder's name, else the file name."""
-    return results.meta.get("label") or _name(results.meta.get("model")) or (Path(path).stem if path else "results")
+    return results.meta.get("label") or name_of(results.meta.get("model")) or (Path(path).stem if path else "results")
 
 
 def rows_of(results: Results, label: str, *, kind: str = "measured", source: str | None = None,
@@ -562,7 +562,7 @@ def compare(results: Sequence[Results], *, labels: Sequence[str] | None = None, 
                      PUBLISHED_SOURCE) for name, values in PUBLISHED.items()]
     m = reference.meta
     seeds = sorted({(r.meta.get("sampling") or {}).get("seeds") for r in results} - {None})
-    context = {"test_split": m.get("test_split"), "data": _name(m.get("data")) or "?", "n_test": m.get("n_test"),
+    context = {"test_split": m.get("test_split"), "data": name_of(m.get("data")) or "?", "n_test": m.get("n_test"),
                "n_classes": m.get("n_classes"), "seeds": "/".join(map(str, seeds)) if seeds else None,
                "feature": m.get("feature"), "lambda": (m.get("probe") or {}).get("lambda"),
                "quick_run": next((quick_run(r.meta) for r in results if quick_run(r.meta)), None)}
@@ -641,16 +641,6 @@ def _unique(labels: list[str]) -> list[str]:
         seen[label] = seen.get(label, 0) + 1
         out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
     return out
-
-
-def _name(path: object) -> str | None:
-    """The last component of a path (hub ids stay whole: ``facebook/vit-msn-small``)."""
-    if not path:
-        return None
-    text = str(path).rstrip("/")
-    if not text.startswith(("/", ".", "~")) and text.count("/") == 1:
-        return text
-    return Path(text).name
 
 
 def _short(value: object) -> str:

@@ -280,3 +280,14 @@ def setting(entry: dict) -> str:
     if entry.get("k") is not None:
         return f"k={join(entry['k'])}"
     return "–"
+
+
+def name_of(path: object) -> str | None:
+    """How tables name a model or dataset: a local path by its last component, a hub id
+    (``facebook/vit-msn-small``) whole; None for none."""
+    if not path:
+        return None
+    text = str(path).rstrip("/")
+    if not text.startswith(("/", ".", "~")) and text.count("/") == 1:
+        return text
+    return Path(text).name or text

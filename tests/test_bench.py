@@ -135,3 +135,25 @@ def test_bench_config_paths_are_relative_to_the_config_file(tmp_path):
 
     with pytest.raises(DataError, match="relative to the config file"):
         load_config(config)
+
+
+def test_a_results_file_that_cannot_be_written_stops_neither_the_table_nor_the_other_outputs(
+        tiny_model, image_data, cache_dir, tmp_path, monkeypatch):
+    from lowshot import bench
+    from lowshot.cli import app
+    from lowshot.errors import OutputError
+
+    config = tmp_path / "bench.toml"
+    write_config(config, tiny_model, image_data, plot=False)
+    assert runner.invoke(app, ["bench", str(config), "--update-baseline"]).exit_code == 0
+    (tmp_path / "out" / "report.md").unlink()
+
+    def failing(results, path):
+        raise OutputError(f"results {path}: cannot write (disk full); kept in kept-copy.json")
+
+    monkeypatch.setattr(bench, "_write", failing)
+    result = runner.invoke(app, ["bench", str(config)])
+    assert result.exit_code == 1
+    assert "1-shot" in result.stdout and "gate passed: tiny" in result.output  # the table and the verdict first
+    assert "kept in kept-copy.json" in result.output
+    assert (tmp_path / "out" / "report.md").is_file()  # the report still written after the failed results file

@@ -3,7 +3,7 @@
 The config names the models, the data and the protocol; a run extracts features (cached), probes every model,
 writes one results JSON per model, a Markdown report (comparison table + regression gate) and a plot, and gates
 each model that has a baseline. Paths in the config are relative to the config file, and results record them so
-(with the weights' sha256), never as this machine's absolute paths: a committed baseline holds none. Example::
+(with the weights' sha256), never as one machine's absolute paths: a committed baseline holds none. Example::
 
     title = "DeiT-Tiny on Imagenette"
     data = "../../shared/data/datasets/imagenette2-224"

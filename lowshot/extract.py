@@ -46,10 +46,9 @@ from .transforms import ImageTransform, named_transform
 # work split between torchrun ranks; LOWSHOT_SHARD_SIZE overrides it (smaller shards balance small splits better).
 SHARD_TARGET = int(os.environ.get("LOWSHOT_SHARD_SIZE", "1024"))
 # Chunks decoded ahead of the model. On an accelerator decoding overlaps the device's work; on the CPU decode
-# threads and the model's threads share the same cores, and overlapping them costs (threads preempted mid-GEMM):
-# ViT-S/16 on 2 AMX cores, whole process, interleaved, 0 against 2 chunks ahead: ImageNet-sized JPEGs 68.9 and
-# 68.7 against 63.5 and 62.7 img/s; 224-px photos, where decoding is cheap, no difference beyond the noise (67.8
-# to 92.3 against 60.7 to 83.0). LOWSHOT_DECODE_AHEAD_CPU sets it, for such measurements.
+# threads and the model's threads share the same cores, and overlapping them costs (threads preempted mid-GEMM),
+# so the CPU decodes the next chunk only once the model is done with this one. LOWSHOT_DECODE_AHEAD_CPU sets it,
+# for measurements (benchmarks/extract_speed.py).
 DECODE_AHEAD = 2
 DECODE_AHEAD_CPU = int(os.environ.get("LOWSHOT_DECODE_AHEAD_CPU", "0"))
 

@@ -419,9 +419,8 @@ class _History:
     newer than j) and y_i.y_j. Each iteration reads the pair matrix twice, as matrix-vector products: once to
     project the new gradient on every row, once to form the direction. The new pair's inner products with the
     stored rows come from two projections of the gradient (y = g_new - g, so r.y = r.g_new - r.g): the previous
-    iteration's and the new one. (Stacking s, y and g_new for one matrix-matrix product instead took 3.7x the time
-    of one matrix-vector pass over the same rows, 2.6 against 0.7 ms timed alone: BLAS handles a 20 x 384,000 x 3
-    product far below the memory's bandwidth.)"""
+    iteration's and the new one. (Stacking s, y and g_new for one matrix-matrix product instead is slower: BLAS
+    runs such a tall, thin product far below the memory's bandwidth.)"""
 
     def __init__(self, size: int, memory: int):
         self.rows = torch.zeros(2 * memory, size)  # s_0 .. s_{m-1}, then y_0 .. y_{m-1} (ring order)

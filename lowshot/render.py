@@ -58,6 +58,8 @@ def progress_callback(console: Console, unit: str = "img") -> Iterator:
     tasks: dict[str, int] = {}
 
     def update(task: str, done: int, total: int) -> None:
+        if not tasks:  # drawn from the first report on: a command that fails first prints no empty progress line
+            bars.start()
         if task not in tasks:
             tasks[task] = bars.add_task(task, total=total, completed=done)
             # A resumed run starts part-way: reset the clock so the rate counts only this run's work.
@@ -65,9 +67,11 @@ def progress_callback(console: Console, unit: str = "img") -> Iterator:
         else:
             bars.update(tasks[task], completed=done, total=total)
 
-    with bars:
+    try:
         yield update
-
+    finally:
+        if tasks:
+            bars.stop()
 
 
 # -- tables that fit -----------------------------------------------------------------------------------------------

@@ -199,3 +199,9 @@ def test_make_random_model_draws_no_progress_bar(tiny_model, tmp_path, capfd, mo
     make_random_model(tiny_model, tmp_path / "random")
     assert (tmp_path / "random" / "config.json").is_file()
     assert "Writing model shards" not in capfd.readouterr().err
+
+
+def test_an_error_before_any_progress_is_the_first_line_not_after_an_empty_progress_line(tmp_path):
+    result = runner.invoke(app, ["probe", "--model", str(tmp_path), "--data", str(tmp_path / "missing")])
+    assert result.exit_code != 0
+    assert result.output.startswith("error:"), repr(result.output[:80])

@@ -69,6 +69,17 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     return path
 
 
+@pytest.fixture
+def decoded(monkeypatch):
+    """(split name, listing index) of every image decoded from now on."""
+    from lowshot import datasets
+
+    seen: list[tuple[str, int]] = []
+    original = datasets.Split.open
+    monkeypatch.setattr(datasets.Split, "open", lambda self, i: seen.append((self.name, i)) or original(self, i))
+    return seen
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on one torch thread: on a shared 2-core machine, threading their small GEMMs costs far more than

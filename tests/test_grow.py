@@ -36,15 +36,6 @@ def extract(model, data, cache_dir, **kw):
                                     cache_dir=cache_dir, **kw)
 
 
-@pytest.fixture
-def decoded(monkeypatch):
-    """(split name, listing index) of every image decoded from now on."""
-    seen: list[tuple[str, int]] = []
-    original = datasets.Split.open
-    monkeypatch.setattr(datasets.Split, "open", lambda self, i: seen.append((self.name, i)) or original(self, i))
-    return seen
-
-
 def listing_of(data) -> Listing:
     train = datasets.open_dataset(data).train
     return Listing(train.ids, train.labels, train.classes)

@@ -36,15 +36,6 @@ def extract(model, data, cache_dir, subsets):
                                     subsets=subsets, cache_dir=cache_dir)
 
 
-@pytest.fixture
-def decoded(monkeypatch):
-    """(split name, listing index) of every image decoded from now on."""
-    seen: list[tuple[str, int]] = []
-    original = datasets.Split.open
-    monkeypatch.setattr(datasets.Split, "open", lambda self, i: seen.append((self.name, i)) or original(self, i))
-    return seen
-
-
 def toy_listing(per_class=(7, 4, 9)) -> Listing:
     ids = [f"c{c}/img{i:02d}.jpg" for c, n in enumerate(per_class) for i in range(n)]
     labels = np.repeat(np.arange(len(per_class)), per_class)

@@ -2,7 +2,8 @@
 
 The 1,797 8x8 greyscale digits ship inside scikit-learn (``sklearn.datasets.load_digits``: UCI optical
 recognition of handwritten digits, 16 grey levels), so nothing is downloaded and no image is committed. Each
-class is split 2/3 train, 1/3 val by a seeded shuffle, so the folder is the same on every machine:
+class is split 2/3 train, 1/3 val by a seeded shuffle, and every file gets the same modification time, so the
+folder is the same on every machine, down to the identity lowshot's feature cache keys it by:
 
     python examples/make_digits.py examples/out/digits      # 1,198 train + 599 val PNGs, about a second
 
@@ -13,6 +14,7 @@ photos, 10 classes.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import numpy as np
 VAL_FRACTION = 1 / 3
 SEED = 0
 GREY_LEVELS = 16  # load_digits pixels are 0..16
+MTIME = 1_767_225_600  # 2026-01-01 00:00 UTC: a folder made again is the same cache entry
 
 
 def make_digits(out: str | Path, *, seed: int = SEED, upscale: int = 4) -> Path:
@@ -43,7 +46,9 @@ def make_digits(out: str | Path, *, seed: int = SEED, upscale: int = 4) -> Path:
             for index in chosen:
                 pixels = np.round(digits.images[index] * (255 / GREY_LEVELS)).astype(np.uint8)
                 image = Image.fromarray(255 - pixels, mode="L")  # dark ink on white, like a scanned page
-                image.resize((8 * upscale, 8 * upscale), Image.NEAREST).save(folder / f"{index:04d}.png")
+                path = folder / f"{index:04d}.png"
+                image.resize((8 * upscale, 8 * upscale), Image.NEAREST).save(path)
+                os.utime(path, (MTIME, MTIME))
     return out
 
 

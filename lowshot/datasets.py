@@ -65,10 +65,16 @@ class Split:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def where(self, index: int) -> str:
+        """Where item ``index`` is, for a message: its file on disk (a flat folder's too), or a dataset's row."""
+        if self._root is not None:
+            return str(self._root / (self._files[index] if self._files is not None else self.ids[index]))
+        return f"{self.source} row {self.ids[index]}"
+
     def open(self, index: int) -> Image.Image:
         """Open item ``index`` as a PIL image (not yet decoded for files; raises on unreadable data)."""
         if self._root is not None:  # lazy: draft() can still shrink a big JPEG
-            return Image.open(self._root / (self._files[index] if self._files is not None else self.ids[index]))
+            return Image.open(self.where(index))
         value = self._hf[index][self._image_column]
         if isinstance(value, Image.Image):
             return value

@@ -423,7 +423,7 @@ def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardSt
             for j, (_, reason) in enumerate(images):
                 if reason is not None:
                     if options.strict:
-                        raise DataError(f"{split.source}/{split.ids[items[j]]}: unreadable image "
+                        raise DataError(f"{split.where(int(items[j]))}: unreadable image "
                                         f"({reason}); drop --strict to skip and report such files")
                     failed[int(items[j])] = reason
             if ok:

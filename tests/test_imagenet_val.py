@@ -187,3 +187,12 @@ def test_extracting_the_flat_val_reuses_the_trees_cache_entries(kaggle, imagenet
     monkeypatch.setattr(datasets.Split, "open", lambda self, i: opened.append(i) or original(self, i))
     flat = lowshot.extract_features(str(tiny_model), str(kaggle), settings, subsets=subsets)
     assert opened == [] and flat.test.cached and flat.test.features.key == tree.test.features.key
+
+
+def test_strict_names_a_flat_val_images_file_as_it_is_on_disk(kaggle, tiny_model, cache_dir):
+    broken = sorted((kaggle / "val").glob("*.JPEG"))[0]
+    broken.write_bytes(b"not a jpeg")
+    result = runner.invoke(app, ["extract", "--model", str(tiny_model), "--data", str(kaggle), "--device", "cpu",
+                                 "--strict", "--shots", "1", "--percent", "0", "--seeds", "1"])
+    assert result.exit_code == 1 and "unreadable image" in result.output
+    assert str(broken) in " ".join(result.output.split())  # val/ILSVRC2012_val_….JPEG, not <wnid>/<file>

@@ -18,7 +18,7 @@ _EXPORTS = {
     "LogisticProbe": "probe", "KNNClassifier": "neighbors", "NearestClassMean": "neighbors",
     "Results": "results", "FeatureCache": "cache", "compare": "report", "gate": "report",
     "build_report": "report", "plot_comparison": "plot", "load_config": "bench", "run_bench": "bench",
-    "ExtractSettings": "config", "ProbeSettings": "config", "needed_indices": "protocol",
+    "ExtractSettings": "config", "ProbeSettings": "config", "needed_indices": "splits",
     "paired_differences": "report", "model_index_yaml": "modelcard",
     "export_features": "export", "load_export": "export",
 }

@@ -86,7 +86,7 @@ class ProbeSettings:
 
     ``limit`` (quick mode, not the protocol): at most ``limit`` images per class of the test split and of the train
     pool, each the first ``limit`` readable images of its class in the seeded order subsets are drawn in (the test
-    split: seed 0's order; see ``lowshot.protocol.scored_indices``). k-shot subsets are then the same images as without
+    split: seed 0's order; see ``lowshot.splits.scored_indices``). k-shot subsets are then the same images as without
     it, so k must not exceed it; percent subsets take their share of the limited pool; split files are used as
     listed. It uses the cache entries of full runs and grows them; results record it, and the gate refuses them."""
 

@@ -38,8 +38,7 @@ from .config import ExtractSettings, ProbeSettings
 from .datasets import Dataset, Split, open_dataset
 from .devices import Device
 from .errors import BadInputError, CacheError, DataError, LowshotError
-from .protocol import needed_indices, scored_indices
-from .splits import Listing
+from .splits import Listing, needed_indices, scored_indices
 from .transforms import ImageTransform, named_transform
 
 # Items per resumable shard, whatever the batch size or the number of ranks (so any rerun resumes). Also the unit of

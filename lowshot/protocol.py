@@ -1,8 +1,8 @@
 """The protocol on cached features: which subsets, seeds and lambdas -> result rows.
 
-The labelled subsets are drawn from the train split's *listing* (ids, labels, class names), never from the features:
-:func:`needed_indices` says which train images a protocol uses before a pixel is decoded, so extraction can encode
-only those (``lowshot.extract``), and :func:`run_probe` finds their rows in a feature entry that may hold only them.
+The labelled subsets are drawn from the train split's *listing* (``lowshot.splits.draw_subsets``), so extraction
+encodes only the images a protocol uses (``lowshot.extract``), and :func:`run_probe` finds their rows in a feature
+entry that may hold only them.
 """
 
 from __future__ import annotations
@@ -21,83 +21,15 @@ import numpy as np
 from . import __version__
 from .cache import Features, digest, now_iso
 from .config import CLASSIFIERS, ProbeSettings
-from .errors import DataError, MissingFeaturesError, SplitError
+from .errors import DataError, MissingFeaturesError
 from .neighbors import KNN_K_GRID, KNNClassifier, NearestClassMean
 from .probe import DEFAULT_LAMBDA, LAMBDA_GRID, LogisticProbe, ScoreClassifier, preprocess, select_lambda
 from .results import Predictions, Results, interval_key, row_key
-from .splits import (
-    Listing,
-    Subset,
-    class_orders,
-    k_shot,
-    match_split_file,
-    percent_subset,
-    read_split_file,
-    readable_orders,
-    split_file_label,
-)
+from .splits import Subset, draw_subsets, needed_indices, probe_settings, scored_indices
 from .stats import CI_LEVEL, METRICS, bootstrap_ci, metric_value, true_class_rank
 
 Progress = Callable[[str, int, int], None]
 __all__ = ["CLASSIFIERS", "ProbeSettings", "draw_subsets", "needed_indices", "run_probe", "build_meta"]
-
-
-# -- which images: a plain function of (probe settings, train listing) --------------------------------------------
-def draw_subsets(listing: Listing | Features, settings: ProbeSettings | None = None, **options) -> list[Subset]:
-    """Every labelled subset of the run, as indices into the train listing: per seed the k-shot and percent subsets
-    (nested), then the split files (files with the same content label are seeds of one row). Images known to be
-    unreadable are passed over: each subset takes the next image of its class's order instead."""
-    settings = _settings(settings, options)
-    if isinstance(listing, Features):
-        listing = listing.listing()
-    subsets = []
-    for seed in range(settings.seeds):
-        if not settings.shots and not settings.percents:
-            break
-        full = class_orders(listing.ids, listing.labels, listing.classes, seed)
-        orders = readable_orders(full, listing.unreadable, listing=listing)
-        if settings.limit is not None:  # quick mode: the pool is each class's first `limit` readable images
-            full, orders = [o[:settings.limit] for o in full], [o[:settings.limit] for o in orders]
-        for k in settings.shots:
-            subsets.append(Subset(f"{k}-shot", seed, k_shot(orders, listing.classes, k,
-                                                            allow_fewer=settings.allow_fewer), shots=k))
-        for p in settings.percents:
-            subsets.append(Subset(f"{p:g}%", seed, percent_subset(orders, listing.classes, p,
-                                                                  class_sizes=[len(o) for o in full]), percent=p))
-    seen: dict[str, int] = {}
-    for path in settings.split_files:
-        names = read_split_file(path)
-        indices, missing = match_split_file(names, listing.ids)
-        if len(indices) == 0:
-            raise SplitError(f"--split-file {path}: none of its {len(names)} names is in the train split "
-                             f"(e.g. {names[0]!r}; train ids look like {listing.ids[0]!r})")
-        unreadable = [i for i in indices if int(i) in listing.unreadable]  # listed but undecodable: reported
-        indices = np.asarray([i for i in indices if int(i) not in listing.unreadable], dtype=np.int64)
-        matched = _matched_classes(names, indices, listing)
-        label, k = split_file_label(path, names, matched)
-        seed = seen.get(label, 0)
-        seen[label] = seed + 1
-        subsets.append(Subset(label, seed, indices, shots=k, source=str(path),
-                              missing=len(missing) + len(unreadable)))
-    return subsets
-
-
-def needed_indices(settings: ProbeSettings, listing: Listing) -> np.ndarray:
-    """The train images (sorted listing indices) that the protocol's subsets use: what extraction must encode."""
-    subsets = draw_subsets(listing, settings)
-    if not subsets:
-        return np.zeros(0, dtype=np.int64)
-    return np.unique(np.concatenate([s.indices for s in subsets]))
-
-
-def scored_indices(settings: ProbeSettings, listing: Listing) -> np.ndarray | None:
-    """The test images a run scores, as sorted listing indices: None (every one) for the protocol; with
-    ``settings.limit``, the first ``limit`` readable images of each class in seed 0's order (``class_orders``), so
-    the choice depends only on the ids and class names, and an image found unreadable is replaced by the next."""
-    if settings.limit is None:
-        return None
-    orders = readable_orders(class_orders(listing.ids, listing.labels, listing.classes, 0), listing.unreadable)
-    return np.sort(np.concatenate([o[:settings.limit] for o in orders]))
 
 
 def scored_test(test: Features, settings: ProbeSettings) -> Features:
@@ -116,13 +48,6 @@ def scored_test(test: Features, settings: ProbeSettings) -> Features:
                         f"--limit {settings.limit} scores (extract them first, with the same --limit)")
     return dataclasses.replace(test, features=np.asarray(test.features[rows]), labels=np.asarray(test.labels)[rows],
                                ids=[test.ids[r] for r in rows], rows=rows if test.rows is None else test.rows[rows])
-
-
-def _matched_classes(names: list[str], indices: np.ndarray, listing: Listing) -> dict[str, str]:
-    """name -> class of the train image it matched (for labelling files of bare file names by content)."""
-    by_name = {Path(str(listing.ids[i])).name: listing.classes[int(listing.labels[i])] for i in indices}
-    by_path = {str(listing.ids[i]): listing.classes[int(listing.labels[i])] for i in indices}
-    return {n: by_path.get(n) or by_name.get(Path(n).name) for n in names if n in by_path or Path(n).name in by_name}
 
 
 # -- the classifiers: one fit function each, in a registry ------------------------------------------------------
@@ -180,7 +105,7 @@ def run_probe(train: Features, test: Features, settings: ProbeSettings | None = 
     adds a percentile bootstrap 95% interval over test images to every row and summary entry. ``train`` may hold
     only some of its split's images: those the subsets use must be there (else
     :class:`~lowshot.errors.MissingFeaturesError`, before any fit)."""
-    settings = _settings(settings, options)
+    settings = probe_settings(settings, options)
     _check_compatible(train, test)
     test = scored_test(test, settings)
     subsets = draw_subsets(train.listing(), settings)
@@ -344,12 +269,6 @@ def fingerprint(features: Features) -> str:
     classes = list(listing.classes)
     return digest({"classes": classes,
                    "items": sorted(f"{classes[int(c)]}/{i}" for i, c in zip(listing.ids, labels, strict=True))})[:16]
-
-
-def _settings(settings: ProbeSettings | None, options: dict) -> ProbeSettings:
-    if settings is not None and options:
-        raise TypeError(f"give a ProbeSettings or its fields, not both ({', '.join(options)})")
-    return settings if settings is not None else ProbeSettings(**options)
 
 
 def _dataset_of(features: Features) -> str | None:

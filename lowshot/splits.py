@@ -4,6 +4,10 @@ Sampling is nested and deterministic: for a seed, each class's images (sorted by
 generator seeded with ``(seed, crc32(class name))``, and every subset takes a prefix of that order. So the 1-shot
 set is inside the 2-shot set, inside the 5-shot set, inside the 1% set when it is larger -- and the draw depends
 only on the seed, the class names and the item ids, never on the order of the features or the machine.
+
+:func:`draw_subsets` draws every subset of a protocol from the train split's *listing* (ids, labels, class
+names), never from features, so :func:`needed_indices` says which train images a run uses, and
+:func:`scored_indices` which test images, before a pixel is decoded: extraction encodes only those.
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .config import ProbeSettings
 from .errors import BadInputError, SplitError
+
+if TYPE_CHECKING:
+    from .cache import Features
 
 
 @dataclass(frozen=True)
@@ -173,3 +182,75 @@ def _class_of(name: str) -> str | None:
         return parts[-2]
     match = re.match(r"(n\d{8})_", parts[-1])
     return match.group(1) if match else None
+
+
+# -- which images: a plain function of (probe settings, train listing) --------------------------------------------
+def draw_subsets(listing: Listing | Features, settings: ProbeSettings | None = None, **options) -> list[Subset]:
+    """Every labelled subset of the run, as indices into the train listing: per seed the k-shot and percent subsets
+    (nested), then the split files (files with the same content label are seeds of one row). Images known to be
+    unreadable are passed over: each subset takes the next image of its class's order instead."""
+    settings = probe_settings(settings, options)
+    if not isinstance(listing, Listing):  # a train split's Features: its listing
+        listing = listing.listing()
+    subsets = []
+    for seed in range(settings.seeds):
+        if not settings.shots and not settings.percents:
+            break
+        full = class_orders(listing.ids, listing.labels, listing.classes, seed)
+        orders = readable_orders(full, listing.unreadable, listing=listing)
+        if settings.limit is not None:  # quick mode: the pool is each class's first `limit` readable images
+            full, orders = [o[:settings.limit] for o in full], [o[:settings.limit] for o in orders]
+        for k in settings.shots:
+            subsets.append(Subset(f"{k}-shot", seed, k_shot(orders, listing.classes, k,
+                                                            allow_fewer=settings.allow_fewer), shots=k))
+        for p in settings.percents:
+            subsets.append(Subset(f"{p:g}%", seed, percent_subset(orders, listing.classes, p,
+                                                                  class_sizes=[len(o) for o in full]), percent=p))
+    seen: dict[str, int] = {}
+    for path in settings.split_files:
+        names = read_split_file(path)
+        indices, missing = match_split_file(names, listing.ids)
+        if len(indices) == 0:
+            raise SplitError(f"--split-file {path}: none of its {len(names)} names is in the train split "
+                             f"(e.g. {names[0]!r}; train ids look like {listing.ids[0]!r})")
+        unreadable = [i for i in indices if int(i) in listing.unreadable]  # listed but undecodable: reported
+        indices = np.asarray([i for i in indices if int(i) not in listing.unreadable], dtype=np.int64)
+        matched = _matched_classes(names, indices, listing)
+        label, k = split_file_label(path, names, matched)
+        seed = seen.get(label, 0)
+        seen[label] = seed + 1
+        subsets.append(Subset(label, seed, indices, shots=k, source=str(path),
+                              missing=len(missing) + len(unreadable)))
+    return subsets
+
+
+def needed_indices(settings: ProbeSettings, listing: Listing) -> np.ndarray:
+    """The train images (sorted listing indices) that the protocol's subsets use: what extraction must encode."""
+    subsets = draw_subsets(listing, settings)
+    if not subsets:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.concatenate([s.indices for s in subsets]))
+
+
+def scored_indices(settings: ProbeSettings, listing: Listing) -> np.ndarray | None:
+    """The test images a run scores, as sorted listing indices: None (every one) for the protocol; with
+    ``settings.limit``, the first ``limit`` readable images of each class in seed 0's order (``class_orders``), so
+    the choice depends only on the ids and class names, and an image found unreadable is replaced by the next."""
+    if settings.limit is None:
+        return None
+    orders = readable_orders(class_orders(listing.ids, listing.labels, listing.classes, 0), listing.unreadable)
+    return np.sort(np.concatenate([o[:settings.limit] for o in orders]))
+
+
+def _matched_classes(names: list[str], indices: np.ndarray, listing: Listing) -> dict[str, str]:
+    """name -> class of the train image it matched (for labelling files of bare file names by content)."""
+    by_name = {Path(str(listing.ids[i])).name: listing.classes[int(listing.labels[i])] for i in indices}
+    by_path = {str(listing.ids[i]): listing.classes[int(listing.labels[i])] for i in indices}
+    return {n: by_path.get(n) or by_name.get(Path(n).name) for n in names if n in by_path or Path(n).name in by_name}
+
+
+def probe_settings(settings: ProbeSettings | None, options: dict) -> ProbeSettings:
+    """``settings``, or a ProbeSettings made from its fields given as keyword arguments (not both)."""
+    if settings is not None and options:
+        raise TypeError(f"give a ProbeSettings or its fields, not both ({', '.join(options)})")
+    return settings if settings is not None else ProbeSettings(**options)

@@ -320,16 +320,19 @@ class FeatureCache:
             found.append(manifest)
         return sorted(found, key=lambda m: m.get("created", ""), reverse=True)
 
+    def matching(self, key_prefix: str) -> list[Path]:
+        """The folders of finished and partial entries whose key starts with ``key_prefix``."""
+        return [folder for sub in ("entries", "partial") for folder in (self.root / sub).glob(f"{key_prefix}*")]
+
     def remove(self, key_prefix: str) -> list[str]:
         """Delete finished and partial entries whose key starts with ``key_prefix``; returns the keys removed."""
         if not key_prefix:
             raise CacheError("give a key (or a prefix of one) to remove; see 'lowshot cache list'")
         removed = []
-        for sub in ("entries", "partial"):
-            for folder in (self.root / sub).glob(f"{key_prefix}*"):
-                with self.lock(folder.name):
-                    shutil.rmtree(folder, ignore_errors=True)
-                removed.append(folder.name)
+        for folder in self.matching(key_prefix):
+            with self.lock(folder.name):
+                shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
         for run in (self.root / "runs").glob("*.json"):
             try:
                 record = json.loads(run.read_text())

@@ -744,8 +744,7 @@ def cache_rm(
         keys = [m["key"] for m in cache.manifests()] + [p.name for p in (cache.root / "partial").glob("*")]
     if not keys:
         raise BadInputError("give one or more keys (or --all); see 'lowshot cache list'")
-    present = [p.name for sub in ("entries", "partial") for p in (cache.root / sub).glob("*")]
-    unknown = [key for key in keys if not any(name.startswith(key) for name in present)]
+    unknown = [key for key in keys if not cache.matching(key)]
     if unknown:  # checked for every key before anything is removed
         raise BadInputError(f"no cache entry matches {', '.join(map(repr, unknown))}; see 'lowshot cache list' "
                             f"(nothing removed)")

@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .errors import BadInputError, ProtocolMismatchError
+from .errors import BadInputError
 from .report import label_of, split_order
-from .results import Results, name_of, quick_run
+from .results import Results, name_of, require_full_run
 from .stats import METRIC_LABELS
 
 TASK_TYPE = "image-classification"
@@ -39,9 +39,7 @@ def eval_results(results: Results, *, metrics: list[str], source_url: str | None
     from huggingface_hub import EvalResult
 
     meta = results.meta
-    if quick_run(meta):  # a model card publishes the protocol's numbers, never a quick look
-        raise ProtocolMismatchError(f"{label_of(results)} is a quick run (--limit {meta['limit']} images per class), "
-                                    "not the protocol: a model card takes only full runs; rerun without --limit")
+    require_full_run(results, label_of(results), refused_by="a model card takes only full runs")
     dataset = name_of(meta.get("data")) or "unknown"
     out = []
     for metric in metrics:

@@ -22,7 +22,17 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError, ProtocolMismatchError
-from .results import Results, classifier_of, format_ci, format_mean, name_of, over_seeds, quick_run, row_key
+from .results import (
+    Results,
+    classifier_of,
+    format_ci,
+    format_mean,
+    name_of,
+    over_seeds,
+    quick_run,
+    require_full_run,
+    row_key,
+)
 from .stats import (
     DEFAULT_METRIC,
     DEFAULT_N_BOOT,
@@ -252,9 +262,7 @@ def gate(current: Results, baseline: Results, *, max_drop: float = DEFAULT_MAX_D
     if not max_drop >= 0:
         raise BadInputError(f"--max-drop {max_drop}: must be zero or a positive number of points")
     for name, results in ((label, current), (baseline_name, baseline)):  # even with force: not the protocol
-        if quick_run(results.meta):
-            raise ProtocolMismatchError(f"{name} is a quick run (--limit {results.meta['limit']} images per class), "
-                                        "not the protocol: the regression gate refuses it; rerun without --limit")
+        require_full_run(results, name, refused_by="the regression gate refuses it")
     now = {(s["classifier"], s["subset"]): s["mean"] for s in current.summary_of(metric)}
     checks = [SubsetCheck(s["classifier"], s["subset"], s["mean"], now.get((s["classifier"], s["subset"])))
               for s in baseline.summary_of(metric)]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInputError
+from .errors import BadInputError, ProtocolMismatchError
 from .stats import DEFAULT_METRIC, METRICS, mean_std
 
 ROW_FIELDS = ("subset", "shots", "percent", "seed", "top1", "top5", "mean_per_class", "n_train", "n_test", "lambda",
@@ -255,6 +255,14 @@ def quick_run(meta: dict) -> str | None:
     """What results of a quick run say first (``limit`` in their meta): not the protocol, so never gated."""
     limit = meta.get("limit")
     return None if limit is None else f"quick run: --limit {limit} images per class, not the protocol"
+
+
+def require_full_run(results: Results, name: str, *, refused_by: str) -> None:
+    """Refuse a quick run (``--limit``) where only the protocol's numbers belong (the gate, a model card)."""
+    limit = results.meta.get("limit")
+    if limit is not None:
+        raise ProtocolMismatchError(f"{name} is a quick run (--limit {limit} images per class), not the protocol: "
+                                    f"{refused_by}; rerun without --limit")
 
 
 def format_ci(entry: dict) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -98,7 +99,7 @@ class Plan:
     keys: dict[str, str]
     options: ExtractSettings
 
-    @property
+    @functools.cached_property
     def origin(self) -> dict:
         """What this request names, as one finds it again: a model folder or MSN checkpoint by its absolute path, a
         hub model by its id and the revision it resolved to; the data likewise; and the weights' identity (sha256

@@ -45,7 +45,7 @@ def machine() -> dict:
 def begin(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, dict]:
     """Every benchmark's start: ``--out`` added and the command line parsed, host memory kept as the CLI keeps it
     (``keep_host_memory``: the code measured runs under the allocator users get), the machine described."""
-    from lowshot.hostmem import keep_host_memory
+    from lowshot.features.hostmem import keep_host_memory
 
     parser.add_argument("--out", type=Path, default=None, help="results folder [benchmarks/results]")
     args = parser.parse_args()

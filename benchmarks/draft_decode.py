@@ -51,7 +51,7 @@ def decode_rate(paths: list[Path], names: list[str], reps: int) -> dict[str, flo
     """Images per second of decode + transform for each named transform, repetitions interleaved."""
     from PIL import Image
 
-    from lowshot.transforms import named_transform
+    from lowshot.data.transforms import named_transform
 
     transforms = {name: named_transform(name, DEIT_TINY) for name in names}
     seconds: dict[str, list[float]] = {name: [] for name in names}

@@ -109,7 +109,7 @@ def matmul_limit(reps: int) -> dict:
 
 # -- 2./3. the model alone ----------------------------------------------------------------------------------------
 def real_batch(n: int = BATCH) -> torch.Tensor:
-    from lowshot.transforms import msn_transform
+    from lowshot.data.transforms import msn_transform
 
     files = sorted((IMAGENETTE / "val").glob("*/*.JPEG"))
     return msn_transform().load(files[:: max(1, len(files) // n)][:n])
@@ -118,7 +118,7 @@ def real_batch(n: int = BATCH) -> torch.Tensor:
 def model_rates(model_dir: Path, reps: int, dtype: str = "auto") -> dict:
     from transformers import ViTMSNModel
 
-    from lowshot.backbones import load_backbone
+    from lowshot.models.backbones import load_backbone
 
     pixels = real_batch()
     stock = ViTMSNModel.from_pretrained(model_dir).eval()
@@ -255,8 +255,8 @@ def decode_rates(source: Path, reps: int) -> dict[str, dict[str, float]]:
     next as the CPU extraction loop does."""
     from PIL import Image
 
-    from lowshot.extract import default_workers
-    from lowshot.transforms import msn_transform
+    from lowshot.data.transforms import msn_transform
+    from lowshot.features.extract import default_workers
 
     files = sorted(source.glob("train/*/*.JPEG"))[::4]
     names = ("msn", "msn-draft")

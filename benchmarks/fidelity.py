@@ -30,7 +30,7 @@ from benchmarks._common import DEIT_TINY, IMAGENETTE, RESULTS, describe, machine
 def load_pixels(split: str, per_class: int) -> tuple[torch.Tensor, np.ndarray, list[str], list[str]]:
     from PIL import Image
 
-    from lowshot.transforms import msn_transform
+    from lowshot.data.transforms import msn_transform
 
     tf = msn_transform()
     classes = sorted(p.name for p in (IMAGENETTE / split).iterdir() if p.is_dir())
@@ -61,7 +61,7 @@ def cosines(a: torch.Tensor, reference: torch.Tensor) -> dict:
 
 def family_fidelity(pixels: torch.Tensor, families: tuple[str, ...]) -> dict:
     """Per family: default readout, the engine and dtype --dtype auto picks on a bf16 CPU, and cosines to float32."""
-    from lowshot.backbones import ENV_CPU_FLAGS, load_backbone
+    from lowshot.models.backbones import ENV_CPU_FLAGS, load_backbone
     from tests import zoo
 
     out = {}
@@ -91,8 +91,8 @@ def family_fidelity(pixels: torch.Tensor, families: tuple[str, ...]) -> dict:
 
 
 def main() -> None:
-    from lowshot.backbones import load_backbone
-    from lowshot.cache import Features
+    from lowshot.features.store import Features
+    from lowshot.models.backbones import load_backbone
     from lowshot.protocol import run_probe
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -40,7 +40,7 @@ from benchmarks.extract_speed import (  # noqa: E402
     run_extract,
     save_vit_s16,
 )
-from lowshot.hostmem import keep_host_memory  # noqa: E402
+from lowshot.features.hostmem import keep_host_memory  # noqa: E402
 
 GPU_BATCH = 256  # images per batch on the GPU (extract --batch-size): enough rows to fill a large GPU's GEMMs
 
@@ -99,7 +99,7 @@ def matmul_limit(device: torch.device, batch: int, layers: int, reps: int) -> di
 def model_rates(model_dir: Path, device: torch.device, batch: int, reps: int) -> dict:
     from transformers import ViTMSNModel
 
-    from lowshot.backbones import load_backbone
+    from lowshot.models.backbones import load_backbone
 
     pixels = real_batch(batch).to(device)
     stock = ViTMSNModel.from_pretrained(model_dir).eval().to(device)
@@ -128,8 +128,8 @@ def model_rates(model_dir: Path, device: torch.device, batch: int, reps: int) ->
 
 def data_path(device: torch.device, batch: int, reps: int) -> dict:
     """Decoded uint8 crops -> normalised batch on the device: lowshot's staging against host normalisation."""
-    from lowshot.devices import Device
-    from lowshot.transforms import msn_transform
+    from lowshot.data.transforms import msn_transform
+    from lowshot.models.devices import Device
 
     tf = msn_transform()
     crops = list(np.random.default_rng(0).integers(0, 256, size=(batch, 224, 224, 3), dtype=np.uint8))
@@ -174,7 +174,7 @@ def main() -> None:
         sys.exit("gpu_speed: no CUDA device here (pass --device cpu for a dry run of the script)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 in every row
-    from lowshot.devices import capabilities
+    from lowshot.models.devices import capabilities
 
     info = {**machine(), "device": capabilities(device)}
     print(describe(info), "| device:", info["device"], flush=True)

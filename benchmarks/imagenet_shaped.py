@@ -68,7 +68,7 @@ def build_tree(root: Path, *, classes: int, train: int, val: int) -> float:
 
 def time_listing(tree: Path, memo: Path) -> dict:
     """Seconds to list + fingerprint the train split: no memo, first run with a memo, memo and nothing changed."""
-    from lowshot.datasets import image_folder
+    from lowshot.data.datasets import image_folder
 
     shutil.rmtree(memo, ignore_errors=True)
     out = {}
@@ -173,7 +173,7 @@ def main() -> None:
         results = json.loads((work / "results.json").read_text())
         again = run_probe_command(tree, work / "cache", args.model, work / "results2.json", work / "again.log")
         print(f"second run: {again}", flush=True)
-        from lowshot.cache import FeatureCache
+        from lowshot.features.store import FeatureCache
 
         entries = {m["split"]: {"held": m["n"], "listed": m["n_listed"], "size_bytes": m["size_bytes"]}
                    for m in FeatureCache(work / "cache").manifests()}
@@ -242,9 +242,9 @@ def project(args, tree: Path, cache: Path, rate: float) -> tuple[dict, list[str]
     """What the default protocol encodes on the tree, and the time that and a full extraction take at ``rate``
     (img/s): payload entries and the markdown rows that report them."""
     from lowshot.config import ProbeSettings
-    from lowshot.datasets import open_dataset
+    from lowshot.data.datasets import open_dataset
+    from lowshot.data.subsets import Listing
     from lowshot.protocol import needed_indices
-    from lowshot.splits import Listing
 
     train = open_dataset(tree, listing_cache=cache / "listings").train
     needed = len(needed_indices(ProbeSettings(), Listing(train.ids, train.labels, train.classes))) + args.val
@@ -284,9 +284,9 @@ def report_stopped_run(args, info: dict, tree: Path, work: Path) -> None:
 def plan_only(args, info: dict, tree: Path, work: Path, shape: dict, built: float | None, listing: dict) -> None:
     """Count the images the default protocol encodes (the union of its subsets + the test split), timed."""
     from lowshot.config import ProbeSettings
-    from lowshot.datasets import open_dataset
+    from lowshot.data.datasets import open_dataset
+    from lowshot.data.subsets import Listing
     from lowshot.protocol import needed_indices
-    from lowshot.splits import Listing
 
     started = time.perf_counter()
     dataset = open_dataset(tree, listing_cache=work / "listing-memo")

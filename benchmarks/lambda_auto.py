@@ -31,8 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import DEIT_TINY, IMAGENETTE, RESULTS, begin, describe, publish  # noqa: E402
 from examples.make_random_model import make_random_model  # noqa: E402
 from lowshot import extract_features  # noqa: E402
-from lowshot.config import ProbeSettings  # noqa: E402
-from lowshot.probe import DEFAULT_LAMBDA, LAMBDA_GRID, LogisticProbe, preprocess, select_lambda  # noqa: E402
+from lowshot.classify.base import preprocess  # noqa: E402
+from lowshot.classify.logistic import LAMBDA_GRID, LogisticProbe, select_lambda
+from lowshot.config import (
+    DEFAULT_LAMBDA,
+    ProbeSettings,  # noqa: E402
+)
 from lowshot.protocol import draw_subsets, locate_rows  # noqa: E402
 
 ARGMAX_GRID = tuple(float(f"{v:.6g}") for v in 10.0 ** np.arange(-4.0, 0.01, 0.5))  # 1e-4 … 1

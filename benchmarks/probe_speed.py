@@ -31,9 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import RESULTS, begin, describe, median, publish  # noqa: E402
-from lowshot import probe as probe_module  # noqa: E402
-from lowshot.flushed import run_flushed  # noqa: E402
-from lowshot.probe import LogisticProbe, _SoftmaxLoss, objective, preprocess  # noqa: E402
+from lowshot.classify import solver  # noqa: E402
+from lowshot.classify.base import preprocess
+from lowshot.classify.flushed import run_flushed  # noqa: E402
+from lowshot.classify.logistic import LogisticProbe  # noqa: E402
+from lowshot.classify.solver import _SoftmaxLoss, objective
 
 LAMBDA = 0.0025  # MSN README, 5 images per class
 DIM, CLASSES = 384, 1000
@@ -64,19 +66,19 @@ class Generator:
 
 @contextlib.contextmanager
 def whitening(on: bool):
-    """Run lowshot's solver with or without its preconditioner (``lowshot.probe.WHITEN``)."""
-    saved = probe_module.WHITEN
-    probe_module.WHITEN = on
+    """Run lowshot's solver with or without its preconditioner (``lowshot.classify.logistic.WHITEN``)."""
+    saved = solver.WHITEN
+    solver.WHITEN = on
     try:
         yield
     finally:
-        probe_module.WHITEN = saved
+        solver.WHITEN = saved
 
 
 @contextlib.contextmanager
 def solver_clock(record: list[float]):
     """Append the seconds spent inside the L-BFGS loop of each fit to ``record`` (fixed per-fit costs excluded)."""
-    inner = probe_module._lbfgs
+    inner = solver._lbfgs
 
     def timed(*args, **kwargs):
         start = time.perf_counter()
@@ -85,16 +87,16 @@ def solver_clock(record: list[float]):
         finally:
             record.append(time.perf_counter() - start)
 
-    probe_module._lbfgs = timed
+    solver._lbfgs = timed
     try:
         yield
     finally:
-        probe_module._lbfgs = inner
+        solver._lbfgs = inner
 
 
 def evaluation_seconds(xt: torch.Tensor, y: np.ndarray, coef: np.ndarray, reps: int) -> float:
     """One loss + gradient evaluation (its two products and the softmax) timed alone at the solution, float32, best
-    of ``reps``; on the thread the fits run on (``lowshot/flushed.py``)."""
+    of ``reps``; on the thread the fits run on (``lowshot/classify/flushed.py``)."""
     return run_flushed(_evaluation_seconds, xt, y, coef, reps)
 
 
@@ -168,7 +170,7 @@ def solver_comparison(reps: int) -> dict:
 
 def imagenet_sized_features(root: Path):
     """Write the synthetic ImageNet-sized train/test features into a lowshot feature cache and load them back."""
-    from lowshot.cache import FeatureCache, Features, ShardStore
+    from lowshot.features.store import FeatureCache, Features, ShardStore
 
     gen = Generator(1)
     labels = np.repeat(np.arange(CLASSES), CLASS_SIZES)

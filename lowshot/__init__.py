@@ -14,13 +14,15 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "extract_features": "extract", "load_features": "extract", "run_probe": "protocol",
-    "LogisticProbe": "probe", "KNNClassifier": "neighbors", "NearestClassMean": "neighbors",
-    "Results": "results", "FeatureCache": "cache", "compare": "report", "gate": "report",
-    "build_report": "report", "plot_comparison": "plot", "load_config": "bench", "run_bench": "bench",
-    "ExtractSettings": "config", "ProbeSettings": "config", "needed_indices": "splits",
-    "paired_differences": "report", "model_index_yaml": "modelcard",
-    "export_features": "export", "load_export": "export",
+    "extract_features": "features.extract", "load_features": "features.extract",
+    "export_features": "features.export", "load_export": "features.export", "FeatureCache": "features.store",
+    "run_probe": "protocol", "needed_indices": "data.subsets",
+    "LogisticProbe": "classify.logistic", "KNNClassifier": "classify.neighbors",
+    "NearestClassMean": "classify.neighbors",
+    "Results": "results.rows", "compare": "results.compare", "gate": "results.compare",
+    "build_report": "results.compare", "paired_differences": "results.compare",
+    "plot_comparison": "results.plot", "model_index_yaml": "results.modelcard",
+    "load_config": "bench", "run_bench": "bench", "ExtractSettings": "config", "ProbeSettings": "config",
 }
 __all__ = ["__version__", *_EXPORTS]
 

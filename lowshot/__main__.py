@@ -1,3 +1,3 @@
-from .cli import main
+from lowshot.cli import main
 
 main()

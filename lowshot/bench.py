@@ -31,13 +31,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import ExtractSettings, ProbeSettings
-from .errors import BadInputError, DataError, MissingDependencyError, OutputError, ProtocolMismatchError, SettingError
-from .extract import extract_features
-from .outputs import check_folder, check_writable, output_format, save_text
-from .protocol import Progress, run_probe
-from .report import DEFAULT_MAX_DROP, Comparison, build_report, gate, suite_table
-from .results import Results
+from lowshot.config import ExtractSettings, ProbeSettings
+from lowshot.errors import (
+    BadInputError,
+    DataError,
+    MissingDependencyError,
+    OutputError,
+    ProtocolMismatchError,
+    SettingError,
+)
+from lowshot.features.extract import extract_features
+from lowshot.io import check_folder, check_writable, output_format, save_text
+from lowshot.protocol import Progress, run_probe
+from lowshot.results.compare import DEFAULT_MAX_DROP, Comparison, build_report, gate, suite_table
+from lowshot.results.rows import Results
 
 REPORT_NAME = "report.md"
 PLOT_NAME = "plot.png"
@@ -213,7 +220,7 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
         return _run_suite(config, cache_dir=cache_dir, output=output, force=force, update_baseline=update_baseline,
                           progress=progress, log=log)
     if config.plot:
-        from .plot import require_matplotlib
+        from lowshot.results.plot import require_matplotlib
 
         require_matplotlib()
     gated = [m.name for m in config.models if m.baseline is not None]
@@ -265,7 +272,7 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
     report = output / REPORT_NAME
     keep(lambda: save_text(report, title + comparison.to_markdown(), flag="report"))
     if config.plot:
-        from .plot import plot_comparison
+        from lowshot.results.plot import plot_comparison
 
         keep(lambda: plot_comparison(comparison, output / PLOT_NAME))
     return BenchOutcome(config, results, comparison, written, unsaved=unsaved)

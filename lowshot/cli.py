@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
-from .config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_READOUT
-from .errors import BadInputError, LowshotError, SettingError
-from .hostmem import keep_host_memory
+from lowshot.config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_READOUT
+from lowshot.errors import BadInputError, LowshotError, SettingError
+from lowshot.features.hostmem import keep_host_memory
 
 # typer raises click's exceptions (from its own copy of click since 0.2x): reached through a public name.
 _UsageError = typer.BadParameter.__mro__[1]
@@ -205,7 +205,7 @@ def _friendly(command):
 
 def _print_version(value: bool) -> None:
     if value:
-        from . import __version__
+        from lowshot import __version__
 
         out.print(f"lowshot {__version__}")
         raise typer.Exit()
@@ -279,10 +279,10 @@ def extract(
     split file, --all) encodes only what is missing. A request the cache covers decodes no image and loads no
     model. An interrupted run resumes from its finished shards.
     """
-    from .config import ExtractSettings
-    from .distributed import launched_rank
-    from .extract import extract_features
-    from .render import progress_callback
+    from lowshot.config import ExtractSettings
+    from lowshot.features.distributed import launched_rank
+    from lowshot.features.extract import extract_features
+    from lowshot.render import progress_callback
 
     settings = ExtractSettings(revision=revision, train_split=train_split, test_split=test_split,
                                image_column=image_column, label_column=label_column, transform=transform,
@@ -291,7 +291,7 @@ def extract(
     subsets = _probe_settings(shots, percent, seeds, split_file, allow_fewer, limit=limit)
     main_rank = launched_rank() == 0  # under torchrun / accelerate, only rank 0 draws and reports
     if data is None and main_rank:
-        from .datasets import DEMO_DATA
+        from lowshot.data.datasets import DEMO_DATA
 
         err.print(f"no --data given: using the bundled demo sample {DEMO_DATA} (a smoke test, not a benchmark)",
                   highlight=False)
@@ -335,7 +335,7 @@ def _report_extraction(run) -> None:
 def _probe_settings(shots: str | None, percent: str | None, seeds: int, split_file: list[Path] | None,
                     allow_fewer: bool, **fit):
     """The one ProbeSettings both commands build from their protocol options (None: the option was not given)."""
-    from .config import ProbeSettings
+    from lowshot.config import ProbeSettings
 
     shot_list = _parse_list(shots, int, "--shots") if shots is not None else None
     percent_list = [p for p in _parse_list(percent, float, "--percent") if p != 0] if percent is not None else None
@@ -386,9 +386,9 @@ def export(
 ) -> None:
     """Write one split's features (from the cache; every image of the split extracted first if missing) to .npz or
     .parquet for use elsewhere: ids, labels, class names, float32 features and the settings that made them."""
-    from .config import ExtractSettings
-    from .export import export_features
-    from .render import progress_callback
+    from lowshot.config import ExtractSettings
+    from lowshot.features.export import export_features
+    from lowshot.render import progress_callback
 
     settings = ExtractSettings(revision=revision, train_split=split, test_split=split, image_column=image_column,
                                label_column=label_column, transform=transform, feature=feature,
@@ -458,13 +458,13 @@ def probe(
     """Fit the MSN logistic probe on k-shot / percent subsets of the train features and report top-1 on the whole
     test split, mean ± std over seeds. With --model/--data, first encode whatever the protocol needs that is not
     cached yet (one command from images to the table)."""
-    from .config import ExtractSettings
-    from .errors import MissingFeaturesError
-    from .extract import extract_features, load_features
-    from .outputs import RESULT_SUFFIXES, check_writable, output_format
-    from .protocol import run_probe
-    from .render import progress_callback, results_table
-    from .results import FORMATS
+    from lowshot.config import ExtractSettings
+    from lowshot.errors import MissingFeaturesError
+    from lowshot.features.extract import extract_features, load_features
+    from lowshot.io import RESULT_SUFFIXES, check_writable, output_format
+    from lowshot.protocol import run_probe
+    from lowshot.render import progress_callback, results_table
+    from lowshot.results.rows import FORMATS
 
     if fmt not in FORMATS:
         raise BadInputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -575,11 +575,11 @@ def report(
     not be written (its content is kept in a file the error names), or 2 when the protocols differ (without
     --force) or an input is bad.
     """
-    from .outputs import REPORT_SUFFIXES, check_writable, output_format
-    from .render import comparison_table, paired_table
-    from .report import REPORT_FORMATS, build_report, load_all
-    from .results import Results
-    from .stats import parse_metrics
+    from lowshot.io import REPORT_SUFFIXES, check_writable, output_format
+    from lowshot.render import comparison_table, paired_table
+    from lowshot.results.compare import REPORT_FORMATS, build_report, load_all
+    from lowshot.results.rows import Results
+    from lowshot.results.stats import parse_metrics
 
     if fmt not in REPORT_FORMATS:
         raise BadInputError(f"--format {fmt!r}: expected one of {', '.join(REPORT_FORMATS)}")
@@ -590,7 +590,7 @@ def report(
         output_format(output, REPORT_SUFFIXES)
         check_writable(output)
     if plot is not None:
-        from .plot import PLOT_SUFFIXES, require_matplotlib
+        from lowshot.results.plot import PLOT_SUFFIXES, require_matplotlib
 
         output_format(plot, PLOT_SUFFIXES, flag="--plot")
         require_matplotlib()
@@ -614,16 +614,16 @@ def report(
             for name, reason in comparison.unpaired.items():
                 out.print(f"no paired differences for {name}: {reason}", highlight=False)
     else:
-        from .report import render_comparisons
+        from lowshot.results.compare import render_comparisons
 
         sys.stdout.write(render_comparisons(comparisons, fmt))
     unsaved = []
     if output is not None:
-        from .report import save_comparisons
+        from lowshot.results.compare import save_comparisons
 
         unsaved += _save(lambda: save_comparisons(comparisons, output))
     if plot is not None:
-        from .plot import plot_comparison
+        from lowshot.results.plot import plot_comparison
 
         unsaved += _save(lambda: plot_comparison(comparisons, plot))
     _gate_verdict(comparisons, unsaved)
@@ -632,7 +632,7 @@ def report(
 def _save(write) -> list:
     """Run one save at the end of a command: "wrote PATH", or the OutputError (the content kept elsewhere) to
     report once the other outputs and the gate's verdict are out."""
-    from .errors import OutputError
+    from lowshot.errors import OutputError
 
     try:
         err.print(f"wrote {write()}", highlight=False)
@@ -643,7 +643,7 @@ def _save(write) -> list:
 
 def _model_index(loaded, paths, *, fmt, card, metrics, label, source_url) -> None:
     """--format model-index (stdout) and --card (merge into a model card): one results file, one model."""
-    from .modelcard import merge_into_card, model_index_yaml
+    from lowshot.results.modelcard import merge_into_card, model_index_yaml
 
     if len(loaded) != 1:
         raise BadInputError(f"--format model-index / --card describe one model: give one results file, not "
@@ -659,7 +659,7 @@ def _model_index(loaded, paths, *, fmt, card, metrics, label, source_url) -> Non
 def _gate_verdict(comparisons, unsaved=()) -> None:
     """Say what the regression gates found (stderr) and exit 1 when one failed or an output (``unsaved``, its
     OutputErrors) could not be written."""
-    from .errors import OutputError, RegressionError
+    from lowshot.errors import OutputError, RegressionError
 
     comparisons = comparisons if isinstance(comparisons, list) else [comparisons]
     for comparison in comparisons:
@@ -697,8 +697,8 @@ def bench(
     Exit status: 0, or 1 when a model dropped more than max_drop points below its baseline, or 2 when a
     baseline's protocol differs (without --force) or the config is bad.
     """
-    from .bench import load_config, run_bench
-    from .render import comparison_table, progress_callback
+    from lowshot.bench import load_config, run_bench
+    from lowshot.render import comparison_table, progress_callback
 
     cfg = load_config(config)
     with progress_callback(err, unit="it") as progress:
@@ -716,8 +716,8 @@ def bench(
 @_friendly
 def cache_list(wide: Wide = False, cache_dir: CacheDir = None) -> None:
     """List cached feature entries: model, data, split, size, date."""
-    from .cache import FeatureCache
-    from .render import cache_table
+    from lowshot.features.store import FeatureCache
+    from lowshot.render import cache_table
 
     cache = FeatureCache(cache_dir)
     out.print(f"cache dir: {cache.root}", highlight=False, soft_wrap=True)  # first, also when empty
@@ -737,7 +737,7 @@ def cache_rm(
     cache_dir: CacheDir = None,
 ) -> None:
     """Remove cached entries (finished and partial) by key prefix, or all of them."""
-    from .cache import FeatureCache
+    from lowshot.features.store import FeatureCache
 
     cache = FeatureCache(cache_dir)
     if all_entries:
@@ -756,8 +756,8 @@ def cache_rm(
 @_friendly
 def cache_verify(cache_dir: CacheDir = None) -> None:
     """Check every entry's files against the checksums in its manifest (exit 1 if any is damaged)."""
-    from .cache import FeatureCache
-    from .errors import CacheError
+    from lowshot.errors import CacheError
+    from lowshot.features.store import FeatureCache
 
     cache = FeatureCache(cache_dir)
     problems = cache.verify()

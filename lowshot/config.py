@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import SettingError
+from lowshot.errors import SettingError
 
 DEFAULT_MODEL = "facebook/vit-msn-small"  # the MSN ViT-S/16 the product is built around
 FEATURE_PRENORM = "cls-prenorm"  # MSN logistic_eval.py: CLS of the last block before the final LayerNorm
 FEATURE_POSTNORM = "cls-postnorm"  # last_hidden_state[:, 0]
 FEATURES = (FEATURE_PRENORM, FEATURE_POSTNORM)
-DEFAULT_READOUT = "auto"  # the family's default readout (lowshot.readouts): cls-prenorm with a CLS token, else pooled
+DEFAULT_READOUT = "auto"  # the family's default readout (models.readouts): cls-prenorm with a CLS token, else pooled
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # images above this are refused as decompression bombs (PIL's own error level)
 DEFAULT_LAMBDA = 0.0025  # MSN README, logistic_eval.py example for 5 images per class
 # msn: MSN logistic_eval.py; msn-draft: the same with libjpeg's draft decode of big JPEGs (opt-in, faster);
@@ -30,7 +30,7 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_SHOTS = (1, 2, 5)
 DEFAULT_PERCENTS = (1.0,)
 DEFAULT_SEEDS = 3
-CLASSIFIERS = ("logistic", "knn", "ncm")  # the MSN probe, then the neighbour classifiers (lowshot.neighbors)
+CLASSIFIERS = ("logistic", "knn", "ncm")  # the MSN probe, then the neighbour classifiers (lowshot.classify.neighbors)
 BACKENDS = ("torch", "sklearn")
 DEFAULT_N_BOOT = 1000  # bootstrap replicates (torchgeo-bench and most papers: 1,000)
 
@@ -86,8 +86,8 @@ class ProbeSettings:
 
     ``limit`` (quick mode, not the protocol): at most ``limit`` images per class of the test split and of the train
     pool, each the first ``limit`` readable images of its class in the seeded order subsets are drawn in (the test
-    split: seed 0's order; see ``lowshot.splits.scored_indices``). k-shot subsets are then the same images as without
-    it, so k must not exceed it; percent subsets take their share of the limited pool; split files are used as
+    split: seed 0's order; see ``lowshot.data.subsets.scored_indices``). k-shot subsets are then the same images as
+    without it, so k must not exceed it; percent subsets take their share of the limited pool; split files are used as
     listed. It uses the cache entries of full runs and grows them; results record it, and the gate refuses them."""
 
     shots: tuple[int, ...] | None = None

@@ -1,8 +1,8 @@
 """The protocol on cached features: which subsets, seeds and lambdas -> result rows.
 
-The labelled subsets are drawn from the train split's *listing* (``lowshot.splits.draw_subsets``), so extraction
-encodes only the images a protocol uses (``lowshot.extract``), and :func:`run_probe` finds their rows in a feature
-entry that may hold only them.
+The labelled subsets are drawn from the train split's *listing* (``lowshot.data.subsets.draw_subsets``), so extraction
+encodes only the images a protocol uses (``lowshot.features.extract``), and :func:`run_probe` finds their rows in a
+feature entry that may hold only them.
 """
 
 from __future__ import annotations
@@ -18,15 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .cache import Features, digest, now_iso
-from .config import CLASSIFIERS, ProbeSettings
-from .errors import DataError, MissingFeaturesError
-from .neighbors import KNN_K_GRID, KNNClassifier, NearestClassMean
-from .probe import DEFAULT_LAMBDA, LAMBDA_GRID, LogisticProbe, ScoreClassifier, preprocess, select_lambda
-from .results import Predictions, Results, interval_key, row_key
-from .splits import Subset, draw_subsets, needed_indices, probe_settings, scored_indices
-from .stats import CI_LEVEL, METRICS, bootstrap_ci, metric_value, true_class_rank
+from lowshot import __version__
+from lowshot.classify.base import ScoreClassifier, preprocess
+from lowshot.classify.logistic import LAMBDA_GRID, LogisticProbe, select_lambda
+from lowshot.classify.neighbors import KNN_K_GRID, KNNClassifier, NearestClassMean
+from lowshot.config import CLASSIFIERS, DEFAULT_LAMBDA, ProbeSettings
+from lowshot.data.subsets import Subset, draw_subsets, needed_indices, probe_settings, scored_indices
+from lowshot.errors import DataError, MissingFeaturesError
+from lowshot.features.store import Features
+from lowshot.io import digest, now_iso
+from lowshot.results.rows import Predictions, Results, interval_key, row_key
+from lowshot.results.stats import CI_LEVEL, METRICS, bootstrap_ci, metric_value, true_class_rank
 
 Progress = Callable[[str, int, int], None]
 __all__ = ["CLASSIFIERS", "ProbeSettings", "draw_subsets", "needed_indices", "run_probe", "build_meta"]
@@ -100,10 +102,10 @@ def run_probe(train: Features, test: Features, settings: ProbeSettings | None = 
     subset and score it on the whole test split.
 
     ``settings`` is a :class:`~lowshot.config.ProbeSettings`, or its fields as keyword arguments (``shots=(1, 2)``,
-    ``lam="auto"``, ...). ``lam="auto"``: :func:`~lowshot.probe.select_lambda` inside each labelled subset (subsets
-    with fewer than ``MIN_CV_SHOTS`` images in a class use ``DEFAULT_LAMBDA``, and their rows say so). ``ci=True``
-    adds a percentile bootstrap 95% interval over test images to every row and summary entry. ``train`` may hold
-    only some of its split's images: those the subsets use must be there (else
+    ``lam="auto"``, ...). ``lam="auto"``: :func:`~lowshot.classify.logistic.select_lambda` inside each labelled
+    subset (subsets with fewer than ``MIN_CV_SHOTS`` images in a class use ``DEFAULT_LAMBDA``, and their rows say
+    so). ``ci=True`` adds a percentile bootstrap 95% interval over test images to every row and summary entry.
+    ``train`` may hold only some of its split's images: those the subsets use must be there (else
     :class:`~lowshot.errors.MissingFeaturesError`, before any fit)."""
     settings = probe_settings(settings, options)
     _check_compatible(train, test)

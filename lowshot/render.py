@@ -30,9 +30,17 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .report import PAIRED_METHOD, PUBLISHED_SOURCE, PUBLISHED_TAG, SUITE_MEAN, Cell, Comparison, format_p
-from .results import Results, format_ci, format_mean, name_of, over_seeds, quick_run, setting
-from .stats import METRIC_LABELS
+from lowshot.results.compare import (
+    PAIRED_METHOD,
+    PUBLISHED_SOURCE,
+    PUBLISHED_TAG,
+    SUITE_MEAN,
+    Cell,
+    Comparison,
+    format_p,
+)
+from lowshot.results.rows import Results, format_ci, format_mean, name_of, over_seeds, quick_run, setting
+from lowshot.results.stats import METRIC_LABELS
 
 NARROW = 80  # the width a table is laid out for when the console does not say (a pipe, a file, a test)
 

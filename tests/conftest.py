@@ -72,7 +72,7 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def decoded(monkeypatch):
     """(split name, listing index) of every image decoded from now on."""
-    from lowshot import datasets
+    from lowshot.data import datasets
 
     seen: list[tuple[str, int]] = []
     original = datasets.Split.open

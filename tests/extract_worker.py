@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowshot import extract
-from lowshot.backbones import Backbone
+from lowshot.features import extract
+from lowshot.models.backbones import Backbone
 
 
 def main() -> None:

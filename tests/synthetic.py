@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowshot.cache import Features
+from lowshot.features.store import Features
 
 
 def make_features(split: str, *, classes: int, per_class: int, dim: int = 16, signal: float = 1.0, seed: int = 0,

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import ViTMSNModel
 
-from lowshot import backbones
-from lowshot.backbones import FEATURE_POSTNORM, load_backbone, resolve_dtype, resolve_model
 from lowshot.errors import BadInputError, ModelLoadError
+from lowshot.models import backbones
+from lowshot.models.backbones import FEATURE_POSTNORM, load_backbone, resolve_dtype, resolve_model
 
 
 def test_prenorm_feature_is_the_last_hidden_state_cls_before_the_final_layernorm(tiny_model):
@@ -82,7 +82,7 @@ def test_bfloat16_features_stay_close_to_float32(tiny_model):
 
 
 def test_dtype_auto_runs_the_stock_engine_in_float32_even_on_a_bf16_cpu(tiny_model, monkeypatch):
-    from lowshot.backbones import plan_forward
+    from lowshot.models.backbones import plan_forward
 
     monkeypatch.setenv("LOWSHOT_CPU_FLAGS", "avx512_bf16 amx_bf16")
     ref = resolve_model(str(tiny_model))

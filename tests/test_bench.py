@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from lowshot.bench import load_config
 from lowshot.errors import BadInputError
-from lowshot.report import protocol
-from lowshot.results import Results
+from lowshot.results.compare import protocol
+from lowshot.results.rows import Results
 
 from .conftest import DEIT_TINY, IMAGENETTE, REPO
 

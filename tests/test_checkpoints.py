@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import lowshot
-from lowshot.backbones import load_backbone, resolve_model
 from lowshot.errors import ModelLoadError
+from lowshot.models.backbones import load_backbone, resolve_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
 

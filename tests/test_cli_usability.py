@@ -60,12 +60,12 @@ def test_help_keeps_square_brackets_and_shows_no_value_for_flags(path, command):
                                                  ("a-file/results.json", "is not a folder")])
 def test_a_bad_probe_output_fails_before_any_work(tmp_path, monkeypatch, output, message):
     (tmp_path / "a-file").write_text("not a folder")
-    import lowshot.extract
+    import lowshot.features.extract
 
     def never(*args, **kwargs):
         raise AssertionError("features were loaded before --output was checked")
 
-    monkeypatch.setattr(lowshot.extract, "load_features", never)
+    monkeypatch.setattr(lowshot.features.extract, "load_features", never)
     result = invoke("probe", "--output", tmp_path / output)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
@@ -81,7 +81,7 @@ def test_a_bad_report_output_or_plot_fails_before_reading_results(tmp_path):
 
 def test_results_are_saved_atomically_into_new_folders_and_refuse_unknown_extensions(tmp_path):
     from lowshot.errors import BadInputError
-    from lowshot.results import Results
+    from lowshot.results.rows import Results
 
     results = Results({"model": "m"}, [{"subset": "1-shot", "seed": 0, "top1": 50.0, "n_train": 2}])
     saved = results.save(tmp_path / "new" / "deeper" / "r.json")
@@ -113,8 +113,8 @@ def test_quickstart_example_runs_to_the_end(tiny_model, image_data, tmp_path):
 
 
 def test_a_model_that_is_an_ordinary_file_says_what_it_is_and_what_is_expected(tmp_path):
-    from lowshot.backbones import resolve_model_folder
     from lowshot.errors import ModelLoadError
+    from lowshot.models.backbones import resolve_model_folder
 
     readme = tmp_path / "README.md"
     readme.write_text("# not a model")
@@ -155,8 +155,8 @@ def test_other_hub_failures_are_said_in_words(monkeypatch, name, message):
     import huggingface_hub
     from huggingface_hub import errors
 
-    from lowshot.backbones import resolve_model_folder
     from lowshot.errors import ModelLoadError
+    from lowshot.models.backbones import resolve_model_folder
 
     def refuse(*args, **kwargs):
         cls = getattr(errors, name)

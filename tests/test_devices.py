@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowshot.devices import Device, capabilities
-from lowshot.transforms import msn_transform, processor_transform
+from lowshot.data.transforms import msn_transform, processor_transform
+from lowshot.models.devices import Device, capabilities
 
 from .conftest import IMAGENETTE, require_shared
 
@@ -62,8 +62,8 @@ def test_cpu_device_uses_no_pinned_memory_and_reports_bf16_from_the_cpu_flags(mo
 
 def test_extraction_through_the_accelerator_data_path_matches_the_host_path(tiny_model, image_data, tmp_path,
                                                                             monkeypatch):
-    from lowshot import devices
-    from lowshot.extract import extract_features
+    from lowshot.features.extract import extract_features
+    from lowshot.models import devices
 
     host = extract_features(str(tiny_model), image_data, cache_dir=tmp_path / "a", dtype="float32", device="cpu")
     original = devices.Device.for_device.__func__

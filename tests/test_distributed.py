@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import lowshot
-from lowshot.cache import FeatureCache
+from lowshot.features.store import FeatureCache
 
 from .conftest import REPO, make_image_folder
 

@@ -10,11 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 import lowshot
-from lowshot.cache import FeatureCache
-from lowshot.cli import app
-from lowshot.export import load_export
-
 from . import zoo
+from lowshot.cli import app
+from lowshot.features.export import load_export
+from lowshot.features.store import FeatureCache
 
 runner = CliRunner()
 
@@ -82,7 +81,7 @@ def test_weights_that_do_not_load_are_one_line_and_leave_no_cache_entry(image_da
 
 def test_a_forward_that_fails_is_caught_on_load_before_any_cache_entry(image_data, cache_dir, tmp_path,
                                                                         monkeypatch):
-    from lowshot import readouts
+    from lowshot.models import readouts
 
     def broken(*args, **kwargs):
         raise RuntimeError("shapes do not match\nmore traceback text")
@@ -119,7 +118,7 @@ def test_legacy_readouts_keep_their_cache_keys_and_changed_ones_do_not(tiny_mode
     """Entries cached before readouts were named stay valid where the features are the same (CLS readouts; DINOv2
     interpolated itself before too), and CLIP's cls-postnorm, which now applies post_layernorm, gets a new key."""
     from lowshot.config import ExtractSettings
-    from lowshot.extract import plan_extraction
+    from lowshot.features.extract import plan_extraction
 
     cache = FeatureCache(cache_dir)
     clip, dinov2 = str(zoo.save("clip-vision", tmp_path)), str(zoo.save("dinov2", tmp_path))

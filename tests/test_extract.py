@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 import lowshot
-from lowshot import datasets, extract
-from lowshot.cache import FeatureCache
+from lowshot.data import datasets
 from lowshot.errors import CacheError, DataError
+from lowshot.features import extract
+from lowshot.features.store import FeatureCache
 
 
 def run(model, data, cache_dir, **kw):

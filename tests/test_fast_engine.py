@@ -1,14 +1,14 @@
-"""The fast forward (lowshot.fast_engine) against the stock transformers forward it replaces, and the fallback."""
+"""The fast forward (lowshot.models.engine) against the stock transformers forward it replaces, and the fallback."""
 
 import numpy as np
 import pytest
 import torch
 
-from lowshot import backbones
-from lowshot.backbones import FEATURE_POSTNORM, FEATURE_PRENORM, choose_forward_batch, load_backbone
+from lowshot.data.transforms import msn_transform
 from lowshot.errors import ModelLoadError
-from lowshot.fast_engine import unsupported_reason
-from lowshot.transforms import msn_transform
+from lowshot.models import backbones
+from lowshot.models.backbones import FEATURE_POSTNORM, FEATURE_PRENORM, choose_forward_batch, load_backbone
+from lowshot.models.engine import unsupported_reason
 
 from .conftest import DEIT_TINY, IMAGENETTE, require_shared, save_random_msn
 

@@ -1,4 +1,4 @@
-"""The flushed thread (lowshot/flushed.py): denormals zero there and in its OpenMP workers, not in the caller's
+"""The flushed thread (lowshot/classify/flushed.py): denormals zero there and in its OpenMP workers, not in the caller's
 threads; probe fits run on it; the caller's thread count, exceptions, interrupts and forks carry over."""
 
 import multiprocessing
@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from lowshot import flushed
-from lowshot import probe as probe_module
-from lowshot.flushed import Cancelled, check_cancelled, run_flushed
-from lowshot.probe import LogisticProbe
+from lowshot.classify import flushed, logistic, solver
+from lowshot.classify.flushed import Cancelled, check_cancelled, run_flushed
+from lowshot.classify.logistic import LogisticProbe
 
 DENORMAL = 1e-39  # below float32's smallest normal, 1.18e-38
 
@@ -52,13 +51,13 @@ def small_problem() -> tuple[np.ndarray, np.ndarray]:
 
 def test_probe_fits_run_on_the_flushed_thread(monkeypatch):
     seen = []
-    inner = probe_module._fit_torch
+    inner = logistic.fit_torch
 
     def recording(*args, **kwargs):
         seen.append(threading.current_thread().name)
         return inner(*args, **kwargs)
 
-    monkeypatch.setattr(probe_module, "_fit_torch", recording)
+    monkeypatch.setattr(logistic, "fit_torch", recording)
     LogisticProbe(0.01).fit(*small_problem())
     assert len(seen) == 1 and seen[0].startswith(flushed.THREAD_NAME)
 
@@ -140,11 +139,11 @@ def test_the_solver_checks_for_cancellation_once_per_iteration(monkeypatch):
                 raise Cancelled("interrupted by the caller")
         return check
 
-    monkeypatch.setattr(probe_module, "check_cancelled", counting())
+    monkeypatch.setattr(solver, "check_cancelled", counting())
     probe = LogisticProbe(0.01).fit(*small_problem())
     assert probe.n_iter_ > 3 and len(calls) == probe.n_iter_
     calls.clear()
-    monkeypatch.setattr(probe_module, "check_cancelled", counting(stop_at=3))
+    monkeypatch.setattr(solver, "check_cancelled", counting(stop_at=3))
     with pytest.raises(Cancelled):
         LogisticProbe(0.01).fit(*small_problem())
     assert len(calls) == 3  # stopped at the third iteration's check

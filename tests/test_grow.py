@@ -10,13 +10,13 @@ import pytest
 from typer.testing import CliRunner
 
 import lowshot
-from lowshot import datasets
-from lowshot.cache import FeatureCache
 from lowshot.cli import app
 from lowshot.config import ExtractSettings, ProbeSettings
+from lowshot.data import datasets
+from lowshot.data.subsets import Listing, class_orders
 from lowshot.errors import MissingFeaturesError, SettingError
+from lowshot.features.store import FeatureCache
 from lowshot.protocol import draw_subsets, needed_indices
-from lowshot.splits import Listing, class_orders
 
 from .conftest import make_image_folder
 
@@ -173,7 +173,9 @@ def test_split_file_alone_draws_no_random_subsets(tiny_model, data, cache_dir, t
 
 
 def test_lambda_auto_runs_cv_inside_each_subset_through_the_protocol_runner(tiny_model, data, cache_dir):
-    from lowshot.probe import DEFAULT_LAMBDA, LAMBDA_GRID, preprocess, select_lambda
+    from lowshot.classify.base import preprocess
+    from lowshot.classify.logistic import LAMBDA_GRID, select_lambda
+    from lowshot.config import DEFAULT_LAMBDA
 
     run = extract(tiny_model, data, cache_dir, all_images=True)
     train, test = run.train.features, run.test.features

@@ -4,14 +4,15 @@ import sys
 
 import pytest
 
-from lowshot import cli, hostmem
+from lowshot import cli
+from lowshot.features import hostmem
 
 # Tensors a little bigger each time, as a forward's activations and a decode's batches come and go: with glibc's
 # defaults each one is a fresh mapping, zero-filled page by page on first touch.
 CHURN = """
 import resource, sys
 import numpy as np
-from lowshot.hostmem import keep_host_memory
+from lowshot.features.hostmem import keep_host_memory
 applied = keep_host_memory()
 start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for i in range(30):

@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 import lowshot
-from lowshot import datasets
 from lowshot.cli import app
 from lowshot.config import ExtractSettings, ProbeSettings
-from lowshot.datasets import open_dataset
+from lowshot.data import datasets
+from lowshot.data.datasets import open_dataset
 from lowshot.errors import DataError
 from lowshot.protocol import draw_subsets
 
@@ -132,7 +132,7 @@ def test_kaggle_layout_finds_the_csv_three_folders_above_the_data(imagenet, tmp_
 
 def test_published_split_file_still_matches_train_images_by_file_name(kaggle):
     listing = open_dataset(kaggle).train
-    subset = draw_subsets(lowshot.splits.Listing(listing.ids, listing.labels, listing.classes),
+    subset = draw_subsets(lowshot.data.subsets.Listing(listing.ids, listing.labels, listing.classes),
                           ProbeSettings(split_files=(str(SPLIT_FILE),)))[0]
     names = set(SPLIT_FILE.read_text().split())
     here = [i for i, item in enumerate(listing.ids) if item.split("/")[-1] in names]

@@ -1,8 +1,8 @@
 """``--lambda auto`` through the protocol: rows record how λ was chosen and the table says when it is the default."""
 
-from lowshot.probe import DEFAULT_LAMBDA
+from lowshot.config import DEFAULT_LAMBDA
 from lowshot.protocol import run_probe
-from lowshot.results import setting
+from lowshot.results.rows import setting
 
 from .synthetic import pair
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import lowshot
 from lowshot.cli import app
-from lowshot.modelcard import TASK_NAME, merge_into_card, model_index_yaml
+from lowshot.results.modelcard import TASK_NAME, merge_into_card, model_index_yaml
 
 from .synthetic import pair
 

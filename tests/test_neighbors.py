@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
+from lowshot.classify.base import preprocess
+from lowshot.classify.neighbors import KNNClassifier, NearestClassMean, leave_one_out_k
 from lowshot.errors import BadInputError
-from lowshot.neighbors import KNNClassifier, NearestClassMean, leave_one_out_k
-from lowshot.probe import preprocess
 
 from .test_probe import blobs
 

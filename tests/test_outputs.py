@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from lowshot.cli import app
 from lowshot.errors import BadInputError, OutputError
-from lowshot.outputs import check_folder, check_writable, save_text
+from lowshot.io import check_folder, check_writable, save_text
 
 from .test_report import BASE, make_results, write
 
@@ -42,12 +42,12 @@ def test_the_up_front_check_leaves_no_file_behind_and_refuses_devices_and_folder
 
 @linux_only
 def test_probe_output_in_proc_fails_before_any_work(monkeypatch):
-    import lowshot.extract
+    import lowshot.features.extract
 
     def never(*args, **kwargs):
         raise AssertionError("features were loaded before --output was checked")
 
-    monkeypatch.setattr(lowshot.extract, "load_features", never)
+    monkeypatch.setattr(lowshot.features.extract, "load_features", never)
     result = invoke("probe", "--output", "/proc/x.json")
     assert result.exit_code == 2 and "--output /proc/x.json: cannot create a file in /proc" in result.output
 
@@ -70,18 +70,18 @@ def test_a_save_that_fails_at_the_end_keeps_the_content_in_the_current_folder(tm
 
 
 def test_report_prints_the_table_first_and_keeps_the_output_when_its_folder_vanishes(tmp_path, monkeypatch):
-    import lowshot.report
+    import lowshot.results.compare
 
     monkeypatch.chdir(tmp_path)
     a = write(tmp_path, "a.json", make_results("vit-a", BASE))
     out = tmp_path / "out" / "report.json"
-    real = lowshot.report.build_report
+    real = lowshot.results.compare.build_report
 
     def build_then_lose_the_folder(*args, **kwargs):  # the folder becomes a file while the work runs
         (tmp_path / "out").write_text("")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lowshot.report, "build_report", build_then_lose_the_folder)
+    monkeypatch.setattr(lowshot.results.compare, "build_report", build_then_lose_the_folder)
     result = invoke("report", a, "--output", out)
     assert result.exit_code == 1, result.output
     assert "vit-a" in result.stdout  # the table was printed although the file could not be written

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 import lowshot
 from lowshot.cli import app
 from lowshot.errors import BadInputError
-from lowshot.report import compare, gate, paired_differences
-from lowshot.results import Results
-from lowshot.stats import mcnemar_exact, paired_bootstrap_ci, seed_correlation, stouffer
+from lowshot.results.compare import compare, gate, paired_differences
+from lowshot.results.rows import Results
+from lowshot.results.stats import mcnemar_exact, paired_bootstrap_ci, seed_correlation, stouffer
 
 from .conftest import DEIT_TINY, make_image_folder
 from .synthetic import pair

@@ -8,8 +8,8 @@ from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 
 import lowshot
 from lowshot.errors import BadInputError
-from lowshot.results import Predictions, Results
-from lowshot.stats import RANK_CAP, metric_value, parse_metrics, true_class_rank
+from lowshot.results.rows import Predictions, Results
+from lowshot.results.stats import RANK_CAP, metric_value, parse_metrics, true_class_rank
 
 from .synthetic import pair
 

@@ -4,22 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from lowshot import probe as probe_module
-from lowshot.errors import BadInputError
-from lowshot.probe import (
-    DEFAULT_LAMBDA,
+from lowshot.classify import logistic, solver
+from lowshot.classify.base import preprocess
+from lowshot.classify.logistic import (
     LAMBDA_GRID,
-    TORCH_TOL,
     LogisticProbe,
-    _History,
-    _lbfgs,
-    _SoftmaxLoss,
-    objective,
-    preprocess,
     select_lambda,
     stratified_folds,
     within_standard_errors,
 )
+from lowshot.classify.solver import TORCH_TOL, _History, _lbfgs, _SoftmaxLoss, objective
+from lowshot.config import DEFAULT_LAMBDA
+from lowshot.errors import BadInputError
 
 
 def blobs(n_classes=6, per_class=8, dim=24, seed=0, spread=1.0):
@@ -229,7 +225,7 @@ def skewed(n_classes=50, per_class=5, dim=48, seed=4):
 def test_whitening_changes_the_path_not_the_optimum_and_takes_fewer_iterations(monkeypatch):
     x, y = skewed()
     whitened = LogisticProbe(DEFAULT_LAMBDA).fit(x, y)
-    monkeypatch.setattr(probe_module, "WHITEN", False)
+    monkeypatch.setattr(solver, "WHITEN", False)
     plain = LogisticProbe(DEFAULT_LAMBDA).fit(x, y)
     assert whitened.objective_ == pytest.approx(plain.objective_, rel=1e-6)
     assert whitened.objective_ <= plain.objective_ * (1 + 1e-7)
@@ -286,12 +282,12 @@ def test_the_loss_stays_exact_where_a_labels_probability_underflows():
 
 
 def test_fits_share_one_kept_block_of_logit_buffers_per_thread_and_leak_nothing_between_fits():
-    big = probe_module._logit_buffers(300, 50, 4)
-    small = probe_module._logit_buffers(100, 50, 4)
+    big = solver._logit_buffers(300, 50, 4)
+    small = solver._logit_buffers(100, 50, 4)
     assert small[0].data_ptr() == big[0].data_ptr() and all(b.shape == (100, 50) for b in small)
     assert len({b.data_ptr() for b in big}) == 4  # four distinct views of the block
     other = []
-    thread = threading.Thread(target=lambda: other.append(probe_module._logit_buffers(100, 50, 4)[0].data_ptr()))
+    thread = threading.Thread(target=lambda: other.append(solver._logit_buffers(100, 50, 4)[0].data_ptr()))
     thread.start()
     thread.join()
     assert other[0] != small[0].data_ptr()  # each thread its own block
@@ -304,8 +300,8 @@ def test_fits_share_one_kept_block_of_logit_buffers_per_thread_and_leak_nothing_
 
 def test_the_float64_objective_is_computed_when_read_not_in_cross_validation(monkeypatch):
     calls = []
-    real = probe_module.objective
-    monkeypatch.setattr(probe_module, "objective", lambda *a: calls.append(1) or real(*a))
+    real = logistic.objective
+    monkeypatch.setattr(logistic, "objective", lambda *a: calls.append(1) or real(*a))
     x, y = blobs(per_class=10)
     select_lambda(x, y)
     assert calls == []  # 45 fits, none of them read it

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from lowshot.cache import Features
 from lowshot.errors import BadInputError
+from lowshot.features.store import Features
 from lowshot.protocol import run_probe
-from lowshot.results import Results
+from lowshot.results.rows import Results
 
 from .test_probe import blobs
 

@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 import lowshot
-from lowshot import extract as extract_module
-from lowshot.cache import ShardStore
 from lowshot.cli import app
+from lowshot.features import extract as extract_module
+from lowshot.features.store import ShardStore
 
 from .conftest import REPO
 
@@ -131,9 +131,9 @@ def test_the_run_record_keeps_the_absolute_model_and_data_paths(layout, cache_di
 def test_a_hub_model_is_recorded_by_id_and_resolved_revision_never_by_its_snapshot_folder():
     from pathlib import Path
 
-    from lowshot.backbones import ModelRef
-    from lowshot.datasets import Dataset
-    from lowshot.extract import Plan
+    from lowshot.data.datasets import Dataset
+    from lowshot.features.extract import Plan
+    from lowshot.models.backbones import ModelRef
 
     identity = {"weights_sha256": {"model.safetensors": "ab" * 32}, "config_sha256": "cd" * 32}
     ref = ModelRef("facebook/vit-msn-small", Path("/root/.cache/huggingface/hub/snapshots/0123abc"), identity,

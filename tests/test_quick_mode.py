@@ -8,13 +8,13 @@ import pytest
 from typer.testing import CliRunner
 
 import lowshot
-from lowshot import datasets
 from lowshot.cli import app
 from lowshot.config import ExtractSettings, ProbeSettings
+from lowshot.data import datasets
+from lowshot.data.subsets import Listing, class_orders
 from lowshot.errors import DataError, ProtocolMismatchError, SettingError
 from lowshot.protocol import draw_subsets, run_probe, scored_indices
-from lowshot.report import build_report, gate
-from lowshot.splits import Listing, class_orders
+from lowshot.results.compare import build_report, gate
 
 from .conftest import make_image_folder
 
@@ -153,7 +153,7 @@ def test_bench_reads_limit_and_refuses_it_with_baselines_before_extracting(tiny_
 
 
 def test_a_model_card_refuses_a_quick_run_and_takes_the_full_one(tiny_model, data, cache_dir, tmp_path):
-    from lowshot.modelcard import merge_into_card, model_index_yaml
+    from lowshot.results.modelcard import merge_into_card, model_index_yaml
 
     run = extract(tiny_model, data, cache_dir, FULL)
     full = run_probe(run.train.features, run.test.features, FULL)

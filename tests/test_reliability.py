@@ -15,12 +15,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import lowshot
-from lowshot import cache as cache_module
-from lowshot import extract
-from lowshot.backbones import Backbone
-from lowshot.cache import CACHE_FORMAT, FeatureCache
 from lowshot.cli import app
 from lowshot.errors import CacheError, DataError
+from lowshot.features import extract
+from lowshot.features import store as cache_module
+from lowshot.features.store import CACHE_FORMAT, FeatureCache
+from lowshot.models.backbones import Backbone
 
 from .conftest import REPO, make_image_folder
 

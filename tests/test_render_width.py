@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from lowshot.cli import app
 from lowshot.render import cache_table, comparison_table, paired_table, results_table
-from lowshot.report import PairedDelta, compare, suite_table
-from lowshot.results import Results
+from lowshot.results.compare import PairedDelta, compare, suite_table
+from lowshot.results.rows import Results
 
 WIDTH = 80
 SUBSETS = {"1-shot": 1, "2-shot": 2, "5-shot": 5, "1%": None}

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from lowshot.cli import app
 from lowshot.errors import MissingDependencyError, ProtocolMismatchError
-from lowshot.report import PUBLISHED, compare, gate, split_order
-from lowshot.results import Results
+from lowshot.results.compare import PUBLISHED, compare, gate, split_order
+from lowshot.results.rows import Results
 
 runner = CliRunner()
 SPLITS = {"1-shot": 1, "5-shot": 5, "1%": None}
@@ -137,7 +137,7 @@ def test_report_plot_writes_a_png(tmp_path):
 
 
 def test_missing_matplotlib_is_one_clear_line(tmp_path, monkeypatch):
-    from lowshot.plot import require_matplotlib
+    from lowshot.results.plot import require_matplotlib
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'lowshot\[plot\]'"):
@@ -161,8 +161,8 @@ def test_bad_report_input_is_one_clear_line(tmp_path, args, message):
 
 
 def test_one_seed_is_recorded_without_std_and_no_renderer_prints_plus_minus_zero(tmp_path):
-    from lowshot.modelcard import eval_results
     from lowshot.render import comparison_table, results_table
+    from lowshot.results.modelcard import eval_results
 
     data = make_results("vit-a", BASE, classifiers=("logistic", "knn"), seeds=1)
     for row in data["rows"]:
@@ -192,6 +192,6 @@ def test_one_seed_is_recorded_without_std_and_no_renderer_prints_plus_minus_zero
 
 
 def compare_suite(comparison) -> str:
-    from lowshot.report import suite_table
+    from lowshot.results.compare import suite_table
 
     return suite_table({"a": comparison, "b": comparison}).to_markdown()

@@ -21,9 +21,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
+from lowshot.classify.base import EstimatorInputError, preprocess
+from lowshot.classify.logistic import LogisticProbe
+from lowshot.classify.neighbors import KNNClassifier, NearestClassMean
+from lowshot.classify.solver import TORCH_TOL
 from lowshot.errors import BadInputError
-from lowshot.neighbors import KNNClassifier, NearestClassMean
-from lowshot.probe import TORCH_TOL, EstimatorInputError, LogisticProbe, preprocess
 from lowshot.protocol import run_probe
 
 from .synthetic import pair

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from lowshot.errors import BadInputError, SplitError
-from lowshot.splits import (
+from lowshot.data.subsets import (
     class_orders,
     k_shot,
     match_split_file,
@@ -11,6 +10,7 @@ from lowshot.splits import (
     read_split_file,
     split_file_label,
 )
+from lowshot.errors import BadInputError, SplitError
 
 from .conftest import IMAGENETTE, SPLITS
 
@@ -92,8 +92,8 @@ def test_published_split_file_matches_imagenette_train_by_file_name_and_reports_
 
 @pytest.mark.parametrize("protocol", [{"shots": [1], "percents": []}, {"shots": [], "percents": [10]}])
 def test_a_class_whose_images_all_failed_to_decode_says_so_not_lower_shots(protocol):
+    from lowshot.data.subsets import Listing
     from lowshot.protocol import draw_subsets
-    from lowshot.splits import Listing
 
     ids, labels, classes = toy((7, 3, 12))
     listing = Listing(ids, labels, classes, unreadable=frozenset(np.flatnonzero(labels == 1).tolist()) | {0})

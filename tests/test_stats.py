@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lowshot.stats import bootstrap_ci
+from lowshot.results.stats import bootstrap_ci
 
 
 def test_bootstrap_ci_contains_the_point_estimate_and_is_deterministic_for_a_seed():
@@ -33,7 +33,7 @@ def test_bootstrap_ci_rejects_bad_arguments():
 
 
 def test_mean_std_over_one_seed_has_no_std_and_over_two_the_sample_std():
-    from lowshot.stats import mean_std
+    from lowshot.results.stats import mean_std
 
     assert mean_std([89.4]) == (89.4, None)  # a spread over one seed is undefined, not 0
     mean, std = mean_std([1.0, 3.0])

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from lowshot.bench import load_config
 from lowshot.cli import app
 from lowshot.errors import BadInputError
-from lowshot.report import Cell, Comparison, Row, suite_table
+from lowshot.results.compare import Cell, Comparison, Row, suite_table
 
 from .conftest import REPO, make_image_folder, save_random_msn
 
@@ -133,7 +133,7 @@ def test_make_digits_made_twice_is_one_cache_identity(tmp_path):
     sys.path.insert(0, str(REPO / "examples"))
     from make_digits import make_digits
 
-    from lowshot.datasets import open_dataset
+    from lowshot.data.datasets import open_dataset
 
     first, second = (open_dataset(str(make_digits(tmp_path / name))) for name in ("a", "b"))
     assert first.train.identity == second.train.identity and first.test.identity == second.test.identity

@@ -5,8 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lowshot.errors import BadInputError
-from lowshot.transforms import (
+from lowshot.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageTransform,
@@ -16,6 +15,7 @@ from lowshot.transforms import (
     processor_transform,
     shorter_side_size,
 )
+from lowshot.errors import BadInputError
 
 from .conftest import DEIT_TINY, IMAGENETTE
 

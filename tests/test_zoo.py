@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import lowshot
-from lowshot.backbones import load_backbone
-from lowshot.errors import BadInputError
-from lowshot.readouts import READOUTS
-
 from . import zoo
+from lowshot.errors import BadInputError
+from lowshot.models.backbones import load_backbone
+from lowshot.models.readouts import READOUTS
+
 from .conftest import make_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
@@ -136,7 +136,7 @@ def test_a_384px_model_runs_at_224_with_interpolated_positions_in_the_key(zoo_di
 @pytest.mark.parametrize("name", ["vit", "deit", "clip-vision", "beit", "dinov2", "vit-mae", "siglip-vision", "swin",
                                   "convnext"])
 def test_dtype_auto_keeps_every_feature_within_cosine_0999_of_float32_on_a_bf16_cpu(name, zoo_dir, monkeypatch):
-    from lowshot.transforms import msn_transform
+    from lowshot.data.transforms import msn_transform
 
     from .conftest import IMAGENETTE
 

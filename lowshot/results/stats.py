@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .config import DEFAULT_N_BOOT  # noqa: F401 (declared with the probe settings; re-exported)
+from lowshot.config import DEFAULT_N_BOOT  # noqa: F401 (declared with the probe settings; re-exported)
 
 CI_LEVEL = 0.95
 _CHUNK_ELEMENTS = 1 << 22  # replicates are drawn in chunks of at most this many indices (32 MB of int64)
@@ -78,7 +78,7 @@ RANK_CAP = 255  # the rank of the true class is stored as uint8: 255 means "255t
 
 def parse_metrics(text: str | list[str] | tuple[str, ...]) -> list[str]:
     """``"top1,top5"`` -> ``["top1", "top5"]``; an unknown name is a BadInputError naming the known ones."""
-    from .errors import BadInputError
+    from lowshot.errors import BadInputError
 
     names = [m for m in (text.replace(" ", "").split(",") if isinstance(text, str) else text) if m]
     unknown = [m for m in names if m not in METRICS]

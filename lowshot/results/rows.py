@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInputError, ProtocolMismatchError
-from .stats import DEFAULT_METRIC, METRICS, mean_std
+from lowshot.errors import BadInputError, ProtocolMismatchError
+from lowshot.results.stats import DEFAULT_METRIC, METRICS, mean_std
 
 ROW_FIELDS = ("subset", "shots", "percent", "seed", "top1", "top5", "mean_per_class", "n_train", "n_test", "lambda",
               "lambda_source", "n_iter", "seconds", "classifier", "k", "ci_low", "ci_high")
@@ -202,7 +202,7 @@ class Results:
 
     def save(self, path: str | Path, *, flag: str = "--output") -> Path:
         """Write atomically, in the format the extension names (.json, .csv, .md; anything else is an error)."""
-        from .outputs import RESULT_SUFFIXES, output_format, save_text
+        from lowshot.io import RESULT_SUFFIXES, output_format, save_text
 
         return save_text(path, self.render(output_format(path, RESULT_SUFFIXES, flag=flag)), flag=flag)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .transforms import ImageTransform
+from lowshot.data.transforms import ImageTransform
 
 
 @dataclass
@@ -82,7 +82,7 @@ def capabilities(device: torch.device | str) -> dict:
         return {"type": "cuda", "name": props.name, "bf16": torch.cuda.is_bf16_supported(),
                 "capability": f"{props.major}.{props.minor}", "memory_gb": props.total_memory / 2**30,
                 "pin_memory": True}
-    from .backbones import cpu_flags
+    from lowshot.models.backbones import cpu_flags
 
     flags = cpu_flags()
     return {"type": device.type, "name": "cpu", "bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import BadInputError, MissingDependencyError
-from .outputs import output_format, save_with
-from .report import Comparison
-from .stats import METRIC_LABELS
+from lowshot.errors import BadInputError, MissingDependencyError
+from lowshot.io import output_format, save_with
+from lowshot.results.compare import Comparison
+from lowshot.results.stats import METRIC_LABELS
 
 INSTALL_HINT = "pip install 'lowshot[plot]'"
 LINESTYLES = {"logistic": "-", "knn": "--", "ncm": ":"}

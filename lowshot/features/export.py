@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import Features
-from .config import ExtractSettings
-from .errors import MissingDependencyError
-from .outputs import check_writable, output_format, save_with
+from lowshot.config import ExtractSettings
+from lowshot.errors import MissingDependencyError
+from lowshot.features.store import Features
+from lowshot.io import check_writable, output_format, save_with
 
 EXPORT_SUFFIXES = {".npz": "npz", ".parquet": "parquet"}  # lowshot export --output
 
@@ -44,7 +44,7 @@ def export_features(model: str, data: str | os.PathLike | None, settings: Extrac
     """Extract (or reuse) every image of one split of ``data`` with ``model`` and write it to ``output`` (.npz or
     .parquet). ``settings`` (or its fields as keywords: readout as ``feature``, transform, dtype, ...) are those of
     :func:`lowshot.extract_features`; the split is ``split``, else the settings' ``test_split``."""
-    from .extract import extract_features
+    from lowshot.features.extract import extract_features
 
     fmt = output_format(output, EXPORT_SUFFIXES)  # checked before any work, as every --output
     if fmt == "parquet":

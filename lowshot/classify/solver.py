@@ -1,223 +1,45 @@
-"""The MSN linear probe: rows centred and L2-normalised, multinomial logistic regression, no intercept.
+"""The logistic probe's solvers: a full-batch L-BFGS in torch, and scikit-learn's lbfgs as the reference.
 
-Objective (MSN ``logistic_eval.py``: cyanure's mean log-loss with ``lambd / n``, i.e.)::
-
-    sum_i  -log softmax(W x_i)[y_i]  +  (lam / 2) * ||W||^2        (scikit-learn: C = 1 / lam)
-
-Solved by a full-batch L-BFGS in torch (``backend="torch"``, the default: preconditioned by the features' second
-moment, a line search on the logits that costs one matrix product per iteration, float32 products on all cores with
-float64 sums, stopped by a certified optimality gap; on a thread that flushes denormal floats to zero, see
-``lowshot/flushed.py``) or by scikit-learn's lbfgs (``backend="sklearn"``, the reference).
-scikit-learn's default ``tol=1e-4`` can stop at iteration 0 on many-class few-shot problems and return an all-zero
-model; both backends here use tight tolerances. ``benchmarks/probe_speed.py`` compares the two.
-
-``LogisticProbe`` and the neighbour classifiers (``lowshot/neighbors.py``) share ``ScoreClassifier``: scikit-learn
-classifiers (``BaseEstimator``), so ``clone``, ``Pipeline``, ``GridSearchCV`` and ``cross_val_score`` take them.
+The torch solver minimises the mean log-loss + reg/2 ||W||^2 (reg = lam / n, the same minimiser as the summed
+objective) preconditioned by the features' second moment, with a line search on the logits that costs one matrix
+product per iteration, float32 products on all cores with float64 sums, and stops on a certified optimality gap.
+It runs on the thread that flushes denormal floats to zero (``lowshot/classify/flushed.py``): a fit's softmax makes
+them. scikit-learn's default ``tol=1e-4`` can stop at iteration 0 on many-class few-shot problems and return an
+all-zero model, so both solvers use tight tolerances. ``benchmarks/probe_speed.py`` compares the two.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import threading
-from collections.abc import Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.multiclass import type_of_target
-from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .config import BACKENDS, DEFAULT_LAMBDA
-from .errors import BadInputError
-from .flushed import check_cancelled, run_flushed
+from lowshot.classify.flushed import check_cancelled
 
-# lam="auto": nine values half a decade apart, centred on the protocol's default (DEFAULT_LAMBDA x 10^-2 … 10^2)
-LAMBDA_GRID = tuple(float(f"{DEFAULT_LAMBDA * 10.0 ** (k / 2):.6g}") for k in range(-4, 5))
-MAX_FOLDS = 5
-# Cross-validation is trusted from this many images per class: with two, each training fold holds one image per
-# class (a 1-shot problem, not the subset's) and the CV accuracy is two held-out images per class, so its ranking
-# of the grid is noise; the default is used and the row says why.
-MIN_CV_SHOTS = 3
-# The one-standard-error rule: a value is as good as the best when its CV accuracy is below the best's by at most
-# this many standard errors of the paired difference (see select_lambda).
-CV_STANDARD_ERRORS = 1.0
 # torch backend: stop once the optimality gap is certified below this fraction of the objective (the gradient
-# bound of _lbfgs: f - f* <= ||grad||^2 / (2 lam/n)). The old rule (relative decrease < 1e-7 twice) stopped up to
-# 1.2e-6 short on a Zen4 CPU; a certificate holds on any CPU, up to float32 rounding of the gradient.
+# bound of lbfgs: f - f* <= ||grad||^2 / (2 lam/n)); a certificate holds on any CPU, up to float32 rounding of the
+# gradient.
 TORCH_TOL = 1e-7
-# Cross-validation fits only rank the lambda grid. The certificate is conservative (on the 1,000-class 5-shot
-# problem the true gap was ~10x below the bound), so a certified 1e-4 leaves about the ~1e-5 true gap that the old
-# rule (decrease < 1e-6) left; the final fit uses TORCH_TOL.
-CV_TOL = 1e-4
 # Where float32 rounding of the gradient keeps the certificate out of reach (nearly separable data, tiny lam), stop
 # after STALL_ITERATIONS iterations in a row each lowering the objective by less than STALL x tol of it.
 STALL = 1e-2
 STALL_ITERATIONS = 3
 NOISE_FLOOR = 1e-10  # below this relative change the objective's own float32 rounding decides (any tol)
-SKLEARN_TOL = 1e-6  # scikit-learn's gradient tolerance; its default 1e-4 returns a zero model (see above)
+SKLEARN_TOL = 1e-6  # scikit-learn's gradient tolerance; its default 1e-4 can return an all-zero model
 WHITEN = True  # precondition by the features' second moment (see _Whitening)
 # eps = WHITEN_EPS_SCALE x reg x K, i.e. beta = 1 / (100 K): the softmax's curvature falls well below its 1/K at
-# W = 0 as the fit proceeds. Float32 iterations to a certified 1e-7, 1,000 classes (scale 1 / 10 / 100 / 1,000 / no
-# whitening): synthetic 5-shot 384-dim 115 / 56 / 38 / 53 / 69; real DeiT-Tiny features of 100 look-alike classes
-# per concept, 5-shot 178 (202 unwhitened), 1% 255 (342).
+# W = 0 as the fit proceeds, and a scale of 100 took the fewest iterations among 1 to 1,000 on 1,000-class problems.
 WHITEN_EPS_SCALE = 100.0
-LBFGS_HISTORY = 10  # 20 pairs saved no iteration on the 1,000-class problems
+LBFGS_HISTORY = 10  # curvature pairs kept
 # The line search's sufficient decrease allows this much relative rounding in the objective (Hager & Zhang's
 # "approximate Armijo" condition, 2005): float32 logits over a few thousand rows give f to ~5e-9 relative, and
-# near the optimum the decrease a step predicts is smaller than that, so the exact condition turned good unit steps
-# down on noise (the last 7 of 73 iterations took 22 trial steps on the 1,000-class 5-shot problem).
+# near the optimum the decrease a step predicts is smaller than that, so the exact condition would turn good unit
+# steps down on noise.
 OBJECTIVE_NOISE = 1e-8
 ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search (Nocedal & Wright, ch. 3)
 MAX_BACKTRACKS = 30
-
-
-def preprocess(x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """cyanure ``preprocess(centering=True, normalize=True, columns=False)``: subtract each row's own mean (one
-    scalar per sample), then scale each row to unit L2 norm. Returns float32."""
-    x = x.to(torch.float32) if isinstance(x, torch.Tensor) else torch.tensor(np.asarray(x), dtype=torch.float32)
-    x = x - x.mean(dim=1, keepdim=True)
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-class EstimatorInputError(BadInputError, ValueError):
-    """Data or a hyper-parameter an estimator cannot use: a lowshot error (one line at the command line) that is
-    also the ``ValueError`` scikit-learn's conventions ask of an estimator."""
-
-
-class ScoreClassifier(ClassifierMixin, BaseEstimator):
-    """What the probe and the neighbour classifiers share, as a scikit-learn classifier: input validation, row
-    preprocessing, labels -> class codes, and ``predict``/``decision_function`` from one score per class
-    (``class_scores``); ``score`` (top-1 accuracy) is scikit-learn's.
-
-    Subclasses compute ``_scores(rows)``, an (n, n_classes) array over ``classes_``, from validated rows."""
-
-    preprocess: bool
-
-    def _fit_rows(self, x, y) -> tuple[torch.Tensor, np.ndarray]:
-        """Validate the training data; set ``n_features_in_`` and ``classes_`` (at least two); return the rows,
-        prepared, and each label's index into ``classes_``."""
-        with _lowshot_errors():
-            x, y = validate_data(self, x, y, dtype=np.float32)
-            kind = type_of_target(y, input_name="y")
-        # check_classification_targets' test and wording, without its warning when most labels are distinct (every
-        # 1-shot subset's are)
-        if kind not in ("binary", "multiclass"):
-            raise EstimatorInputError(f"Unknown label type: {kind}: {type(self).__name__} needs class labels, "
-                                      "not continuous values")
-        self.classes_, codes = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise EstimatorInputError(f"{type(self).__name__} cannot fit one class: the training labels need two "
-                                      f"or more (got only {self.classes_[0]!r})")
-        return self._prepare(x), codes
-
-    def _test_rows(self, x) -> torch.Tensor:
-        check_is_fitted(self)
-        with _lowshot_errors():
-            x = validate_data(self, x, dtype=np.float32, reset=False)
-        return self._prepare(x)
-
-    def _prepare(self, x: np.ndarray) -> torch.Tensor:
-        if self.preprocess:
-            return preprocess(x)
-        return torch.from_numpy(x if x.flags.writeable else x.copy())  # torch refuses read-only memory
-
-    def _scores(self, rows: torch.Tensor) -> np.ndarray:
-        raise NotImplementedError
-
-    def class_scores(self, x) -> np.ndarray:
-        """One score per sample and class of ``classes_``, shape (n, n_classes) also for two classes (the
-        protocol ranks every class: top-5, the true class's rank)."""
-        return self._scores(self._test_rows(x))
-
-    def decision_function(self, x) -> np.ndarray:
-        """``class_scores``; with two classes, scikit-learn's 1-D form: class 1's score minus class 0's (in float64,
-        exact for float32 scores, so its sign is ``predict``'s choice)."""
-        scores = self.class_scores(x)
-        if scores.shape[1] == 2:
-            return scores[:, 1].astype(np.float64) - scores[:, 0]
-        return scores
-
-    def predict(self, x) -> np.ndarray:
-        best = self.class_scores(x).argmax(axis=1)
-        return self.classes_[best]
-
-
-@contextmanager
-def _lowshot_errors():
-    """scikit-learn's validation errors (NaN, wrong shape, one feature count in fit and another later) raised as
-    :class:`EstimatorInputError`: a lowshot error the command line reports in words. A first line that is a whole
-    sentence is the message ("Input X contains NaN."; the lines after it suggest other scikit-learn estimators);
-    otherwise the message is kept whole ("Expected 2D array, got 1D array instead:", the array, what to do)."""
-    try:
-        yield
-    except EstimatorInputError:
-        raise
-    except ValueError as error:
-        first = str(error).strip().split("\n", 1)[0]
-        raise EstimatorInputError(first if first.endswith(".") else str(error)) from error
-
-
-class LogisticProbe(ScoreClassifier):
-    """Multinomial logistic regression without intercept, a scikit-learn classifier.
-
-    ``coef_`` has shape (n_classes, dim); ``classes_`` are the labels seen in ``fit``; ``objective_`` is the
-    summed log-loss + lam/2 ||W||^2 at the solution, in float64, computed when first read (the probe keeps its
-    training features for it: cross-validation's fits never read it, and at ImageNet's 1% subset each such value
-    is an n x 1,000 float64 product and ~200 MB of fresh buffers); ``n_iter_`` the solver's iterations.
-    ``fit(x, y, coef_init=W)`` starts the torch solver from W (classes x dim), e.g. a nearby lam's solution.
-
-    ``tol`` (None: the backend's default): for ``torch`` the relative optimality gap the solver certifies before
-    it stops (``TORCH_TOL``; ``gap_bound_`` is the bound reached: objective_ <= (1 + gap_bound_) x the optimum, up
-    to float32 rounding of the gradient); for ``sklearn`` its own ``tol`` (``SKLEARN_TOL``).
-    """
-
-    def __init__(self, lam: float = DEFAULT_LAMBDA, *, backend: str = "torch", max_iter: int = 1000,
-                 tol: float | None = None, preprocess: bool = True):
-        self.lam = lam
-        self.backend = backend
-        self.max_iter = max_iter
-        self.tol = tol
-        self.preprocess = preprocess
-
-    def fit(self, x, y, *, coef_init: np.ndarray | None = None) -> LogisticProbe:
-        if not (isinstance(self.lam, numbers.Real) and self.lam > 0):
-            raise EstimatorInputError(f"--lambda {self.lam}: must be positive")
-        if self.backend not in BACKENDS:
-            raise EstimatorInputError(f"backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
-        xt, codes = self._fit_rows(x, y)
-        if self.backend == "sklearn":
-            tol = SKLEARN_TOL if self.tol is None else self.tol
-            coef, n_iter = _fit_sklearn(xt.numpy(), codes, self.lam, self.max_iter, tol)
-        else:
-            tol = TORCH_TOL if self.tol is None else self.tol
-            # on the thread that flushes denormals to zero (lowshot/flushed.py): a fit's softmax makes them
-            coef, n_iter, _, self.gap_bound_ = run_flushed(_fit_torch, xt, torch.as_tensor(codes), self.lam,
-                                                           self.max_iter, tol, coef_init)
-        self.coef_ = coef
-        self.n_iter_ = n_iter
-        self._objective = None
-        self._training = (xt, codes)
-        return self
-
-    @property
-    def objective_(self) -> float:
-        """The objective at ``coef_`` in float64, as for scikit-learn's solution (float32 logits put ~1e-6 of
-        rounding into the value itself on nearly separable problems, more than the certified gap)."""
-        check_is_fitted(self)
-        if self._objective is None:
-            xt, codes = self._training
-            self._objective = objective(self.coef_, xt, codes, self.lam)
-        return self._objective
-
-    def _scores(self, rows: torch.Tensor) -> np.ndarray:
-        return (rows @ torch.as_tensor(self.coef_).T).numpy()
-
-    def predict_proba(self, x) -> np.ndarray:
-        """The model's class probabilities: the softmax of ``class_scores``, in float64 (rows sum to 1)."""
-        return torch.softmax(torch.as_tensor(self.class_scores(x), dtype=torch.float64), dim=1).numpy()
 
 
 def objective(coef: np.ndarray, x: torch.Tensor, codes: np.ndarray, lam: float) -> float:
@@ -533,7 +355,7 @@ def _lbfgs(loss: _SoftmaxLoss, w: torch.Tensor, *, max_iter: int, tol: float, cu
     return w, f, n_iter, loss.gap_bound(grad) / abs(f)
 
 
-def _fit_torch(x: torch.Tensor, y: torch.Tensor, lam: float, max_iter: int, tol: float,
+def fit_torch(x: torch.Tensor, y: torch.Tensor, lam: float, max_iter: int, tol: float,
                coef_init: np.ndarray | None) -> tuple[np.ndarray, int, float, float]:
     n, dim = x.shape
     n_classes = int(y.max()) + 1
@@ -555,7 +377,7 @@ def _fit_torch(x: torch.Tensor, y: torch.Tensor, lam: float, max_iter: int, tol:
     return w.numpy().copy(), n_iter, f * n, gap_bound
 
 
-def _fit_sklearn(x: np.ndarray, codes: np.ndarray, lam: float, max_iter: int, tol: float) -> tuple[np.ndarray, int]:
+def fit_sklearn(x: np.ndarray, codes: np.ndarray, lam: float, max_iter: int, tol: float) -> tuple[np.ndarray, int]:
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -570,95 +392,3 @@ def _fit_sklearn(x: np.ndarray, codes: np.ndarray, lam: float, max_iter: int, to
         coef = np.concatenate([-coef / 2, coef / 2])
     return coef, int(np.max(model.n_iter_))
 
-
-def stratified_folds(codes: np.ndarray, n_folds: int, seed: int = 0) -> list[np.ndarray]:
-    """Assign each class's items round-robin to ``n_folds`` folds in a seeded order; returns held-out indices."""
-    rng = np.random.Generator(np.random.PCG64(seed))
-    fold_of = np.empty(len(codes), dtype=np.int64)
-    for c in np.unique(codes):
-        members = np.flatnonzero(codes == c)
-        members = members[rng.permutation(len(members))]
-        fold_of[members] = (np.arange(len(members)) + rng.integers(n_folds)) % n_folds
-    return [np.flatnonzero(fold_of == f) for f in range(n_folds)]
-
-
-@dataclass(frozen=True)
-class LambdaChoice:
-    """What :func:`select_lambda` found: the chosen ``lam``; ``source``, how (``cv``, or ``default (…)`` with the
-    reason CV was not used); the CV accuracy of each grid value (None without CV); and each value's solution
-    averaged over the folds (a warm start for the final fit)."""
-
-    lam: float
-    scores: dict[float, float] | None
-    coefs: dict[float, np.ndarray] = field(default_factory=dict)
-    source: str = "cv"
-
-
-def select_lambda(x, y, *, grid: Sequence[float] = LAMBDA_GRID, backend: str = "torch", seed: int = 0,
-                  default: float = DEFAULT_LAMBDA, tol: float | None = None, min_shots: int = MIN_CV_SHOTS,
-                  standard_errors: float = CV_STANDARD_ERRORS) -> LambdaChoice:
-    """Choose lam by stratified cross-validation on the labelled training subset only (never the test labels).
-
-    Folds: min(5, smallest class count). With fewer than ``min_shots`` images in some class (1-shot: CV is
-    impossible; 2-shot: see MIN_CV_SHOTS) ``default`` is returned, with ``None`` scores and the reason in
-    ``source``. Otherwise every held-out image's prediction is kept, and the value chosen is, among those whose
-    CV accuracy is within ``standard_errors`` standard errors of the best (:func:`within_standard_errors`), the
-    one closest to ``default`` in log lam: on a few dozen held-out images the grid's accuracies differ by an
-    image or two, and taking the maximum then picks an extreme lam by chance. Each fold fits the grid from strong
-    to weak regularisation, warm-started along the path; ``tol`` defaults to ``CV_TOL``."""
-    xt = preprocess(x)
-    codes = np.unique(np.asarray(y), return_inverse=True)[1]
-    smallest = int(np.bincount(codes).min())
-    if smallest < 2:
-        return LambdaChoice(default, None, source="default (CV needs 2+ images per class)")
-    if smallest < min_shots:
-        return LambdaChoice(default, None, source=f"default ({smallest} images per class, too few for CV)")
-    n_folds = min(MAX_FOLDS, smallest)
-    folds = stratified_folds(codes, n_folds, seed)
-    correct = {lam: np.zeros(len(codes), dtype=bool) for lam in grid}
-    coefs: dict[float, np.ndarray] = {}
-    path = sorted(grid, reverse=True)  # strong to weak regularisation, each fit warm-started from the path so far
-    for held in folds:
-        train = np.setdiff1d(np.arange(len(codes)), held)
-        x_train, y_train = xt[train], codes[train]
-        solutions: list[np.ndarray] = []
-        for i, lam in enumerate(path):
-            probe = LogisticProbe(lam, backend=backend, preprocess=False,
-                                  tol=tol if tol is not None or backend != "torch" else CV_TOL)
-            probe.fit(x_train, y_train, coef_init=_extrapolate(path[:i], solutions, lam))
-            solutions = solutions + [probe.coef_] if len(probe.classes_) == codes.max() + 1 else []
-            correct[lam][held] = probe.predict(xt[held]) == codes[held]
-            if solutions:
-                coefs[lam] = coefs.get(lam, 0.0) + probe.coef_ / n_folds
-    eligible = within_standard_errors(correct, standard_errors)
-    # the closest to the default in decades, rounded so that values half a decade either side tie: the larger wins
-    chosen = min(sorted(eligible, reverse=True), key=lambda lam: round(abs(math.log10(lam / default)), 6))
-    return LambdaChoice(chosen, {lam: float(c.mean()) for lam, c in correct.items()}, coefs)
-
-
-def within_standard_errors(correct: dict[float, np.ndarray], standard_errors: float = CV_STANDARD_ERRORS
-                           ) -> list[float]:
-    """The grid values as good as the best on the CV evidence: ``correct[lam]`` says which held-out images lam's
-    fits predicted right; lam is kept when the best's accuracy exceeds its own by at most ``standard_errors``
-    standard errors of the per-image difference (paired: every value is scored on the same images, and most
-    predictions agree, so a difference of one image is within one standard error, and of a few is not)."""
-    accuracy = {lam: float(np.mean(c)) for lam, c in correct.items()}
-    best = correct[max(accuracy, key=accuracy.get)].astype(np.float64)
-    kept = []
-    for lam, c in correct.items():
-        diff = best - c
-        error = diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
-        if diff.mean() <= standard_errors * error + 1e-12:
-            kept.append(lam)
-    return kept
-
-
-def _extrapolate(lams: Sequence[float], solutions: list[np.ndarray], lam: float) -> np.ndarray | None:
-    """Warm start for ``lam`` from the solutions at the previous ``lams`` of the path: the secant through the
-    last two in log(lam) (the path is smooth in log lam), or the last one."""
-    if not solutions:
-        return None
-    if len(solutions) < 2:
-        return solutions[-1]
-    ratio = np.log(lam / lams[-1]) / np.log(lams[-1] / lams[-2])
-    return solutions[-1] + ratio * (solutions[-1] - solutions[-2])

@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import DataError, MissingDependencyError
+from lowshot.errors import DataError, MissingDependencyError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
 TEST_SPLIT_CANDIDATES = ("val", "validation", "test")
-DEMO_DATA = Path(__file__).parent / "demo_data" / "imagenette-mini"
+DEMO_DATA = Path(__file__).parents[1] / "demo_data" / "imagenette-mini"
 # ImageNet's validation labels as distributed. Kaggle's ImageNet Object Localization Challenge: a CSV with the header
 # ImageId,PredictionString and rows "ILSVRC2012_val_00000001,n01751748 x y x y …" (the box's wnid first). The ILSVRC
 # 2012 devkit (ILSVRC2012_devkit_t12/data/): line n of the ground truth is the ILSVRC2012_ID (1-1000) of image n, and
@@ -353,7 +353,7 @@ def _read_memo(path: Path | None, root: Path) -> dict[str, list]:
 
 def _write_memo(path: Path, root: Path, dirs: dict[str, list]) -> None:
     """Best effort: the memo only saves time (a read-only cache just lists again next time)."""
-    from .cache import write_json_atomic
+    from lowshot.io import write_json_atomic
 
     with contextlib.suppress(OSError):
         write_json_atomic(path, {"version": LISTING_MEMO_VERSION, "root": str(root.resolve()), "dirs": dirs},

@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .errors import BadInputError
-from .report import label_of, split_order
-from .results import Results, name_of, require_full_run
-from .stats import METRIC_LABELS
+from lowshot.errors import BadInputError
+from lowshot.results.compare import label_of, split_order
+from lowshot.results.rows import Results, name_of, require_full_run
+from lowshot.results.stats import METRIC_LABELS
 
 TASK_TYPE = "image-classification"
 SOURCE_NAME = "lowshot"
@@ -96,7 +96,7 @@ def merge_into_card(path: str | Path, results: Results, *, metrics: list[str], n
     kept = [r for r in card.data.eval_results or [] if _identity(r) not in mine]
     card.data.eval_results = kept + new
     card.data.model_name = card.data.model_name or name or label_of(results)
-    from .outputs import save_text
+    from lowshot.io import save_text
 
     save_text(path, str(card), flag="--card")
     return len(new)

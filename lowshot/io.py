@@ -1,16 +1,19 @@
-"""Files written for people (results, reports, plots, baselines): checked before any work starts, then written
-atomically, so a bad ``--output`` fails in a second rather than after a long run, and a reader never sees half a
-file.
+"""Atomic files and hashing: the one low utility module every stage may use.
 
-The check is a real write: an empty temp file is created (and removed) in the folder the file will go to, the way
-the atomic save will write it -- ``os.access`` says yes for ``/proc`` and ``/sys``, where nothing can be created.
-When a save still fails at the end (the folder was removed or filled up during the run), the content is written
-to a timestamped file in the current folder (else the temp folder) and the error names it: work is never lost to
-an output path.
+A file lowshot writes is written through a temp file in its folder and renamed into place, so a reader (another run,
+a crash, a Ctrl-C) sees the old file or the new one, never half of one. Files written for people (results, reports,
+plots, baselines) are also checked before any work starts, so a bad ``--output`` fails in a second rather than
+after a long run. The check is a real write: an empty temp file is created (and removed) in the folder the file will
+go to, the way the atomic save will write it -- ``os.access`` says yes for ``/proc`` and ``/sys``, where nothing can
+be created. When a save still fails at the end (the folder was removed or filled up during the run), the content is
+written to a timestamped file in the current folder (else the temp folder) and the error names it: work is never
+lost to an output path.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import time
@@ -18,8 +21,62 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from .cache import write_atomic
-from .errors import BadInputError, OutputError
+import numpy as np
+
+from lowshot.errors import BadInputError, OutputError
+
+
+def digest(obj: object) -> str:
+    """Stable sha256 of a JSON-able object (sorted keys, no whitespace)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _file_mode(path: Path) -> int:
+    """The permissions a plain ``open(path, "w")`` would give: the existing file's, else 0o666 less the umask
+    (``mkstemp`` makes its temp files 0o600, which would leave results unreadable to anyone else)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def write_atomic(path: Path, mode: str, write: Callable[[IO], None]) -> None:
+    """Write through a temp file in the same folder, fsync, then rename: readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _file_mode(path))
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: object, *, indent: int | None = 1) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, "w", lambda handle: json.dump(obj, handle, indent=indent, sort_keys=True))
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    write_atomic(path, "wb", lambda handle: np.save(handle, array))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
 
 RESULT_SUFFIXES = {".json": "json", ".csv": "csv", ".md": "markdown"}  # lowshot probe --output
 REPORT_SUFFIXES = {".md": "markdown", ".csv": "csv", ".json": "json"}  # lowshot report --output

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from lowshot.errors import ModelLoadError
 
 CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt")
 ENCODER_KEY = "target_encoder"  # MSN src/msn_train.py saves 'encoder', 'target_encoder', 'prototypes', 'opt', ...

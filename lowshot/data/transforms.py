@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .config import TRANSFORMS  # noqa: F401 (declared with the extraction settings; re-exported)
-from .errors import BadInputError
+from lowshot.config import TRANSFORMS  # noqa: F401 (declared with the extraction settings; re-exported)
+from lowshot.errors import BadInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision / MSN logistic_eval.py
 IMAGENET_STD = (0.229, 0.224, 0.225)

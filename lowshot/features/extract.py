@@ -24,8 +24,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__, distributed
-from .backbones import (
+from lowshot import __version__
+from lowshot.config import ExtractSettings, ProbeSettings
+from lowshot.data.datasets import Dataset, Split, open_dataset
+from lowshot.data.subsets import Listing, needed_indices, scored_indices
+from lowshot.data.transforms import ImageTransform, named_transform
+from lowshot.errors import BadInputError, CacheError, DataError, LowshotError
+from lowshot.features import distributed
+from lowshot.features.store import FeatureCache, Features, ShardStore, shard_rows
+from lowshot.io import now_iso, write_json_atomic
+from lowshot.models.backbones import (
     DEFAULT_MODEL,
     Backbone,
     ModelRef,
@@ -34,13 +42,7 @@ from .backbones import (
     resolve_device,
     resolve_model,
 )
-from .cache import FeatureCache, Features, ShardStore, now_iso, shard_rows, write_json_atomic
-from .config import ExtractSettings, ProbeSettings
-from .datasets import Dataset, Split, open_dataset
-from .devices import Device
-from .errors import BadInputError, CacheError, DataError, LowshotError
-from .splits import Listing, needed_indices, scored_indices
-from .transforms import ImageTransform, named_transform
+from lowshot.models.devices import Device
 
 # Items per resumable shard, whatever the batch size or the number of ranks (so any rerun resumes). Also the unit of
 # work split between torchrun ranks; LOWSHOT_SHARD_SIZE overrides it (smaller shards balance small splits better).

@@ -23,17 +23,17 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from filelock import FileLock, Timeout
 
-from .errors import CacheError
-from .splits import Listing
+from lowshot.data.subsets import Listing
+from lowshot.errors import CacheError
+from lowshot.io import digest, file_sha256, now_iso, save_npy_atomic, write_json_atomic
 
 # Bump when the on-disk layout or the meaning of a key input changes: the key changes with it, so entries of another
 # format are never read as this one (they are rebuilt). 2: an entry holds any subset of its split (rows.npy).
@@ -49,54 +49,6 @@ def default_cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("lowshot"))
-
-
-def digest(obj: object) -> str:
-    """Stable sha256 of a JSON-able object (sorted keys, no whitespace)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _file_mode(path: Path) -> int:
-    """The permissions a plain ``open(path, "w")`` would give: the existing file's, else 0o666 less the umask
-    (``mkstemp`` makes its temp files 0o600, which would leave results unreadable to anyone else)."""
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def write_atomic(path: Path, mode: str, write: Callable[[IO], None]) -> None:
-    """Write through a temp file in the same folder, fsync, then rename: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _file_mode(path))
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj: object, *, indent: int | None = 1) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, "w", lambda handle: json.dump(obj, handle, indent=indent, sort_keys=True))
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    write_atomic(path, "wb", lambda handle: np.save(handle, array))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -504,6 +456,3 @@ def _swap(new: Path, final: Path) -> None:
     os.rename(new, final)
     shutil.rmtree(aside, ignore_errors=True)
 
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .probe import EstimatorInputError, ScoreClassifier
+from lowshot.classify.base import EstimatorInputError, ScoreClassifier
 
 KNN_K_GRID = (1, 3, 5, 10, 20)  # candidates for leave-one-out; 20 is DINO's k-NN default with all labels
 _BATCH = 4096  # test rows per similarity block (4,096 x 13,000 float32 = 213 MB for ImageNet 1%)

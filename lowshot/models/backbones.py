@@ -1,8 +1,8 @@
 """Load a frozen vision backbone (hub id, local folder or raw MSN checkpoint) and turn pixels into features.
 
 Any Hugging Face vision backbone loads through its Auto class (a full CLIP/SigLIP folder through its vision tower);
-the readout (:mod:`lowshot.readouts`) says which vector becomes the feature. The MSN default (``logistic_eval.py``)
-is the CLS token of the last block *before* the final LayerNorm -- ``hidden_states[-1][:, 0]``.
+the readout (:mod:`lowshot.models.readouts`) says which vector becomes the feature. The MSN default
+(``logistic_eval.py``) is the CLS token of the last block *before* the final LayerNorm -- ``hidden_states[-1][:, 0]``.
 
 Rules that keep a feature from being silently wrong: a readout the model cannot give is refused in one line;
 ViTMAE's random masking is switched off (and recorded); the input is the transform's size (224 for the MSN
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, readouts
-from .config import DEFAULT_MODEL, FEATURE_POSTNORM, FEATURE_PRENORM, FEATURES  # noqa: F401 (re-exported)
-from .errors import BadInputError, ModelLoadError
-from .fast_engine import FAST_READOUTS, FastViT, unsupported_reason
-from .readouts import Family, ReadoutSpec
+from lowshot.config import DEFAULT_MODEL, FEATURE_POSTNORM, FEATURE_PRENORM, FEATURES  # noqa: F401 (re-exported)
+from lowshot.errors import BadInputError, ModelLoadError
+from lowshot.models import checkpoints, readouts
+from lowshot.models.engine import FAST_READOUTS, FastViT, unsupported_reason
+from lowshot.models.readouts import Family, ReadoutSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -54,7 +54,7 @@ class Backbone:
     feature: str = FEATURE_PRENORM
     dtype_reason: str = ""
     info: dict = field(default_factory=dict)
-    engine: str = "stock"  # which forward runs: "fast" (lowshot.fast_engine) or "stock" (the transformers model)
+    engine: str = "stock"  # which forward runs: "fast" (lowshot.models.engine) or "stock" (the transformers model)
     engine_reason: str = ""
     fast: FastViT | None = None
     forward_batch: int = 64  # at most this many images per forward pass (embed splits bigger batches)
@@ -368,7 +368,7 @@ def choose_engine(net: torch.nn.Module, spec: ReadoutSpec, engine: str, *, name:
     if why_not is None and spec.position_embeddings not in ("native", readouts.BUILT_IN):  # DINOv2: its own
         why_not = f"input {spec.input_size} px differs from the model's {spec.native_size} px"
     if why_not is None:
-        return "fast", "lowshot.fast_engine covers " + type(net).__name__
+        return "fast", "lowshot.models.engine covers " + type(net).__name__
     if engine == "fast":
         raise ModelLoadError(f"--engine fast: {name}: {why_not} (use --engine auto or stock)")
     return "stock", why_not
@@ -386,8 +386,8 @@ def load_backbone(
 ) -> Backbone:
     """Load ``model`` frozen and in eval mode, ready for :meth:`Backbone.embed` on ``input_size`` pixels.
 
-    ``feature`` is the readout (:mod:`lowshot.readouts`; ``auto``: the family's default). ``engine``: ``"fast"``
-    runs :mod:`lowshot.fast_engine` (an error if it does not cover the model and readout), ``"stock"`` the
+    ``feature`` is the readout (:mod:`lowshot.models.readouts`; ``auto``: the family's default). ``engine``: ``"fast"``
+    runs :mod:`lowshot.models.engine` (an error if it does not cover the model and readout), ``"stock"`` the
     transformers forward, ``"auto"`` the fast path where it covers them and the stock one elsewhere. Every problem
     (not a vision model, a readout it lacks, weights that do not load, a forward that fails on one image) is one
     :class:`ModelLoadError` or :class:`BadInputError`, raised before any feature is written."""

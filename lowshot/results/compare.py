@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInputError, ProtocolMismatchError
-from .results import (
+from lowshot.errors import BadInputError, ProtocolMismatchError
+from lowshot.results.rows import (
     Results,
     classifier_of,
     format_ci,
@@ -33,7 +33,7 @@ from .results import (
     require_full_run,
     row_key,
 )
-from .stats import (
+from lowshot.results.stats import (
     DEFAULT_METRIC,
     DEFAULT_N_BOOT,
     METRIC_LABELS,
@@ -451,7 +451,7 @@ class Comparison:
 
     def save(self, path: str | Path, *, flag: str = "--output") -> Path:
         """Write atomically, in the format the extension names (.md, .csv, .json; anything else is an error)."""
-        from .outputs import REPORT_SUFFIXES, output_format, save_text
+        from lowshot.io import REPORT_SUFFIXES, output_format, save_text
 
         return save_text(path, self.render(output_format(path, REPORT_SUFFIXES, flag=flag)), flag=flag)
 
@@ -471,7 +471,7 @@ def render_comparisons(comparisons: Sequence[Comparison], fmt: str) -> str:
 
 def save_comparisons(comparisons: Sequence[Comparison], path: str | Path, *, flag: str = "--output") -> Path:
     """Write atomically, in the format the extension names (.md, .csv, .json; anything else is an error)."""
-    from .outputs import REPORT_SUFFIXES, output_format, save_text
+    from lowshot.io import REPORT_SUFFIXES, output_format, save_text
 
     return save_text(path, render_comparisons(comparisons, output_format(path, REPORT_SUFFIXES, flag=flag)),
                      flag=flag)

@@ -19,15 +19,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-from .config import ProbeSettings
-from .errors import BadInputError, SplitError
-
-if TYPE_CHECKING:
-    from .cache import Features
+from lowshot.config import ProbeSettings
+from lowshot.errors import BadInputError, SplitError
 
 
 @dataclass(frozen=True)
@@ -184,13 +181,19 @@ def _class_of(name: str) -> str | None:
     return match.group(1) if match else None
 
 
+class Listed(Protocol):
+    """Anything that knows its split's listing (a train split's ``Features``)."""
+
+    def listing(self) -> Listing: ...
+
+
 # -- which images: a plain function of (probe settings, train listing) --------------------------------------------
-def draw_subsets(listing: Listing | Features, settings: ProbeSettings | None = None, **options) -> list[Subset]:
+def draw_subsets(listing: Listing | Listed, settings: ProbeSettings | None = None, **options) -> list[Subset]:
     """Every labelled subset of the run, as indices into the train listing: per seed the k-shot and percent subsets
     (nested), then the split files (files with the same content label are seeds of one row). Images known to be
     unreadable are passed over: each subset takes the next image of its class's order instead."""
     settings = probe_settings(settings, options)
-    if not isinstance(listing, Listing):  # a train split's Features: its listing
+    if not isinstance(listing, Listing):  # a train split's features: their listing
         listing = listing.listing()
     subsets = []
     for seed in range(settings.seeds):

@@ -2,7 +2,7 @@
 
 Pairs of "models" whose features are pure noise (independent Gaussian draws, so both sit at chance on every test
 image) are probed under the same protocol (5 classes, 10 train images per class, 1- and 5-shot x 3 seeds, the
-logistic probe), then compared with ``lowshot.results.compare.paired_differences``. A calibrated 95% interval
+logistic probe), then compared with ``lowshot.results.paired.paired_differences``. A calibrated 95% interval
 excludes 0, and a calibrated p-value falls below 0.05, in about 5% of such comparisons.
 
     python benchmarks/paired_calibration.py                    # 150 pairs x 2 subsets, 200 test images: ~3 min
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--test-per-class", type=int, default=40)
     parser.add_argument("--n-boot", type=int, default=500)
     args = parser.parse_args()
-    from lowshot.results.compare import paired_differences
+    from lowshot.results.paired import paired_differences
 
     options = {"classes": args.classes, "per_class": args.per_class, "test_per_class": args.test_per_class,
                "n_boot": args.n_boot}

@@ -19,8 +19,8 @@ _EXPORTS = {
     "run_probe": "protocol", "needed_indices": "data.subsets",
     "LogisticProbe": "classify.logistic", "KNNClassifier": "classify.neighbors",
     "NearestClassMean": "classify.neighbors",
-    "Results": "results.rows", "compare": "results.compare", "gate": "results.compare",
-    "build_report": "results.compare", "paired_differences": "results.compare",
+    "Results": "results.rows", "compare": "results.compare", "gate": "results.gate",
+    "build_report": "results.compare", "paired_differences": "results.paired",
     "plot_comparison": "results.plot", "model_index_yaml": "results.modelcard",
     "load_config": "bench", "run_bench": "bench", "ExtractSettings": "config", "ProbeSettings": "config",
 }

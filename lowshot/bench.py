@@ -43,7 +43,8 @@ from lowshot.errors import (
 from lowshot.features.extract import extract_features
 from lowshot.io import check_folder, check_writable, output_format, save_text
 from lowshot.protocol import Progress, run_probe
-from lowshot.results.compare import DEFAULT_MAX_DROP, Comparison, build_report, gate, suite_table
+from lowshot.results.compare import Comparison, build_report, suite_table
+from lowshot.results.gate import DEFAULT_MAX_DROP, gate
 from lowshot.results.rows import Results
 
 REPORT_NAME = "report.md"

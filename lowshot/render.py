@@ -30,15 +30,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from lowshot.results.compare import (
-    PAIRED_METHOD,
-    PUBLISHED_SOURCE,
-    PUBLISHED_TAG,
-    SUITE_MEAN,
-    Cell,
-    Comparison,
-    format_p,
-)
+from lowshot.results.compare import PUBLISHED_SOURCE, PUBLISHED_TAG, SUITE_MEAN, Cell, Comparison
+from lowshot.results.paired import PAIRED_METHOD, format_p
 from lowshot.results.rows import Results, format_ci, format_mean, name_of, over_seeds, quick_run, setting
 from lowshot.results.stats import METRIC_LABELS
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from lowshot.bench import load_config
 from lowshot.errors import BadInputError
-from lowshot.results.compare import protocol
+from lowshot.results.comparable import protocol
 from lowshot.results.rows import Results
 
 from .conftest import DEIT_TINY, IMAGENETTE, REPO

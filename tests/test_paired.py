@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 import lowshot
 from lowshot.cli import app
 from lowshot.errors import BadInputError
-from lowshot.results.compare import compare, gate, paired_differences
+from lowshot.results.compare import compare
+from lowshot.results.gate import gate
+from lowshot.results.paired import paired_differences
 from lowshot.results.rows import Results
 from lowshot.results.stats import mcnemar_exact, paired_bootstrap_ci, seed_correlation, stouffer
 

@@ -14,7 +14,8 @@ from lowshot.data import datasets
 from lowshot.data.subsets import Listing, class_orders
 from lowshot.errors import DataError, ProtocolMismatchError, SettingError
 from lowshot.protocol import draw_subsets, run_probe, scored_indices
-from lowshot.results.compare import build_report, gate
+from lowshot.results.compare import build_report
+from lowshot.results.gate import gate
 
 from .conftest import make_image_folder
 

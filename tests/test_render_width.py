@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from lowshot.cli import app
 from lowshot.render import cache_table, comparison_table, paired_table, results_table
-from lowshot.results.compare import PairedDelta, compare, suite_table
+from lowshot.results.compare import compare, suite_table
+from lowshot.results.paired import PairedDelta
 from lowshot.results.rows import Results
 
 WIDTH = 80

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from lowshot.cli import app
 from lowshot.errors import MissingDependencyError, ProtocolMismatchError
-from lowshot.results.compare import PUBLISHED, compare, gate, split_order
+from lowshot.results.compare import PUBLISHED, compare, split_order
+from lowshot.results.gate import gate
 from lowshot.results.rows import Results
 
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""Compare results files (models, checkpoints), gate against a baseline, and render the comparison.
+"""Compare results files (models, checkpoints) and render the comparison, with each file's gate verdict.
 
 One row per model (x classifier), one column per labelled subset (1-shot, 2-shot, 5-shot, 1%, …), cells ``mean ± std``
 over seeds (and the bootstrap CI when the results have one); the best measured value per column is marked.
@@ -14,35 +14,26 @@ import csv
 import io
 import json
 import re
-import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from lowshot.errors import BadInputError, ProtocolMismatchError
+from lowshot.results.comparable import environment_notes, protocol_differences
+from lowshot.results.gate import DEFAULT_MAX_DROP, GateResult, gate, gate_markdown
+from lowshot.results.paired import PAIRED_METHOD, PairedDelta, format_p, paired_differences, unpaired_reason
 from lowshot.results.rows import (
     Results,
-    classifier_of,
     format_ci,
     format_mean,
     name_of,
     over_seeds,
     quick_run,
-    require_full_run,
-    row_key,
 )
 from lowshot.results.stats import (
     DEFAULT_METRIC,
     DEFAULT_N_BOOT,
     METRIC_LABELS,
-    class_weights,
-    mcnemar_exact,
-    metric_hits,
-    paired_bootstrap_ci,
-    seed_correlation,
-    stouffer,
 )
 
 # Top-1 (%) on ImageNet-1k, mean over the three published splits (± std where the paper gives it).
@@ -57,232 +48,9 @@ PUBLISHED: dict[str, dict[str, tuple[float, float | None]]] = {
     "DINO ViT-S/16": {"1-shot": (38.9, None), "2-shot": (48.9, None), "5-shot": (58.5, None), "1%": (64.5, None)},
     "iBOT ViT-S/16": {"1-shot": (40.4, None), "2-shot": (50.8, None), "5-shot": (59.9, None), "1%": (65.9, None)},
 }
-DEFAULT_MAX_DROP = 1.0  # points of top-1; below the 1-shot std over seeds on Imagenette, above solver noise
 REPORT_FORMATS = ("table", "markdown", "csv", "json", "model-index")
 CSV_FIELDS = ("label", "classifier", "kind", "metric", "subset", "mean", "std", "n_seeds", "ci_low", "ci_high", "best",
               "delta", "delta_ci_low", "delta_ci_high", "p_value")
-
-
-# -- protocol ------------------------------------------------------------------------------------------------------
-def protocol(results: Results) -> dict[str, object]:
-    """The settings that must match for two results to be compared (None where an older file lacks one)."""
-    m = results.meta
-    probe = m.get("probe") or {}
-    sampling = m.get("sampling") or {}
-    return {
-        "test split": m.get("test_split"), "test images": m.get("n_test"), "classes": m.get("n_classes"),
-        "train pool": m.get("n_train_pool"), "test set": m.get("test_fingerprint"),
-        "train set": m.get("train_fingerprint"), "feature": m.get("feature"), "transform": m.get("transform"),
-        "preprocessing": probe.get("preprocess"), "objective": probe.get("objective"), "lambda": probe.get("lambda"),
-        "lambda grid": probe.get("lambda_grid"), "seeds": sampling.get("seeds"),
-        "allow fewer": sampling.get("allow_fewer"),
-        "split files": [Path(p).name for p in sampling.get("split_files") or []] or None,
-        "k-NN": m.get("knn"), "NCM": m.get("ncm"), "limit": m.get("limit"),
-    }
-
-
-def environment(results: Results) -> dict[str, object]:
-    """Settings that may differ between compared results (they are noted, not refused)."""
-    m = results.meta
-    return {"model": m.get("model"), "data": name_of(m.get("data")), "dtype": m.get("dtype"),
-            "device": m.get("device"), "solver": (m.get("probe") or {}).get("backend"),
-            "lowshot": m.get("lowshot_version")}
-
-
-def protocol_differences(reference: Results, other: Results) -> list[str]:
-    """``"lambda: 0.0025 vs auto"`` for each protocol setting that both files record and that differs."""
-    return _differences(protocol(reference), protocol(other))
-
-
-def environment_notes(reference: Results, other: Results) -> list[str]:
-    a, b = environment(reference), environment(other)
-    a.pop("model"), b.pop("model")
-    return _differences(a, b)
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in a:
-        x, y = a[key], b.get(key)
-        if x is None or y is None or x == y:
-            continue
-        if isinstance(x, dict) and isinstance(y, dict):  # name the setting inside, e.g. transform.resize
-            out += _differences({**dict.fromkeys(y), **x}, y, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}: {_short(x)} vs {_short(y)}")
-    return out
-
-
-# -- paired differences -------------------------------------------------------------------------------------------
-PAIRED_METHOD = ("Δ = row − reference, mean over paired seeds; 95% CI: paired bootstrap over test images (one "
-                 "resample for both files and every seed; stratified by class for mean-per-class); p: exact McNemar "
-                 "per seed, combined by Stouffer's signed Z corrected for the seeds' correlation (top-1, top-5)")
-
-
-@dataclass(frozen=True)
-class PairedDelta:
-    """B − A for one (classifier, subset, metric), from the two files' predictions on the same test images."""
-
-    classifier: str
-    subset: str
-    metric: str
-    delta: float  # points, mean over seeds
-    ci_low: float
-    ci_high: float
-    p_value: float | None  # None for mean-per-class (McNemar tests per-image outcomes, not class-weighted means)
-    n_seeds: int
-    b_only: int  # images right in B and wrong in A, summed over seeds (McNemar's discordant pairs)
-    a_only: int
-
-    @property
-    def significant(self) -> bool:
-        """The 95% interval excludes 0 (an interval of [0, 0], a file against itself, never is)."""
-        return self.ci_low > 0 or self.ci_high < 0
-
-
-def unpaired_reason(reference: Results, other: Results, names: tuple[str, str] = ("A", "B")) -> str | None:
-    """Why the two files cannot be compared image by image (one line), or None when they can."""
-    for results, name in zip((reference, other), names, strict=True):
-        if results.predictions is None:
-            return (f"paired statistics need per-image predictions, and {name} has none (written before lowshot "
-                    "kept them); rerun 'lowshot probe' to get them")
-    a, b = reference.predictions, other.predictions
-    if a.order != b.order or len(a.labels) != len(b.labels) or not np.array_equal(a.labels, b.labels):
-        return f"paired statistics need the same test images in the same order, and {names[0]} and {names[1]} differ"
-    return None
-
-
-def paired_differences(reference: Results, other: Results, *, metric: str = DEFAULT_METRIC,
-                       n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
-                       names: tuple[str, str] = ("A", "B")) -> list[PairedDelta]:
-    """Δ = other − reference for every (classifier, subset) both measured with the same seeds, from the kept
-    per-image predictions: the paired bootstrap interval and the combined McNemar p-value (``PAIRED_METHOD``).
-    Raises BadInputError (one line) when the files cannot be paired."""
-    reason = unpaired_reason(reference, other, names)
-    if reason:
-        raise BadInputError(reason)
-    a, b = reference.predictions, other.predictions
-    labels = a.labels
-    weights = class_weights(labels) if metric == "mean-per-class" else None
-    groups: dict[tuple[str, str], list[str]] = {}
-    for row in reference.rows:
-        groups.setdefault((classifier_of(row), row["subset"]), []).append(row_key(row))
-    out = []
-    for (classifier, subset), keys in groups.items():
-        if not all(k in b.keys for k in keys):
-            continue  # not measured with the same seeds in the other file (the gate says so)
-        a_hits = np.stack([metric_hits(metric, a.of(k)[1]) for k in keys])
-        b_hits = np.stack([metric_hits(metric, b.of(k)[1]) for k in keys])
-        diff = b_hits - a_hits
-        delta = 100.0 * float(diff.mean(axis=0) @ weights) if weights is not None else 100.0 * float(diff.mean())
-        low, high = paired_bootstrap_ci(diff, labels=labels if weights is not None else None, n_boot=n_boot,
-                                        seed=[seed, zlib.crc32(f"{classifier}/{subset}/{metric}".encode())])
-        tests = [mcnemar_exact(x, y) for x, y in zip(a_hits, b_hits, strict=True)]
-        p_value = None if weights is not None else stouffer([t[0] for t in tests],
-                                                            [int(np.sign(t[1] - t[2])) for t in tests],
-                                                            correlation=seed_correlation(diff))
-        out.append(PairedDelta(classifier, subset, metric, round(delta, 4), low, high, p_value, len(keys),
-                               sum(t[1] for t in tests), sum(t[2] for t in tests)))
-    return out
-
-
-def format_p(p: float | None) -> str:
-    if p is None:
-        return "–"
-    return "1" if p >= 0.9995 else (f"{p:.3f}" if p >= 0.001 else f"{p:.0e}")
-
-
-# -- the gate ------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SubsetCheck:
-    classifier: str
-    subset: str
-    baseline: float
-    current: float | None  # None: not measured in the current results
-    paired: PairedDelta | None = None  # the paired interval and p-value, when both files kept predictions
-
-    @property
-    def delta(self) -> float | None:
-        return None if self.current is None else round(self.current - self.baseline, 4)
-
-
-@dataclass
-class GateResult:
-    """One results file checked against a baseline: which subsets dropped by more than ``max_drop`` points."""
-
-    label: str
-    baseline: str
-    max_drop: float
-    checks: list[SubsetCheck]
-    differences: list[str] = field(default_factory=list)  # protocol differences (only when forced)
-    notes: list[str] = field(default_factory=list)
-    metric: str = DEFAULT_METRIC
-    significant: bool = False  # --significant: a drop counts only when its paired interval is below 0 too
-    unpaired: str | None = None  # why there are no paired intervals (None: there are, or none were asked for)
-
-    @property
-    def drops(self) -> list[SubsetCheck]:
-        return [c for c in self.checks if c.delta is not None and -c.delta > self.max_drop
-                and (not self.significant or (c.paired is not None and c.paired.ci_high < 0))]
-
-    @property
-    def rule(self) -> str:
-        what = f"a {METRIC_LABELS[self.metric]} drop of more than {points(self.max_drop)}"
-        return what + (" whose paired 95% CI excludes 0" if self.significant else "")
-
-    @property
-    def passed(self) -> bool:
-        return not self.drops
-
-    def summary(self) -> str:
-        """One line: the verdict, and which subsets dropped."""
-        metric = "" if self.metric == DEFAULT_METRIC else f" in {METRIC_LABELS[self.metric]}"
-        sig = " significantly" if self.significant else ""
-        if self.passed:
-            return (f"{self.label}: no subset dropped{sig} more than {points(self.max_drop)}{metric} vs "
-                    f"{self.baseline} ({len([c for c in self.checks if c.current is not None])} checked)")
-        what = "; ".join(f"{c.classifier} {c.subset} {c.baseline:.1f} -> {c.current:.1f} ({c.delta:+.1f}"
-                         + (f", CI [{c.paired.ci_low:+.1f}, {c.paired.ci_high:+.1f}]" if c.paired else "") + ")"
-                         for c in self.drops)
-        return f"{self.label}: {len(self.drops)} subset(s) dropped{sig} more than {points(self.max_drop)}{metric} " \
-               f"vs {self.baseline}: {what}"
-
-
-def points(value: float) -> str:
-    return f"{value:g} point" + ("" if value == 1 else "s")
-
-
-def gate(current: Results, baseline: Results, *, max_drop: float = DEFAULT_MAX_DROP, force: bool = False,
-         label: str = "results", baseline_name: str = "the baseline", metric: str = DEFAULT_METRIC,
-         significant: bool = False, n_boot: int = DEFAULT_N_BOOT) -> GateResult:
-    """Check every (classifier, subset) of ``baseline`` in ``current``: a mean ``metric`` more than ``max_drop``
-    points lower fails (with ``significant``, only when the paired 95% interval of the difference is below 0 too).
-    A protocol difference, or a baseline subset the current results lack, raises ProtocolMismatchError unless
-    ``force``; ``significant`` without predictions in both files is a BadInputError saying why."""
-    if not max_drop >= 0:
-        raise BadInputError(f"--max-drop {max_drop}: must be zero or a positive number of points")
-    for name, results in ((label, current), (baseline_name, baseline)):  # even with force: not the protocol
-        require_full_run(results, name, refused_by="the regression gate refuses it")
-    now = {(s["classifier"], s["subset"]): s["mean"] for s in current.summary_of(metric)}
-    checks = [SubsetCheck(s["classifier"], s["subset"], s["mean"], now.get((s["classifier"], s["subset"])))
-              for s in baseline.summary_of(metric)]
-    differences = protocol_differences(baseline, current)
-    missing = [f"{c.classifier} {c.subset}" for c in checks if c.current is None]
-    if missing:
-        differences.append(f"not measured: {', '.join(missing)}")
-    if differences and not force:
-        raise ProtocolMismatchError(f"{label} and {baseline_name} differ in protocol ({'; '.join(differences)}); "
-                                    "fix the run or pass --force to compare anyway")
-    unpaired = unpaired_reason(baseline, current, (baseline_name, label))
-    if unpaired and significant:
-        raise BadInputError(f"--significant: {unpaired}")
-    if not unpaired:
-        deltas = {(d.classifier, d.subset): d for d in paired_differences(baseline, current, metric=metric,
-                                                                          n_boot=n_boot)}
-        checks = [SubsetCheck(c.classifier, c.subset, c.baseline, c.current, deltas.get((c.classifier, c.subset)))
-                  for c in checks]
-    return GateResult(label, baseline_name, max_drop, checks, differences if force else [],
-                      environment_notes(baseline, current), metric, significant, unpaired)
 
 
 # -- the comparison ------------------------------------------------------------------------------------------------
@@ -477,37 +245,6 @@ def save_comparisons(comparisons: Sequence[Comparison], path: str | Path, *, fla
                      flag=flag)
 
 
-def gate_markdown(result: GateResult) -> list[str]:
-    """The verdict in bold, then the per-subset table (folded away in a <details> block when it passed); the
-    paired interval and p-value of each Δ when both files kept their predictions."""
-    verdict = "✅ passed" if result.passed else f"❌ failed: {len(result.drops)} subset(s) dropped"
-    head = f"**Regression gate** `{result.label}` vs `{result.baseline}` (fails on {result.rule}): {verdict}"
-    paired = any(c.paired for c in result.checks)
-    extra = " 95% CI of Δ | p |" if paired else ""
-    table = [f"| classifier | subset | baseline | current | Δ |{extra}",
-             "| --- | --- | --- | --- | --- |" + (" --- | --- |" if paired else "")]
-    for c in result.checks:
-        if c.current is None:
-            table.append(f"| {c.classifier} | {c.subset} | {c.baseline:.1f} | – | not measured |"
-                         + (" – | – |" if paired else ""))
-            continue
-        flag = " ❌" if c in result.drops else ""
-        cells = f"| {c.classifier} | {c.subset} | {c.baseline:.1f} | {c.current:.1f} | {c.delta:+.1f}{flag} |"
-        if paired:
-            cells += (f" [{c.paired.ci_low:+.1f}, {c.paired.ci_high:+.1f}] | {format_p(c.paired.p_value)} |"
-                      if c.paired else " – | – |")
-        table.append(cells)
-    lines = [head, ""] + (table if not result.passed else
-                          ["<details><summary>per subset</summary>", "", *table, "", "</details>"])
-    if result.unpaired:
-        lines += ["", f"No paired intervals: {result.unpaired}"]
-    for text in result.differences:
-        lines += ["", f"Protocol differs (compared anyway, --force): {text}"]
-    if result.notes:
-        lines += ["", f"Environment differs: {'; '.join(result.notes)}"]
-    return lines
-
-
 def split_order(name: str) -> tuple:
     """k-shot columns by k, then percent columns by percent, then anything else (split files) by name."""
     if match := re.fullmatch(r"(\d+)-shot", name):
@@ -649,9 +386,3 @@ def _unique(labels: list[str]) -> list[str]:
         seen[label] = seen.get(label, 0) + 1
         out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
     return out
-
-
-def _short(value: object) -> str:
-    text = json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else str(value)
-    return text if len(text) <= 60 else text[:57] + "…"
-

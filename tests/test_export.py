@@ -10,10 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 import lowshot
-from . import zoo
 from lowshot.cli import app
 from lowshot.features.export import load_export
 from lowshot.features.store import FeatureCache
+
+from . import zoo
 
 runner = CliRunner()
 

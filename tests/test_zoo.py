@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import lowshot
-from . import zoo
 from lowshot.errors import BadInputError
 from lowshot.models.backbones import load_backbone
 from lowshot.models.readouts import READOUTS
 
+from . import zoo
 from .conftest import make_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)

@@ -23,6 +23,7 @@ _EXPORTS = {
     "build_report": "results.compare", "paired_differences": "results.paired",
     "plot_comparison": "results.plot", "model_index_yaml": "results.modelcard",
     "load_config": "bench", "run_bench": "bench", "ExtractSettings": "config", "ProbeSettings": "config",
+    "Evaluator": "evaluator",
 }
 __all__ = ["__version__", *_EXPORTS]
 

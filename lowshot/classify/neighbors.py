@@ -1,4 +1,5 @@
-"""Baselines beside the logistic probe, on the same row-centred + L2-normalised features, as scikit-learn classifiers.
+"""The neighbour classifiers beside the logistic probe, on the same row-centred + L2-normalised features, as
+scikit-learn classifiers.
 
 - ``KNNClassifier``: the k most cosine-similar training images vote; k is chosen by leave-one-out on the labelled
   training subset only (never the test labels). With one image per class leave-one-out is impossible: k = 1.

@@ -25,7 +25,7 @@ import torch
 from lowshot.config import DEFAULT_MODEL, FEATURE_POSTNORM, FEATURE_PRENORM, FEATURES  # noqa: F401 (re-exported)
 from lowshot.errors import BadInputError, ModelLoadError
 from lowshot.models import checkpoints, readouts
-from lowshot.models.engine import FAST_READOUTS, FastViT, unsupported_reason
+from lowshot.models.engine import FAST_READOUTS, FastEncoder, unsupported_reason
 from lowshot.models.readouts import Family, ReadoutSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,7 +56,7 @@ class Backbone:
     info: dict = field(default_factory=dict)
     engine: str = "stock"  # which forward runs: "fast" (lowshot.models.engine) or "stock" (the transformers model)
     engine_reason: str = ""
-    fast: FastViT | None = None
+    fast: FastEncoder | None = None
     forward_batch: int = 64  # at most this many images per forward pass (embed splits bigger batches)
     readout: ReadoutSpec | None = None  # None: the readout named by ``feature`` at the model's own size
     family: Family | None = None
@@ -74,7 +74,7 @@ class Backbone:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.fast is not None and self.fast.accepts(pixels):  # takes float32 pixels (see FastViT)
+        if self.fast is not None and self.fast.accepts(pixels):  # takes float32 pixels (see FastEncoder)
             return self.fast(pixels, postnorm=self.feature == FEATURE_POSTNORM)
         return self.stock_forward(pixels.to(self.dtype))
 
@@ -460,7 +460,7 @@ def use_engine(backbone: Backbone, engine: str = "auto") -> Backbone:
     backbone.forward_batch = choose_forward_batch(net, tokens=tokens, device=backbone.device, dtype=backbone.dtype,
                                                   stock=used == "stock")
     if used == "fast":
-        backbone.fast = FastViT(net, dtype=backbone.dtype, rows_hint=backbone.forward_batch * tokens)
+        backbone.fast = FastEncoder(net, dtype=backbone.dtype, rows_hint=backbone.forward_batch * tokens)
     else:
         backbone.fast = None
     backbone.engine, backbone.engine_reason = used, why

@@ -280,13 +280,14 @@ class _Block:
         return self.fc2.add(self.fc1(self.norm2(h), gelu), h)
 
 
-class FastViT:
-    """Features of a ViT-layout ``net`` (see :func:`unsupported_reason`): ``(N, 3, H, W)`` -> CLS ``(N, hidden)``.
+class FastEncoder:
+    """The fast engine's forward for any ViT-layout encoder ``net`` (ViT, DeiT, DINOv2, CLIP's vision tower; see
+    :func:`unsupported_reason`): ``(N, 3, H, W)`` -> CLS ``(N, hidden)``.
 
     ``dtype`` (default: the net's) is the compute dtype of the blocks' linear layers and attention. With bfloat16
     or float16 the pixels, the patch embedding (about 1% of the work), the residual stream, the LayerNorms and the
-    feature stay in float32: pixels rounded to bfloat16 alone moved DeiT-Tiny's CLS features to cosine 0.997 of
-    float32 on an Imagenette photo (as did stock bf16 autocast, which rounds them too). Build it from the float32
+    feature stay in float32: rounding the pixels to bfloat16 alone moves CLS features measurably (as stock bf16
+    autocast does, which rounds them too). Build it from the float32
     net to keep those parameters exact; pass float32 pixels.
     ``rows_hint`` (images x tokens per forward) only tunes oneDNN's weight packing; any batch size works."""
 

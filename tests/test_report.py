@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from lowshot.cli import app
 from lowshot.errors import MissingDependencyError, ProtocolMismatchError
-from lowshot.results.compare import PUBLISHED, compare, split_order
+from lowshot.results.compare import PUBLISHED, compare, subset_order
 from lowshot.results.gate import gate
 from lowshot.results.rows import Results
 
@@ -74,7 +74,7 @@ def test_several_classifiers_get_a_classifier_column_and_ci_cells(tmp_path):
 
 
 def test_columns_are_ordered_by_shots_then_percent():
-    assert sorted(["1%", "10-shot", "2-shot", "custom", "0.5%", "1-shot"], key=split_order) == \
+    assert sorted(["1%", "10-shot", "2-shot", "custom", "0.5%", "1-shot"], key=subset_order) == \
         ["1-shot", "2-shot", "10-shot", "0.5%", "1%", "custom"]
 
 

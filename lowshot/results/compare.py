@@ -245,7 +245,7 @@ def save_comparisons(comparisons: Sequence[Comparison], path: str | Path, *, fla
                      flag=flag)
 
 
-def split_order(name: str) -> tuple:
+def subset_order(name: str) -> tuple:
     """k-shot columns by k, then percent columns by percent, then anything else (split files) by name."""
     if match := re.fullmatch(r"(\d+)-shot", name):
         return (0, int(match.group(1)), name)
@@ -301,7 +301,7 @@ def compare(results: Sequence[Results], *, labels: Sequence[str] | None = None, 
         notes += [f"{labels[0]} vs {label}: {d}" for d in environment_notes(reference, other)]
     rows = [row for r, label, src in zip(results, labels, sources, strict=True)
             for row in rows_of(r, label, source=src, metric=metric)]
-    columns = sorted({c for row in rows for c in row.cells}, key=split_order)
+    columns = sorted({c for row in rows for c in row.cells}, key=subset_order)
     if published and metric == DEFAULT_METRIC:  # the paper publishes top-1 only
         rows += [Row(name, None, {k: Cell(m, s) for k, (m, s) in values.items() if k in columns}, "published",
                      PUBLISHED_SOURCE) for name, values in PUBLISHED.items()]
@@ -344,7 +344,7 @@ def suite_table(per_dataset: dict[str, Comparison]) -> Comparison:
                 continue
             target = rows.setdefault((row.label, row.classifier), Row(row.label, row.classifier, {}))
             target.cells.update({f"{name} {c}": cell for c, cell in row.cells.items()})
-    for subset in sorted(subsets, key=split_order):
+    for subset in sorted(subsets, key=subset_order):
         keys = [f"{name} {subset}" for name in per_dataset]
         for row in rows.values():
             if all(k in row.cells for k in keys):

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from lowshot.errors import BadInputError
-from lowshot.results.compare import label_of, split_order
+from lowshot.results.compare import label_of, subset_order
 from lowshot.results.rows import Results, name_of, require_full_run
 from lowshot.results.stats import METRIC_LABELS
 
@@ -43,7 +43,7 @@ def eval_results(results: Results, *, metrics: list[str], source_url: str | None
     dataset = name_of(meta.get("data")) or "unknown"
     out = []
     for metric in metrics:
-        summary = sorted(results.summary_of(metric), key=lambda s: split_order(s["subset"]))
+        summary = sorted(results.summary_of(metric), key=lambda s: subset_order(s["subset"]))
         for s in sorted(summary, key=lambda s: results.classifiers.index(s["classifier"])):
             subset = s["subset"] if s["subset"].endswith("-shot") else f"{s['subset']} labels"
             what = f"{subset} {CLASSIFIER_NAMES.get(s['classifier'], s['classifier'])}, {METRIC_LABELS[metric]} (%)"

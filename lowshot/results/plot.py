@@ -62,7 +62,7 @@ def _draw(ax, comparison: Comparison) -> None:
     colour_of: dict[str, tuple] = {}
     ticks: dict[float, str] = {}
     for row in rows:
-        points = sorted((c.per_class, c.mean, c.std or 0.0, split) for split, c in row.cells.items() if c.per_class)
+        points = sorted((c.per_class, c.mean, c.std or 0.0, subset) for subset, c in row.cells.items() if c.per_class)
         if not points:
             continue
         x = [p[0] for p in points]
@@ -74,8 +74,8 @@ def _draw(ax, comparison: Comparison) -> None:
         ax.plot(x, mean, marker="o", color=colour, linestyle=LINESTYLES.get(row.classifier or "", "-"), label=label)
         ax.fill_between(x, [m - s for m, s in zip(mean, std, strict=True)],
                         [m + s for m, s in zip(mean, std, strict=True)], color=colour, alpha=0.12, linewidth=0)
-        for px, _, _, split in points:
-            ticks.setdefault(round(px, 2), f"{px:g}" if split.endswith("-shot") else f"{px:.3g}\n({split})")
+        for px, _, _, subset in points:
+            ticks.setdefault(round(px, 2), f"{px:g}" if subset.endswith("-shot") else f"{px:.3g}\n({subset})")
     n_classes = comparison.context.get("n_classes")
     if n_classes and comparison.metric != "top5":  # chance of top-5 is 5/C, and top-5 of <= 5 classes is 100%
         ax.axhline(100.0 / n_classes, color="grey", linestyle=":", linewidth=1, label=f"chance (1/{n_classes})")

@@ -86,13 +86,13 @@ def classifier_of(row: dict) -> str:
     return row.get("classifier") or DEFAULT_CLASSIFIER
 
 
-def interval_key(classifier: str, split: str) -> str:
-    return f"{classifier}/{split}"
+def interval_key(classifier: str, subset: str) -> str:
+    return f"{classifier}/{subset}"
 
 
 @dataclass
 class Results:
-    """``meta`` (versions, model, data, protocol settings, cache keys, date) and ``rows`` (split x seed x
+    """``meta`` (versions, model, data, protocol settings, cache keys, date) and ``rows`` (subset x seed x
     classifier). ``intervals`` holds the bootstrap CI of each summary entry (``interval_key`` -> low/high), when
     one was computed: it needs the per-image correctness, which rows do not keep."""
 
@@ -126,7 +126,7 @@ class Results:
         groups: dict[tuple[str, str], list[dict]] = {}
         for row in self.rows:
             groups.setdefault((classifier_of(row), row["subset"]), []).append(row)
-        order = sorted(groups, key=lambda key: self.classifiers.index(key[0]))  # stable: splits keep their order
+        order = sorted(groups, key=lambda key: self.classifiers.index(key[0]))  # stable: subsets keep their order
         out = []
         for classifier, name in order:
             rows = groups[(classifier, name)]

@@ -206,6 +206,15 @@ class Results:
 
         return save_text(path, self.render(output_format(path, RESULT_SUFFIXES, flag=flag)), flag=flag)
 
+    def log_to(self, target: object, *, step: int | None = None) -> None:
+        """Log one scalar per classifier, subset and metric (``lowshot/5-shot/top1``, ``…/top1_std``) at ``step``
+        (default: ``meta["step"]``, else 0) into an experiment tracker: ``"tensorboard:DIR"``, ``"mlflow"``,
+        ``"mlflow:URI"``, ``"wandb"``, or a ``SummaryWriter`` / MLflow run / W&B run the caller opened
+        (:func:`lowshot.results.tracking.open_tracker` lists them; its ``scalars_of`` names every scalar)."""
+        from lowshot.results.tracking import log_results
+
+        log_results(self, target, step=step)
+
     @classmethod
     def load(cls, path: str | Path) -> Results:
         try:

@@ -40,9 +40,8 @@ from lowshot.errors import (
     ProtocolMismatchError,
     SettingError,
 )
-from lowshot.features.extract import extract_features
 from lowshot.io import check_folder, check_writable, output_format, save_text
-from lowshot.protocol import Progress, run_probe
+from lowshot.protocol import Progress, evaluate
 from lowshot.results.compare import Comparison, build_report, suite_table
 from lowshot.results.gate import DEFAULT_MAX_DROP, gate
 from lowshot.results.rows import Results
@@ -248,13 +247,14 @@ def run_bench(config: BenchConfig, *, cache_dir: str | os.PathLike | None = None
     unsaved: list[OutputError] = []
     keep = _keeper(written, unsaved)
     for model in config.models:
-        run = extract_features(model.path, config.data, dataclasses.replace(config.extract, revision=model.revision),
-                               subsets=config.probe, cache_dir=cache_dir, progress=progress)
-        state = "cache hit" if run.train.cached and run.test.cached else "extracted"
-        log(f"{model.name}: {len(run.train.features):,} train / {len(run.test.features):,} test features ({state})")
-        result = run_probe(run.train.features, run.test.features, config.probe, progress=progress,
-                           meta={"model": model.given or model.path, "data": config.data_given or config.data,
-                                 "label": model.name, "bench": {"config": config.source.name, "title": config.title}})
+        def extracted(run, name=model.name) -> None:
+            state = "cache hit" if run.train.cached and run.test.cached else "extracted"
+            log(f"{name}: {len(run.train.features):,} train / {len(run.test.features):,} test features ({state})")
+
+        result = evaluate(model.path, config.data, extract=dataclasses.replace(config.extract, revision=model.revision),
+                          probe=config.probe, cache_dir=cache_dir, progress=progress, extracted=extracted,
+                          meta={"model": model.given or model.path, "data": config.data_given or config.data,
+                                "label": model.name, "bench": {"config": config.source.name, "title": config.title}})
         results[model.name] = result
         keep(lambda result=result, name=model.name: _write(result, output / f"{name}.json"))
     names = list(results)

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
-from lowshot.config import DEFAULT_LAMBDA, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_READOUT
+from lowshot.config import DEFAULT_LAMBDA, DEFAULT_MODEL, ExtractSettings
 from lowshot.errors import BadInputError, LowshotError, SettingError
 from lowshot.features.hostmem import keep_host_memory
 
@@ -135,13 +135,15 @@ def _paragraphs(doc: str | None) -> str | None:
     return "\n\n".join(" ".join(p.split()) for p in re.split(r"\n\s*\n", inspect.cleandoc(doc)))
 
 
-# The core names a bad setting by its parameter (ExtractSettings / ProbeSettings field); the CLI says its flag.
-FLAGS = {"shots": "--shots", "percents": "--percent", "seeds": "--seeds", "split_files": "--split-file",
-         "lam": "--lambda", "classifiers": "--classifier", "n_boot": "--n-boot", "ci_seed": "--ci-seed",
-         "backend": "--backend", "batch_size": "--batch-size", "max_pixels": "--max-pixels", "dtype": "--dtype",
-         "transform": "--transform", "engine": "--engine", "device": "--device", "feature": "--readout",
-         "train_split": "--train-split", "test_split": "--test-split", "workers": "--workers",
-         "limit": "--limit"}
+# The core names a bad setting by its parameter (ExtractSettings / ProbeSettings field); the CLI says its flag: the
+# field's name with dashes (batch_size: --batch-size), but for these.
+FLAGS = {"percents": "--percent", "split_files": "--split-file", "lam": "--lambda", "classifiers": "--classifier",
+         "feature": "--readout"}
+
+
+def _flag(param: str) -> str:
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
 
 # Protocol options shared by extract (which images to encode) and probe (which subsets to fit): same defaults.
 Shots = Annotated[str | None, _option(
@@ -164,11 +166,78 @@ Limit = Annotated[int | None, _option(
          "in seed 0's order) and of the train pool (the first N in each seed's order; k-shot subsets stay the "
          "same, k ≤ N). Uses and grows the same cache entries as a full run; results say so; the gate refuses them.")]
 
-READOUT_HELP = ("Which vector is the feature (--feature is an alias). auto: the family's default (cls-prenorm "
-                "with a CLS token, else pooled); cls-prenorm: CLS before the final norm (MSN); cls-postnorm; avgpool: "
-                "mean of the normed patch tokens; cls+avgpool; last4-cls: normed CLS of the last 4 blocks (DINOv2); "
-                "pooled: the model's own pooled output.")
-Readout = Annotated[str, _option("--readout", "--feature", help=READOUT_HELP)]
+Data = Annotated[str | None, _option(
+    "--data", "-d", help="Folder with train/ and val/ (or test/) ImageFolder splits, a datasets.save_to_disk folder, "
+                         "or a Hugging Face dataset id. val/ may also be ImageNet's flat validation folder, labelled "
+                         "by Kaggle's LOC_val_solution.csv or the devkit's ground truth and meta.mat (looked for in "
+                         "val/, the folder, its devkit folder and up to 3 folders above). [default: a tiny bundled "
+                         "Imagenette demo sample — a smoke test, not a benchmark]")]
+MODEL_HELP = ("Hugging Face hub id, local folder (config.json + weights) or raw MSN checkpoint (.pth.tar): ViT, "
+              "ViTMSN, DeiT, DINOv2, CLIP/SigLIP (vision tower), BEiT, Data2Vec, ViTMAE, Swin, ConvNeXt, or any "
+              "vision model's pooled output.")
+Model = Annotated[str, _option("--model", "-m", help=MODEL_HELP)]
+
+# How images become features: one option per ExtractSettings field, declared here only. A command takes them all
+# (minus any it names) through @_extraction_options, which builds the one ExtractSettings they make; their
+# defaults are the settings object's own.
+EXTRACT_OPTIONS = {
+    "revision": Annotated[str | None, _option(help="Hub revision (branch, tag or commit).")],
+    "train_split": Annotated[str, _option(help="Split to draw the labelled shots from.")],
+    "test_split": Annotated[str | None, _option(
+        help="Split to evaluate on. [default: the first of val, validation, test]", show_default=False)],
+    "image_column": Annotated[str | None, _option(help="HF datasets: image column [default: detected].")],
+    "label_column": Annotated[str | None, _option(help="HF datasets: label column [default: detected].")],
+    "transform": Annotated[str, _option(
+        help="msn: full decode, shorter side 256 (bilinear), center crop 224, ImageNet mean/std (the MSN protocol). "
+             "msn-draft: the same, but big JPEGs are decoded at 1/2-1/8 scale first (faster, slightly different "
+             "pixels). processor: the model's preprocessor_config.json (HF ViT: resize straight to 224x224).")],
+    "feature": Annotated[str, _option(
+        "--readout", help="Which vector is the feature. auto: the family's default (cls-prenorm with a CLS token, "
+                          "else pooled); cls-prenorm: CLS before the final norm (MSN); cls-postnorm; avgpool: mean "
+                          "of the normed patch tokens; cls+avgpool; last4-cls: normed CLS of the last 4 blocks "
+                          "(DINOv2); pooled: the model's own pooled output.")],
+    "batch_size": Annotated[int, _option(
+        "--batch-size", "-b", help="Images decoded per batch; a forward pass takes at most this many (fewer on the "
+                                   "CPU and for large-token models, to stay in cache and memory).")],
+    "device": Annotated[str, _option(help="auto, cpu, cuda or cuda:N.")],
+    "dtype": Annotated[str, _option(
+        help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, float16.")],
+    "strict": Annotated[bool, _option(
+        help="Fail on the first unreadable image instead of skipping and reporting it.")],
+    "max_pixels": Annotated[int, _option(
+        help="Refuse (skip and report) images with more pixels than this: a guard against decompression bombs.")],
+    "engine": Annotated[str, _option(
+        help="auto: lowshot's fast forward where it covers the model (ViT, ViTMSN, DeiT, DINOv2, CLIP vision), else "
+             "the stock transformers one; fast; stock. Same features up to float rounding (not in the cache "
+             "key).")],
+}
+
+
+def _extraction_options(*, without: tuple[str, ...] = ()):
+    """Give a command the options of :data:`EXTRACT_OPTIONS` (but ``without``) in place of its ``extract``
+    parameter, and call it with the ExtractSettings they build (validated there, once)."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        defaults = ExtractSettings()
+        options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                     default=getattr(defaults, name))
+                   for name, kind in EXTRACT_OPTIONS.items() if name not in without]
+        params = [q for p in signature.parameters.values()
+                  for q in (options if p.name == "extract" else [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)])]
+
+        @functools.wraps(command)
+        def with_settings(**kwargs):
+            given = {option.name: kwargs.pop(option.name) for option in options}
+            return command(**kwargs, extract=ExtractSettings(**given))
+
+        with_settings.__signature__ = signature.replace(parameters=params)  # what typer reads
+        with_settings.__annotations__ = {p.name: p.annotation for p in params}
+        return with_settings
+
+    return decorate
+
+
 CacheDir = Annotated[Path | None, _option(
     "--cache-dir", envvar="LOWSHOT_CACHE_DIR", show_envvar=True,
     help="Feature cache folder [default: the platform's user cache dir, e.g. ~/.cache/lowshot].")]
@@ -186,7 +255,7 @@ def _friendly(command):
         except LowshotError as exc:
             if _state["debug"]:
                 raise
-            text = exc.spelled(FLAGS.get(exc.param, exc.param)) if isinstance(exc, SettingError) else str(exc)
+            text = exc.spelled(_flag(exc.param)) if isinstance(exc, SettingError) else str(exc)
             err.print(f"[bold red]error:[/] {escape(text)}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:  # an I/O failure the core did not anticipate: still one line, never a traceback
@@ -222,46 +291,11 @@ def _main(
 
 @app.command()
 @_friendly
+@_extraction_options()
 def extract(
-    model: Annotated[str, _option(
-        "--model", "-m", help="Hugging Face hub id, local folder (config.json + weights) or raw MSN checkpoint "
-                              "(.pth.tar): ViT, ViTMSN, DeiT, DINOv2, CLIP/SigLIP (vision tower), BEiT, Data2Vec, "
-                              "ViTMAE, Swin, ConvNeXt, or any vision model's pooled output.")] = DEFAULT_MODEL,
-    data: Annotated[str | None, _option(
-        "--data", "-d", help="Folder with train/ and val/ (or test/) ImageFolder splits, a datasets.save_to_disk "
-                             "folder, or a Hugging Face dataset id. val/ may also be ImageNet's flat validation "
-                             "folder, labelled by Kaggle's LOC_val_solution.csv or the devkit's ground truth and "
-                             "meta.mat (looked for in val/, the folder, its devkit folder and up to 3 folders "
-                             "above). [default: a tiny bundled Imagenette demo sample — a smoke test, not a "
-                             "benchmark]")] = None,
-    revision: Annotated[str | None, _option(help="Hub revision (branch, tag or commit).")] = None,
-    train_split: Annotated[str, _option(help="Split to draw the labelled shots from.")] = "train",
-    test_split: Annotated[str | None, _option(
-        help="Split to evaluate on. [default: the first of val, validation, test]")] = None,
-    image_column: Annotated[str | None, _option(help="HF datasets: image column [default: detected].")] = None,
-    label_column: Annotated[str | None, _option(help="HF datasets: label column [default: detected].")] = None,
-    transform: Annotated[str, _option(
-        help="msn: full decode, shorter side 256 (bilinear), center crop 224, ImageNet mean/std (the MSN protocol). "
-             "msn-draft: the same, but big JPEGs are decoded at 1/2-1/8 scale first (faster, slightly different "
-             "pixels). processor: the model's preprocessor_config.json (HF ViT: resize straight to "
-             "224x224).")] = "msn",
-    feature: Readout = DEFAULT_READOUT,
-    batch_size: Annotated[int, _option(
-        "--batch-size", "-b", help="Images decoded per batch; a forward pass takes at most this many (fewer on "
-                                   "the CPU and for large-token models, to stay in cache and memory).")] = 64,
-    device: Annotated[str, _option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, _option(
-        help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, "
-             "float16.")] = "auto",
-    strict: Annotated[bool, _option(
-        help="Fail on the first unreadable image instead of skipping and reporting it.")] = False,
-    max_pixels: Annotated[int, _option(
-        help="Refuse (skip and report) images with more pixels than this: a guard against decompression "
-             "bombs.")] = DEFAULT_MAX_PIXELS,
-    engine: Annotated[str, _option(
-        help="auto: lowshot's fast forward where it covers the model (ViT, ViTMSN, DeiT, DINOv2, CLIP vision), "
-             "else the stock transformers one; fast; stock. Same features up to float rounding (not in the cache "
-             "key).")] = "auto",
+    model: Model = DEFAULT_MODEL,
+    data: Data = None,
+    extract: ExtractSettings | None = None,
     shots: Shots = None,
     percent: Percent = None,
     seeds: Seeds = 3,
@@ -279,15 +313,10 @@ def extract(
     split file, --all) encodes only what is missing. A request the cache covers decodes no image and loads no
     model. An interrupted run resumes from its finished shards.
     """
-    from lowshot.config import ExtractSettings
     from lowshot.features.distributed import launched_rank
     from lowshot.features.extract import extract_features
     from lowshot.render import progress_callback
 
-    settings = ExtractSettings(revision=revision, train_split=train_split, test_split=test_split,
-                               image_column=image_column, label_column=label_column, transform=transform,
-                               feature=feature, batch_size=batch_size, device=device, dtype=dtype, strict=strict,
-                               max_pixels=max_pixels, engine=engine)
     subsets = _probe_settings(shots, percent, seeds, split_file, allow_fewer, limit=limit)
     main_rank = launched_rank() == 0  # under torchrun / accelerate, only rank 0 draws and reports
     if data is None and main_rank:
@@ -296,7 +325,7 @@ def extract(
         err.print(f"no --data given: using the bundled demo sample {DEMO_DATA} (a smoke test, not a benchmark)",
                   highlight=False)
     with progress_callback(err if main_rank else Console(quiet=True)) as progress:
-        run = extract_features(model, data, settings, subsets=subsets, all_images=all_images, cache_dir=cache_dir,
+        run = extract_features(model, data, extract, subsets=subsets, all_images=all_images, cache_dir=cache_dir,
                                progress=progress)
     if not main_rank:
         return
@@ -366,37 +395,60 @@ def _readout_notes(readout: dict | None) -> None:
 
 @app.command()
 @_friendly
+@_extraction_options(without=("train_split", "test_split"))
 def export(
-    model: Annotated[str, _option("--model", "-m", help="As for extract.")] = DEFAULT_MODEL,
-    data: Annotated[str | None, _option("--data", "-d", help="As for extract.")] = None,
+    model: Model = DEFAULT_MODEL,
+    data: Data = None,
     split: Annotated[str, _option(help="The split to export (train, val, test, …).")] = "val",
     output: Annotated[Path, _option(
         "--output", "-o", help="feats.npz (ids, labels, classes, features float32, meta) or feats.parquet.",
         show_default=False)] = ...,
-    revision: Annotated[str | None, _option(help="Hub revision (branch, tag or commit).")] = None,
-    image_column: Annotated[str | None, _option(help="HF datasets: image column [default: detected].")] = None,
-    label_column: Annotated[str | None, _option(help="HF datasets: label column [default: detected].")] = None,
-    transform: Annotated[str, _option(help="As for extract: msn, msn-draft or processor.")] = "msn",
-    feature: Readout = DEFAULT_READOUT,
-    batch_size: Annotated[int, _option("--batch-size", "-b", help="As for extract.")] = 64,
-    device: Annotated[str, _option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, _option(help="As for extract.")] = "auto",
-    engine: Annotated[str, _option(help="As for extract.")] = "auto",
+    extract: ExtractSettings | None = None,
     cache_dir: CacheDir = None,
 ) -> None:
     """Write one split's features (from the cache; every image of the split extracted first if missing) to .npz or
     .parquet for use elsewhere: ids, labels, class names, float32 features and the settings that made them."""
-    from lowshot.config import ExtractSettings
     from lowshot.features.export import export_features
     from lowshot.render import progress_callback
 
-    settings = ExtractSettings(revision=revision, train_split=split, test_split=split, image_column=image_column,
-                               label_column=label_column, transform=transform, feature=feature,
-                               batch_size=batch_size, device=device, dtype=dtype, engine=engine)
     with progress_callback(err) as progress:
-        done = export_features(model, data, settings, output=output, cache_dir=cache_dir, progress=progress)
+        done = export_features(model, data, extract, split=split, output=output, cache_dir=cache_dir,
+                               progress=progress)
     state = "from the cache" if done.cached else "extracted"
     err.print(f"wrote {done.path}: {done.split}, {done.n:,} x {done.dim} float32 features ({state})", highlight=False)
+
+
+def _report_if_encoded(run) -> None:
+    """What ``lowshot probe --model`` says of its extraction: all of it when it encoded images, else only the readout
+    notes (a cache hit is the quiet case)."""
+    if all(split.cached for split in run.splits()):
+        _readout_notes(run.train.features.manifest.get("readout"))
+    else:
+        _report_extraction(run)  # with the readout notes
+
+
+def _probe_cached(settings, *, cache_dir):
+    """``lowshot probe`` without --model/--data: the most recent extraction's features, nothing encoded."""
+    from lowshot.errors import MissingFeaturesError
+    from lowshot.features.extract import load_features
+    from lowshot.protocol import run_probe
+    from lowshot.render import progress_callback
+
+    train, test, run = load_features(cache_dir=cache_dir)
+    err.print(f"using the most recent extraction: {run['model']} on {run['data']} "
+              f"({run['train_split']} {len(train):,} of {len(train.listing()):,} / {run['test_split']} "
+              f"{len(test):,})", highlight=False)
+    _readout_notes(train.manifest.get("readout"))
+    try:
+        with progress_callback(err, unit="fit") as progress:
+            return run_probe(train, test, settings, progress=progress)  # model and data: the features' origin
+    except MissingFeaturesError as exc:
+        recorded = run.get("extract_settings") or {}
+        extra = "".join(f" {_flag(name)} {recorded[name]}" for name in ("transform", "feature", "dtype")
+                        if recorded.get(name) not in (None, getattr(ExtractSettings(), name)))
+        raise MissingFeaturesError(f"{exc}; encode them with: lowshot probe --model {run['model']} --data "
+                                   f"{run['data']}{extra} {_protocol_flags(settings)}", model=exc.model,
+                                   data=exc.data, missing=exc.missing) from None
 
 
 def _parse_list(text: str, kind, flag: str) -> list:
@@ -409,6 +461,7 @@ def _parse_list(text: str, kind, flag: str) -> list:
 
 @app.command()
 @_friendly
+@_extraction_options()
 def probe(
     shots: Shots = None,
     percent: Percent = None,
@@ -423,22 +476,10 @@ def probe(
     limit: Limit = None,
     model: Annotated[str | None, _option(
         "--model", "-m", help="Probe this model's features, encoding the images the protocol needs that are not "
-                              "cached yet (default: the most recent extraction, nothing encoded).")] = None,
-    data: Annotated[str | None, _option("--data", "-d", help="… on this data.")] = None,
-    transform: Annotated[str, _option(help="With --model/--data: the extraction's --transform.")] = "msn",
-    feature: Annotated[str, _option("--readout", "--feature",
-                                    help="With --model/--data: the extraction's --readout.")] = DEFAULT_READOUT,
-    dtype: Annotated[str, _option(help="With --model/--data: the extraction's --dtype.")] = "auto",
-    device: Annotated[str, _option(help="With --model/--data: the extraction's --device.")] = "auto",
-    batch_size: Annotated[int, _option(
-        "--batch-size", "-b", help="With --model/--data: images decoded per batch when encoding.")] = 64,
-    engine: Annotated[str, _option(help="With --model/--data: the extraction's --engine.")] = "auto",
-    revision: Annotated[str | None, _option(help="With --model/--data: the model's hub revision.")] = None,
-    train_split: Annotated[str, _option(
-        help="With --model/--data: the split to draw the labelled shots from.")] = "train",
-    test_split: Annotated[str | None, _option(
-        help="With --model/--data: the split to evaluate on. [default: the first of val, validation, "
-             "test]")] = None,
+                              "cached yet (default: the most recent extraction, nothing encoded). " + MODEL_HELP)
+    ] = None,
+    data: Data = None,
+    extract: ExtractSettings | None = None,
     backend: Annotated[str, _option(help="Solver: torch (full-batch L-BFGS) or sklearn (reference).")] = "torch",
     classifier: Annotated[str, _option(
         "--classifier", help="Comma-separated: logistic (the MSN probe), knn (cosine k-NN, k by leave-one-out on "
@@ -457,12 +498,9 @@ def probe(
 ) -> None:
     """Fit the MSN logistic probe on k-shot / percent subsets of the train features and report top-1 on the whole
     test split, mean ± std over seeds. With --model/--data, first encode whatever the protocol needs that is not
-    cached yet (one command from images to the table)."""
-    from lowshot.config import ExtractSettings
-    from lowshot.errors import MissingFeaturesError
-    from lowshot.features.extract import extract_features, load_features
+    cached yet (one command from images to the table; the extraction options are extract's and apply only
+    then)."""
     from lowshot.io import RESULT_SUFFIXES, check_writable, output_format
-    from lowshot.protocol import run_probe
     from lowshot.render import progress_callback, results_table
     from lowshot.results.rows import FORMATS
 
@@ -482,35 +520,13 @@ def probe(
         output_format(output, RESULT_SUFFIXES)
         check_writable(output)
     if model is not None or data is not None:
-        extract_settings = ExtractSettings(transform=transform, feature=feature, dtype=dtype, device=device,
-                                           batch_size=batch_size, engine=engine, revision=revision,
-                                           train_split=train_split, test_split=test_split)
-        with progress_callback(err) as progress:
-            extraction = extract_features(model or DEFAULT_MODEL, data, extract_settings, subsets=settings,
-                                          cache_dir=cache_dir, progress=progress)
-        train, test = extraction.train.features, extraction.test.features
-        reported = not all(split.cached for split in extraction.splits())
-        if reported:
-            _report_extraction(extraction)  # with the readout notes
-        run = {"model": extraction.model, "data": extraction.data, "extract_settings": extract_settings.to_dict()}
+        from lowshot.protocol import evaluate
+
+        with progress_callback(err, unit="it") as progress:
+            results = evaluate(model or DEFAULT_MODEL, data, extract=extract, probe=settings, cache_dir=cache_dir,
+                               progress=progress, extracted=_report_if_encoded)
     else:
-        train, test, run = load_features(cache_dir=cache_dir)
-        err.print(f"using the most recent extraction: {run['model']} on {run['data']} "
-                  f"({run['train_split']} {len(train):,} of {len(train.listing()):,} / {run['test_split']} "
-                  f"{len(test):,})", highlight=False)
-        reported = False
-    if not reported:
-        _readout_notes(train.manifest.get("readout"))
-    try:
-        with progress_callback(err, unit="fit") as progress:
-            results = run_probe(train, test, settings, progress=progress)  # model and data: the features' origin
-    except MissingFeaturesError as exc:
-        recorded = run.get("extract_settings") or {}
-        extra = "".join(f" --{name} {recorded[name]}" for name in ("transform", "feature", "dtype")
-                        if recorded.get(name) not in (None, getattr(ExtractSettings(), name)))
-        raise MissingFeaturesError(f"{exc}; encode them with: lowshot probe --model {run['model']} --data "
-                                   f"{run['data']}{extra} {_protocol_flags(settings)}", model=exc.model,
-                                   data=exc.data, missing=exc.missing) from None
+        results = _probe_cached(settings, cache_dir=cache_dir)
     for row in results.rows:
         if row.get("missing"):
             err.print(f"{row['split_file']}: {row['missing']} listed file(s) are not in the train split or "

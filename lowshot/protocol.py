@@ -1,4 +1,5 @@
-"""The protocol on cached features: which subsets, seeds and lambdas -> result rows.
+"""The protocol: a model and a dataset -> result rows (:func:`evaluate`), and its second half on features already
+extracted (:func:`run_probe`: which subsets, seeds and lambdas -> result rows).
 
 The labelled subsets are drawn from the train split's *listing* (``lowshot.data.subsets.draw_subsets``), so extraction
 encodes only the images a protocol uses (``lowshot.features.extract``), and :func:`run_probe` finds their rows in a
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import subprocess
 import time
 import zlib
@@ -22,16 +24,33 @@ from lowshot import __version__
 from lowshot.classify.base import ScoreClassifier, preprocess
 from lowshot.classify.logistic import LAMBDA_GRID, LogisticProbe, select_lambda
 from lowshot.classify.neighbors import KNN_K_GRID, KNNClassifier, NearestClassMean
-from lowshot.config import CLASSIFIERS, DEFAULT_LAMBDA, ProbeSettings
+from lowshot.config import CLASSIFIERS, DEFAULT_LAMBDA, DEFAULT_MODEL, ExtractSettings, ProbeSettings
 from lowshot.data.subsets import Subset, draw_subsets, needed_indices, probe_settings, scored_indices
 from lowshot.errors import DataError, MissingFeaturesError
+from lowshot.features.extract import Extraction, extract_features
 from lowshot.features.store import Features
 from lowshot.io import digest, now_iso
 from lowshot.results.rows import Predictions, Results, interval_key, row_key
 from lowshot.results.stats import CI_LEVEL, METRICS, bootstrap_ci, metric_value, true_class_rank
 
 Progress = Callable[[str, int, int], None]
-__all__ = ["CLASSIFIERS", "ProbeSettings", "draw_subsets", "needed_indices", "run_probe", "build_meta"]
+__all__ = ["CLASSIFIERS", "ProbeSettings", "draw_subsets", "needed_indices", "evaluate", "run_probe", "build_meta"]
+
+
+def evaluate(model: str = DEFAULT_MODEL, data: str | os.PathLike | None = None, *,
+             extract: ExtractSettings | None = None, probe: ProbeSettings | None = None,
+             cache_dir: str | os.PathLike | None = None, progress: Progress | None = None, meta: dict | None = None,
+             extracted: Callable[[Extraction], None] | None = None) -> Results:
+    """The whole protocol for one model: encode the images ``probe``'s subsets and the test split need that the
+    cache lacks (:func:`~lowshot.features.extract.extract_features` with ``extract``), then :func:`run_probe`.
+    ``lowshot probe --model`` and ``lowshot bench`` both run it. ``extracted`` is called with the extraction before
+    the fits start (what was cached, what was encoded: a front end reports it there); ``meta`` as for
+    :func:`build_meta`."""
+    probe = probe if probe is not None else ProbeSettings()
+    run = extract_features(model, data, extract, subsets=probe, cache_dir=cache_dir, progress=progress)
+    if extracted is not None:
+        extracted(run)
+    return run_probe(run.train.features, run.test.features, probe, meta=meta, progress=progress)
 
 
 def scored_test(test: Features, settings: ProbeSettings) -> Features:

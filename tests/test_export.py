@@ -1,5 +1,5 @@
-"""`lowshot export` and the readout options at the CLI: features out in .npz/.parquet, --readout with its
---feature alias, one-line refusals that leave no cache entry behind, legacy cache keys kept."""
+"""`lowshot export` and the readout options at the CLI: features out in .npz/.parquet, --readout, one-line refusals
+that leave no cache entry behind, legacy cache keys kept."""
 
 from __future__ import annotations
 
@@ -104,9 +104,9 @@ def test_a_text_model_folder_is_refused_in_one_line(image_data, cache_dir, tmp_p
     assert cache_is_empty(cache_dir)
 
 
-def test_feature_is_an_alias_of_readout_and_identical_readouts_are_said(image_data, cache_dir, tmp_path):
+def test_a_readout_equal_to_another_is_said_at_extract_and_at_probe(image_data, cache_dir, tmp_path):
     beit = zoo.save("beit", tmp_path)
-    a = invoke("extract", "--model", beit, "--data", image_data, "--device", "cpu", "--feature", "cls-postnorm")
+    a = invoke("extract", "--model", beit, "--data", image_data, "--device", "cpu", "--readout", "cls-postnorm")
     assert a.exit_code == 0, a.output
     assert "note: readout cls-postnorm equals cls-prenorm (with mean pooling BEiT has no final norm" in a.output
     b = invoke("extract", "--model", beit, "--data", image_data, "--device", "cpu", "--readout", "cls-postnorm")

@@ -102,8 +102,8 @@ def open_tracker(target: Any) -> Tracker:
     What the caller opened is flushed, never closed or ended. A string opens what it names: a ``SummaryWriter`` on
     the folder; for MLflow, the active run (``mlflow.start_run()``) when there is one at that tracking URI, else a
     new run in the experiment ``MLFLOW_EXPERIMENT_NAME`` (``lowshot`` by default), named after the first results'
-    model and ended at close; for W&B, ``wandb.run`` when one is active, else a new run in the project
-    (``lowshot`` by default), finished at close."""
+    model and ended at close (the tracker's ``run_id`` names it); for W&B, ``wandb.run`` when one is active, else
+    a new run in the project (``lowshot`` by default), finished at close."""
     if isinstance(target, Tracker):
         return target
     if isinstance(target, str):

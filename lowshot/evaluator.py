@@ -72,6 +72,7 @@ class Evaluator:
         self._stores = {split.name: PixelStore(split, self.transform, folder=self._folder(split, pixels))
                         for split in (self.train, self.test)}
         self._memo: tuple[tuple, Features, Features] | None = None
+        self.features: tuple[Features, Features] | None = None  # the last call's (train, test), in memory
         self.images: dict[str, np.ndarray] = {}  # split -> the readable listing indices a call encodes (all ranks)
         self._prepare(pixels, progress)
 
@@ -134,6 +135,7 @@ class Evaluator:
             else:
                 train, test = (self._features(live, split, model_key, progress) for split in (self.train, self.test))
                 self._memo = (memo_key, train, test) if model_key is not None else None
+            self.features = (train, test)
             meta = {"step": step, "live_model": {**live.describe(), "key": model_key},
                     "evaluator": {"images": {k: int(len(v)) for k, v in self.images.items()},
                                   "world_size": self.world}}

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from lowshot.config import ProbeSettings
 from lowshot.data.subsets import (
     class_orders,
     k_shot,
@@ -10,7 +11,7 @@ from lowshot.data.subsets import (
     read_split_file,
     split_file_label,
 )
-from lowshot.errors import BadInputError, SplitError
+from lowshot.errors import SettingError, SplitError
 
 from .conftest import IMAGENETTE, SPLITS
 
@@ -48,8 +49,8 @@ def test_class_with_too_few_images_is_named_unless_allowed():
     with pytest.raises(SplitError, match=r"class1 \(3\)"):
         k_shot(orders, classes, 5)
     assert len(k_shot(orders, classes, 5, allow_fewer=True)) == 5 + 3 + 5
-    with pytest.raises(BadInputError):
-        k_shot(orders, classes, 0)
+    with pytest.raises(SettingError, match="shots 0"):  # refused by the settings, the one check, before any draw
+        ProbeSettings(shots=(0,))
 
 
 def test_percent_is_stratified_round_half_up_at_least_one_and_nested_with_shots():
@@ -59,10 +60,9 @@ def test_percent_is_stratified_round_half_up_at_least_one_and_nested_with_shots(
     subset = percent_subset(orders, classes, 2)
     assert list(np.bincount(labels[subset])) == [3, 5, 1]
     assert set(k_shot(orders, classes, 1)) <= set(subset)
-    with pytest.raises(BadInputError):
-        percent_subset(orders, classes, 0)
-    with pytest.raises(BadInputError):
-        percent_subset(orders, classes, 101)
+    for bad in (0, 101):
+        with pytest.raises(SettingError, match=f"percents {bad}"):
+            ProbeSettings(percents=(bad,))
 
 
 def test_published_split_files_parse_and_label_by_content():

@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from lowshot.config import ProbeSettings
-from lowshot.errors import BadInputError, SplitError
+from lowshot.errors import SplitError
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,6 @@ def readable_orders(orders: list[np.ndarray], unreadable: frozenset[int] | set[i
 
 def k_shot(orders: list[np.ndarray], classes: Sequence[str], k: int, *, allow_fewer: bool = False) -> np.ndarray:
     """The first ``k`` of each class's order (fewer only if ``allow_fewer``; a class with none is an error)."""
-    if k < 1:
-        raise BadInputError(f"--shots {k}: must be a positive number of images per class")
     short = [(classes[c], len(o)) for c, o in enumerate(orders) if len(o) < k]
     if short and not allow_fewer:
         names = ", ".join(f"{name} ({n})" for name, n in short[:5]) + (" …" if len(short) > 5 else "")
@@ -116,8 +114,6 @@ def percent_subset(orders: list[np.ndarray], classes: Sequence[str], percent: fl
                    class_sizes: Sequence[int] | None = None) -> np.ndarray:
     """A stratified ``percent`` of the labels: ``percent_count`` images from each class. ``class_sizes`` (default:
     the orders' lengths) are the listed sizes, so the count does not change when an unreadable image is found."""
-    if not 0 < percent <= 100:
-        raise BadInputError(f"--percent {percent:g}: must be in (0, 100]")
     empty = [classes[c] for c, o in enumerate(orders) if len(o) == 0]
     if empty:
         raise SplitError(f"class {empty[0]} has no train images")

@@ -22,15 +22,21 @@ from pathlib import Path
 
 import torch
 
-from lowshot.config import DEFAULT_MODEL, FEATURE_POSTNORM, FEATURE_PRENORM, FEATURES  # noqa: F401 (re-exported)
+from lowshot.config import (  # noqa: F401 (FEATURE_PRENORM, FEATURES: re-exported)
+    DEFAULT_MODEL,
+    DTYPES,
+    ENGINES,
+    FEATURE_POSTNORM,
+    FEATURE_PRENORM,
+    FEATURES,
+)
 from lowshot.errors import BadInputError, ModelLoadError
 from lowshot.models import checkpoints, readouts
 from lowshot.models.engine import FAST_READOUTS, FastEncoder, unsupported_reason
 from lowshot.models.readouts import Family, ReadoutSpec
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}  # config.DTYPES, as torch's
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-ENGINES = ("auto", "fast", "stock")  # auto: the fast path where it covers the model, else the stock transformers one
 # Token rows per forward pass on the CPU (16 ViT-S/16 images). ViT-S/16 fp32 on a 2-core Xeon: with the cores
 # shared, 8-16 images per forward ran ~10% faster than 64 (smaller activations stay in cache); on a quiet machine
 # 8 to 64 were within noise (benchmarks/extract_speed.py, forward-batch sweep). It also bounds the memory of
@@ -118,9 +124,10 @@ def cpu_flags() -> set[str]:
 def resolve_dtype(dtype: str, device: torch.device) -> tuple[torch.dtype, str]:
     """``auto`` picks bf16 only where the hardware runs it natively (AVX-512-bf16/AMX CPUs, bf16 GPUs)."""
     if dtype != "auto":
-        if dtype not in DTYPES:
-            raise BadInputError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
-        return DTYPES[dtype], "requested"
+        # load_backbone and plan_forward take plain strings from Python callers, not only ExtractSettings' values
+        if dtype not in TORCH_DTYPES:
+            raise BadInputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        return TORCH_DTYPES[dtype], "requested"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "auto: GPU supports bfloat16"
@@ -344,7 +351,7 @@ def plan_forward(ref: ModelRef, *, feature: str = readouts.AUTO, engine: str = "
                  dtype: str = "auto", input_size: int = PROTOCOL_INPUT) -> ForwardPlan:
     """Readout, engine and dtype for ``ref``. ``dtype="auto"`` runs reduced precision only on the fast engine
     (its float32 norms and residuals keep cosine >= 0.999 to float32); the stock engine then runs float32."""
-    if engine not in ENGINES:
+    if engine not in ENGINES:  # a Python caller's plain string (load_backbone), not only ExtractSettings.engine
         raise BadInputError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
     torch_dtype, dtype_reason = resolve_dtype(dtype, resolve_device(device))
     net = _meta_net(ref.config, name=ref.name)

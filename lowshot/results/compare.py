@@ -29,6 +29,7 @@ from lowshot.results.rows import (
     name_of,
     over_seeds,
     quick_run,
+    settings_of,
 )
 from lowshot.results.stats import (
     DEFAULT_METRIC,
@@ -88,8 +89,13 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     gates: list[GateResult] = field(default_factory=list)
     metric: str = DEFAULT_METRIC
-    paired: dict[str, list[PairedDelta]] = field(default_factory=dict)  # label -> Δ vs labels[0]
+    paired: dict[str, list[PairedDelta]] = field(default_factory=dict)  # label -> Δ vs reference_of(label)
     unpaired: dict[str, str] = field(default_factory=dict)  # label -> why it has no paired Δ
+    steps: dict[str, int] = field(default_factory=dict)  # a run's checkpoints (series.py): label -> step, in order
+
+    def reference_of(self, label: str) -> str:
+        """What a label's paired Δ is against: the first file, or in a series the step before it."""
+        return self.labels[self.labels.index(label) - 1] if self.steps else self.labels[0]
 
     def best(self, column: str) -> float | None:
         """The highest measured mean in a column (published rows never compete: another dataset)."""
@@ -126,17 +132,22 @@ class Comparison:
                 f"(n={c.get('n_test')}, {c.get('n_classes')} classes), {self.over_seeds(std=std)}")
         if self.has_ci and ci:
             text += "; [95% CI]: bootstrap over test images"
+        if self.steps:
+            text += f"; rows: checkpoints in {c.get('step_unit') or 'step'} order"
         if c.get("quick_run"):  # first, where no reader misses it
             text = f"{c['quick_run'][0].upper()}{c['quick_run'][1:]}. {text}"
         return text + "; **bold**: best measured value per column."
 
     def to_markdown(self) -> str:
         """GitHub-flavoured Markdown: pastes as is into a job summary or a pull-request comment."""
-        header = ["model"] + (["classifier"] if self.show_classifier else []) + self.columns
+        unit = [self.context.get("step_unit") or "step"] if self.steps else []  # a series: its steps' column
+        header = ["model"] + unit + (["classifier"] if self.show_classifier else []) + self.columns
         lines = [self.caption(), "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for row in self.rows:
             label = f"{row.label} *({PUBLISHED_TAG})*" if row.kind == "published" else row.label
-            cells = [label] + ([row.classifier or "–"] if self.show_classifier else [])
+            step = self.steps.get(row.label) if row.kind != "published" else None
+            cells = [label] + ([f"{step:,}" if step is not None else "–"] if unit else []) \
+                + ([row.classifier or "–"] if self.show_classifier else [])
             for column in self.columns:
                 cell = row.cells.get(column)
                 if cell is None:
@@ -157,10 +168,12 @@ class Comparison:
         return "\n".join(lines) + "\n"
 
     def paired_markdown(self) -> list[str]:
-        """The paired differences vs the first file: one table, significant intervals in bold."""
+        """The paired differences vs the first file (in a series, vs the step before): one table, significant
+        intervals in bold."""
         if not self.paired and not self.unpaired:
             return []
-        lines = ["", f"**Paired differences** vs `{self.labels[0]}` in {METRIC_LABELS[self.metric]} points "
+        against = "each step vs the step before it" if self.steps else f"vs `{self.labels[0]}`"
+        lines = ["", f"**Paired differences** {against} in {METRIC_LABELS[self.metric]} points "
                      f"({PAIRED_METHOD}; **bold**: the interval excludes 0):"]
         if self.paired:
             lines += ["", "| model | classifier | subset | Δ | 95% CI | p | B only / A only |",
@@ -176,7 +189,9 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return {"context": self.context, "metric": self.metric, "columns": self.columns, "notes": self.notes,
-                "paired": {"reference": self.labels[0], "method": PAIRED_METHOD,
+                "steps": self.steps or None, "step_unit": self.context.get("step_unit"),
+                "paired": {"reference": "previous step" if self.steps else self.labels[0], "method": PAIRED_METHOD,
+                           "references": {label: self.reference_of(label) for label in self.paired},
                            "differences": {label: [{**asdict(d), "significant": d.significant} for d in deltas]
                                            for label, deltas in self.paired.items()},
                            "unavailable": self.unpaired} if self.paired or self.unpaired else None,
@@ -306,10 +321,10 @@ def compare(results: Sequence[Results], *, labels: Sequence[str] | None = None, 
         rows += [Row(name, None, {k: Cell(m, s) for k, (m, s) in values.items() if k in columns}, "published",
                      PUBLISHED_SOURCE) for name, values in PUBLISHED.items()]
     m = reference.meta
-    seeds = sorted({(r.meta.get("sampling") or {}).get("seeds") for r in results} - {None})
+    seeds = sorted({settings_of(r.meta).get("seeds") for r in results} - {None})
     context = {"test_split": m.get("test_split"), "data": name_of(m.get("data")) or "?", "n_test": m.get("n_test"),
                "n_classes": m.get("n_classes"), "seeds": "/".join(map(str, seeds)) if seeds else None,
-               "feature": m.get("feature"), "lambda": (m.get("probe") or {}).get("lambda"),
+               "feature": m.get("feature"), "lambda": settings_of(m).get("lam"),
                "quick_run": next((quick_run(r.meta) for r in results if quick_run(r.meta)), None)}
     comparison = Comparison(columns, rows, context, labels, notes, metric=metric)
     if paired:
@@ -367,11 +382,26 @@ def suite_table(per_dataset: dict[str, Comparison]) -> Comparison:
 def build_report(results: Sequence[Results], *, labels: Sequence[str] | None = None, sources: Sequence[str] = (),
                  published: bool = False, baseline: Results | None = None, baseline_name: str = "baseline",
                  max_drop: float = DEFAULT_MAX_DROP, force: bool = False, metric: str = DEFAULT_METRIC,
-                 significant: bool = False, paired: bool = True, n_boot: int = DEFAULT_N_BOOT) -> Comparison:
+                 significant: bool = False, paired: bool = True, n_boot: int = DEFAULT_N_BOOT,
+                 series: bool | None = None, steps: Sequence[int] | None = None) -> Comparison:
     """``compare`` the results in ``metric``, then gate each one against ``baseline`` when given
-    (``Comparison.gates``; ``significant``: only drops whose paired interval excludes 0 fail)."""
-    comparison = compare(results, labels=labels, sources=sources, published=published, force=force, metric=metric,
-                         paired=paired, n_boot=n_boot)
+    (``Comparison.gates``; ``significant``: only drops whose paired interval excludes 0 fail).
+
+    A training run's checkpoints make a series (``series.py``): rows in step order, ``Comparison.steps`` set, the
+    paired differences between neighbours, and ``plot.plot_comparison`` draws the curve against the step.
+    ``series=None`` makes one when ``steps`` are given or every result carries a distinct step
+    (``series.find_steps``: ``meta.step``, or a name such as ``checkpoint-5000``); ``True`` requires it (a result
+    without a step is one line), ``False`` never."""
+    from lowshot.results.series import build_series_report, find_steps
+
+    if series is not False and (series or steps is not None or find_steps(results, labels=labels, sources=sources)):
+        ordered, comparison = build_series_report(results, steps=steps, labels=labels, sources=sources,
+                                                  published=published, force=force, metric=metric, paired=paired,
+                                                  n_boot=n_boot)
+        results = ordered.results
+    else:
+        comparison = compare(results, labels=labels, sources=sources, published=published, force=force,
+                             metric=metric, paired=paired, n_boot=n_boot)
     if baseline is not None:
         comparison.gates = [gate(r, baseline, max_drop=max_drop, force=force, label=label,
                                  baseline_name=baseline_name, metric=metric, significant=significant, n_boot=n_boot)

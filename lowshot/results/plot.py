@@ -1,4 +1,5 @@
-"""Accuracy vs labelled images per class (log x), one line per model (x classifier), ± std over seeds as a band.
+"""Accuracy vs labelled images per class (log x), one line per model (x classifier), ± std over seeds as a band;
+and a training run's curve: accuracy vs the step, one line per subset (``plot_series``).
 
 matplotlib is an optional extra (``pip install 'lowshot[plot]'``), imported only when a plot is drawn. No pyplot
 and no global backend switch: a Figure rendered by the Agg canvas, so a notebook's own matplotlib set-up is left
@@ -13,6 +14,7 @@ from pathlib import Path
 from lowshot.errors import BadInputError, MissingDependencyError
 from lowshot.io import output_format, save_with
 from lowshot.results.compare import Comparison
+from lowshot.results.series import Series
 from lowshot.results.stats import METRIC_LABELS
 
 INSTALL_HINT = "pip install 'lowshot[plot]'"
@@ -34,12 +36,15 @@ def plot_comparison(comparison: Comparison | Sequence[Comparison], path: str | P
     """Draw the measured rows of ``comparison`` (published rows are another dataset and are left out) and save
     them at ``path`` in the format its extension names (:data:`PLOT_SUFFIXES`); several comparisons (one per
     metric) become panels side by side. x is the mean number of labelled images per class of each subset (1% of
-    Imagenette is ~9.7)."""
+    Imagenette is ~9.7). A series (``Comparison.steps`` set, as ``build_report`` makes for a run's checkpoints) is
+    drawn by :func:`plot_series` instead."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     panels = [comparison] if isinstance(comparison, Comparison) else list(comparison)
+    if panels and all(panel.steps for panel in panels):  # a training run's checkpoints: the curve against the step
+        return plot_series(panels, path, dpi=dpi)
     path = Path(path)
     fmt = output_format(path, PLOT_SUFFIXES, flag="--plot")
     for panel in panels:
@@ -88,6 +93,64 @@ def _draw(ax, comparison: Comparison) -> None:
     ctx = comparison.context
     ax.set_title(f"Low-shot {name} on {ctx.get('data')} {ctx.get('test_split')} (n={ctx.get('n_test')}), "
                  f"mean ± std over seeds", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+
+
+def plot_series(series: Series | Comparison | Sequence[Comparison], path: str | Path, *, dpi: int = 150) -> Path:
+    """A training run's curve: each subset's mean (top-1, or the comparison's metric) against the step, one line
+    per subset (line style per classifier), a ± std band where a point has several seeds; saved at ``path`` in
+    the format its extension names. ``series`` is a :class:`~lowshot.results.series.Series`, or comparisons
+    with ``steps`` (``build_report`` of checkpoints; one panel per metric)."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if isinstance(series, Series):
+        series = series.comparison(paired=False)
+    panels = [series] if isinstance(series, Comparison) else list(series)
+    path = Path(path)
+    fmt = output_format(path, PLOT_SUFFIXES, flag="--plot")
+    if not panels or not all(panel.steps for panel in panels):
+        raise BadInputError("nothing to plot against the step: the results carry no training steps")
+    fig = Figure(figsize=(7.5 * len(panels), 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, panel in enumerate(panels):
+        _draw_series(fig.add_subplot(1, len(panels), i + 1), panel)
+    return save_with(path, "wb", lambda handle: fig.savefig(handle, format=fmt, dpi=dpi), flag="--plot")
+
+
+def _draw_series(ax, comparison: Comparison) -> None:
+    rows = [r for r in comparison.rows if r.kind != "published" and r.label in comparison.steps]
+    colours = _palette(len(comparison.columns))
+    for c, subset in enumerate(comparison.columns):
+        for classifier in dict.fromkeys(r.classifier for r in rows):
+            points = sorted((comparison.steps[r.label], r.cells[subset]) for r in rows
+                            if r.classifier == classifier and subset in r.cells)
+            if not points:
+                continue
+            x = [step for step, _ in points]
+            mean = [cell.mean for _, cell in points]
+            label = subset + (f" · {classifier}" if comparison.show_classifier else "")
+            ax.plot(x, mean, marker="o", color=colours[c], linestyle=LINESTYLES.get(classifier or "", "-"),
+                    label=label)
+            band = [(step, cell.mean, cell.std) for step, cell in points if cell.std is not None]
+            if band:  # several seeds: mean ± std
+                ax.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
+                                color=colours[c], alpha=0.12, linewidth=0)
+    n_classes = comparison.context.get("n_classes")
+    if n_classes and comparison.metric != "top5":
+        ax.axhline(100.0 / n_classes, color="grey", linestyle=":", linewidth=1, label=f"chance (1/{n_classes})")
+    steps = sorted(set(comparison.steps.values()))
+    if len(steps) <= 12:
+        ax.set_xticks(steps, [f"{s:,}" for s in steps])
+    unit = comparison.context.get("step_unit") or "step"
+    ax.set_xlabel("training step" if unit == "step" else "epoch")
+    name = METRIC_LABELS[comparison.metric]
+    ax.set_ylabel(f"{name} (%)")
+    ctx = comparison.context
+    ax.set_title(f"Low-shot {name} across a run on {ctx.get('data')} {ctx.get('test_split')} "
+                 f"(n={ctx.get('n_test')}), {comparison.over_seeds()}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
 

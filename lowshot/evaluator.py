@@ -133,7 +133,9 @@ class Evaluator:
             if model_key is not None and self._memo is not None and self._memo[0] == memo_key:
                 train, test = self._memo[1], self._memo[2]
             else:
-                train, test = (self._features(live, split, model_key, progress) for split in (self.train, self.test))
+                forward = live.forward_for_call()
+                train, test = (self._features(live, forward, split, model_key, progress)
+                               for split in (self.train, self.test))
                 self._memo = (memo_key, train, test) if model_key is not None else None
             self.features = (train, test)
             meta = {"step": step, "live_model": {**live.describe(), "key": model_key},
@@ -162,14 +164,14 @@ class Evaluator:
         return {self.train.name: len(np.setdiff1d(train, self.images[self.train.name])),
                 self.test.name: len(np.setdiff1d(test, self.images[self.test.name]))}
 
-    def _features(self, live: LiveModel, split: Split, model_key: str | None, progress: Progress | None
-                  ) -> Features:
+    def _features(self, live: LiveModel, forward: Callable, split: Split, model_key: str | None,
+                  progress: Progress | None) -> Features:
         """This rank's share through the model, gathered from every rank: the split's features in listing order."""
         rows = self.images[split.name]
         mine = rows[self.rank::self.world]
         try:
-            outcome = ("ok", encode(live, self._stores[split.name], mine, batch_size=self.batch_size,
-                                    progress=progress, task=f"forward {split.name}"))
+            outcome = ("ok", encode(live, self._stores[split.name], mine, forward=forward,
+                                    batch_size=self.batch_size, progress=progress, task=f"forward {split.name}"))
         except LowshotError as exc:
             outcome = ("error", exc)
         gathered = _gather(outcome, self.world)
@@ -210,16 +212,17 @@ class Evaluator:
 
 
 def encode(live: LiveModel, store: PixelStore, indices: np.ndarray, *, batch_size: int,
-           progress: Progress | None = None, task: str = "forward") -> np.ndarray:
+           forward: Callable | None = None, progress: Progress | None = None, task: str = "forward") -> np.ndarray:
     """float32 features (n, dim) of the crops of ``indices``: normalised on the model's device, in its dtype, one
     forward per batch; a wrong shape, non-finite values or a raising model are one line each."""
     device, dtype = live.placement()
+    forward = forward or live.forward_for_call()
     parts = []
     for lo in range(0, len(indices), batch_size):
         crops = torch.from_numpy(store.take(indices[lo:lo + batch_size]))
         pixels = live.transform.normalize(crops.to(device)).to(dtype)
         try:
-            out = live.forward(pixels)
+            out = forward(pixels)
         except Exception as exc:  # noqa: BLE001 - any failure of the caller's model is reported as that model's
             raise BadInputError(f"{live.name} failed on a batch of {len(crops)} images "
                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"

@@ -49,16 +49,16 @@ def table(results) -> list[tuple]:
 
 def assert_same_table(results, reference) -> None:
     """The same rows and top-1; float32 features from two forwards may move a top-1 by one test image on some CPU."""
-    one_image = 100 / reference.rows[0]["n_test"] + 1e-6
+    one_image = 100 / reference.rows[0]["n_test"] + 1e-3  # and the rounding of top-1 to 4 decimals
     assert [t[:3] for t in table(results)] == [t[:3] for t in table(reference)]
     for ours, theirs in zip(table(results), table(reference), strict=True):
         assert abs(ours[3] - theirs[3]) <= one_image, (ours, theirs)
 
 
 def probe_saved(model, folder, data, cache, protocol=PROTOCOL):
-    """`lowshot probe` on ``model`` saved to disk: the reference a call must equal."""
+    """`lowshot probe --dtype float32` on ``model`` saved to disk: the reference a call on it (float32) must equal."""
     model.save_pretrained(folder)
-    run = lowshot.extract_features(str(folder), data, cache_dir=cache, subsets=protocol)
+    run = lowshot.extract_features(str(folder), data, cache_dir=cache, subsets=protocol, dtype="float32")
     return run, lowshot.run_probe(run.train.features, run.test.features, protocol)
 
 

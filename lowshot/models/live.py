@@ -21,7 +21,8 @@ import torch
 from lowshot.data.transforms import ImageTransform, msn_transform
 from lowshot.errors import BadInputError
 from lowshot.models import readouts
-from lowshot.models.backbones import resolve_readout
+from lowshot.models.backbones import CPU_ROWS_PER_FORWARD, choose_engine, resolve_readout
+from lowshot.models.engine import FastEncoder
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -40,6 +41,18 @@ class LiveModel:
     name: str
     readout: readouts.ReadoutSpec | None = None
     key: str | None = None  # the caller's key; None: the state_dict's hash (a module) or no key (a callable)
+    engine: str = "stock"  # a Hugging Face model: "fast" where lowshot.models.engine covers it (as lowshot extract)
+
+    def forward_for_call(self) -> Forward:
+        """The forward of one evaluation: on the fast engine, built from the weights as they are now (the same
+        forward ``lowshot extract`` runs on them saved); else :attr:`forward`."""
+        if self.engine != "fast" or self.module is None or self.readout is None:
+            return self.forward
+        _, dtype = self.placement()
+        fast = FastEncoder(self.module, dtype=dtype, rows_hint=CPU_ROWS_PER_FORWARD)
+        postnorm = self.readout.name == readouts.CLS_POSTNORM
+        return lambda pixels: (fast(pixels.float(), postnorm=postnorm) if fast.accepts(pixels)
+                               else self.forward(pixels))
 
     def cache_key(self) -> str | None:
         """What names these features: the caller's key, else the hash of the module's current weights."""
@@ -60,7 +73,8 @@ class LiveModel:
         """What the results record of the model: its name, class, readout and key."""
         return {"model": self.name, "class": type(self.module).__name__ if self.module is not None else "callable",
                 "readout": self.readout.record() if self.readout is not None else None,
-                "feature": self.readout.name if self.readout is not None else "model output"}
+                "feature": self.readout.name if self.readout is not None else "model output",
+                "engine": self.engine}
 
 
 def live_model(model, *, transform: ImageTransform | None = None, readout: str = readouts.AUTO,
@@ -80,7 +94,8 @@ def live_model(model, *, transform: ImageTransform | None = None, readout: str =
     config = getattr(model, "config", None)
     if isinstance(model, torch.nn.Module) and hasattr(config, "model_type"):
         spec, forward = hugging_face_readout(model, readout, transform.crop)
-        return LiveModel(forward, model, transform, label, spec, key)
+        engine, _ = choose_engine(model, spec, "auto", name=label)
+        return LiveModel(forward, model, transform, label, spec, key, engine)
     if readout != readouts.AUTO:
         raise BadInputError(f"readout {readout}: {label} is not a Hugging Face model; it offers its own output "
                             "only (leave readout as auto, or pass a callable that returns the vector you want)")

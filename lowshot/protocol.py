@@ -203,15 +203,15 @@ def summary_intervals(correct: dict[str, list[np.ndarray]], settings: ProbeSetti
 
 
 def build_meta(train: Features, test: Features, settings: ProbeSettings, extra: dict | None = None) -> dict:
-    """The results' ``meta``: versions, model and data, provenance, features, the protocol (as the gate compares
-    it) and the settings. ``extra`` adds or overrides keys (``lowshot bench`` records paths as its config gives
-    them, relative to the config file, so committed results hold no machine paths)."""
+    """The results' ``meta``: versions, model and data, provenance, features, what each classifier does, and the
+    settings, once: ``settings.probe`` and ``settings.extract`` are the settings objects' ``to_dict()`` as they are
+    (``rows.settings_of`` reads them). ``extra`` adds or overrides keys (``lowshot bench`` records paths as its
+    config gives them, relative to the config file, so committed results hold no machine paths)."""
     lam = settings.lam
     listing = train.listing()
     origin = origin_of(train)
     info = {
         "lowshot_version": __version__, "date": now_iso(),
-        **({"limit": settings.limit} if settings.limit is not None else {}),  # a quick run: first, where it is seen
         "model": origin["model"], "data": origin["data"], "provenance": provenance(origin),
         "train_split": train.manifest.get("split"), "test_split": test.manifest.get("split"),
         "n_train_pool": len(listing) if settings.limit is None else int(np.minimum(
@@ -222,12 +222,9 @@ def build_meta(train: Features, test: Features, settings: ProbeSettings, extra: 
         "device": train.manifest.get("device"), "transform": train.manifest.get("transform"),
         "cache_keys": {"train": train.key, "test": test.key},
         "train_fingerprint": fingerprint(train), "test_fingerprint": fingerprint(test),
-        "classifiers": list(settings.classifiers),
-        "probe": {"classifier": "logistic", "backend": settings.backend, "preprocess": "row-centre + L2",
-                  "objective": "sum log-loss + lambda/2 ||W||^2, no intercept", "lambda": lam,
+        "probe": {"classifier": "logistic", "preprocess": "row-centre + L2",
+                  "objective": "sum log-loss + lambda/2 ||W||^2, no intercept",
                   "lambda_grid": list(LAMBDA_GRID) if lam == "auto" else None, "lambda_default": DEFAULT_LAMBDA},
-        "sampling": {"shots": list(settings.shots), "percents": list(settings.percents), "seeds": settings.seeds,
-                     "split_files": list(settings.split_files), "allow_fewer": settings.allow_fewer},
         "settings": {"probe": settings.to_dict(), **({"extract": train.manifest["extract_settings"]}
                                                      if "extract_settings" in train.manifest else {})},
         **(extra or {}),
@@ -240,7 +237,7 @@ def build_meta(train: Features, test: Features, settings: ProbeSettings, extra: 
         info["ncm"] = {"similarity": "cosine to the L2-normalised class mean (row-centred + L2 features)"}
     if settings.ci:
         info["ci"] = {"method": "percentile bootstrap over test images (paired across seeds in the summary)",
-                      "level": CI_LEVEL, "n_boot": settings.n_boot, "seed": settings.ci_seed}
+                      "level": CI_LEVEL}
     return info
 
 

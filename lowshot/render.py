@@ -32,7 +32,7 @@ from rich.text import Text
 
 from lowshot.results.compare import PUBLISHED_SOURCE, PUBLISHED_TAG, SUITE_MEAN, Cell, Comparison
 from lowshot.results.paired import PAIRED_METHOD, format_p
-from lowshot.results.rows import Results, format_ci, format_mean, name_of, over_seeds, quick_run, setting
+from lowshot.results.rows import Results, format_ci, format_mean, name_of, over_seeds, quick_run, setting, settings_of
 from lowshot.results.stats import METRIC_LABELS
 
 NARROW = 80  # the width a table is laid out for when the console does not say (a pipe, a file, a test)
@@ -194,10 +194,9 @@ def results_table(results: Results, *, width: int = NARROW, wide: bool = False) 
         Column("λ / k" if several else "λ", [setting(s) for s in summary], "right", shrink_to=8),
     ]
     layout = fit(columns, width, wide=wide)
-    probe = meta.get("probe") or {}
     spread = "std over seeds (n−1)" if any(s["std"] is not None for s in summary) else over_seeds([1])
     caption = (f"feature {meta.get('feature')} · {meta.get('dtype')} · transform "
-               f"{(meta.get('transform') or {}).get('name')} · λ {probe.get('lambda')} · {spread}"
+               f"{(meta.get('transform') or {}).get('name')} · λ {settings_of(meta).get('lam')} · {spread}"
                + (" · CI: bootstrap over test images" if has_ci and "95% CI" not in layout.dropped else ""))
     model = _short(meta.get("model"))
     title = f"{model if wide else abbreviate(model, 40)} · top-1 % on {meta.get('test_split')} (n={meta.get('n_test')})"

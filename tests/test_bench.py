@@ -25,9 +25,7 @@ def test_committed_benchmark_config_points_at_shared_data_and_matches_its_baseli
     baseline = Results.load(config.models[0].baseline)
     meta = baseline.meta
     probe = config.probe
-    assert meta["sampling"]["shots"] == list(probe.shots) and meta["sampling"]["seeds"] == probe.seeds
-    assert meta["sampling"]["percents"] == list(probe.percents) and meta["probe"]["lambda"] == probe.lam
-    assert meta["classifiers"] == list(probe.classifiers) and meta["dtype"] == config.extract.dtype
+    assert meta["settings"]["probe"] == probe.to_dict() and meta["dtype"] == config.extract.dtype
     assert config.extract.feature == "cls-prenorm"  # spelled readout = "…" in the TOML, as the CLI's --readout
     assert meta["n_test"] == 3925 and meta["n_train_pool"] == 9469 and protocol(baseline)["test set"]
     summary = {(s["classifier"], s["subset"]): s for s in baseline.summary}
@@ -82,7 +80,7 @@ def test_small_bench_writes_results_report_and_plot_and_gates_against_its_baseli
     assert "tiny: 1 subset(s) dropped more than 1 point" in dropped.output and "ncm 2-shot" in dropped.output
     assert "❌ failed" in (out / "report.md").read_text()
 
-    baseline["meta"]["probe"]["lambda"] = 0.075
+    baseline["meta"]["settings"]["probe"]["lam"] = 0.075
     baseline_path.write_text(json.dumps(baseline))
     refused = runner.invoke(app, ["bench", str(config)])
     assert refused.exit_code == 2 and "lambda: 0.075 vs 0.0025" in refused.output

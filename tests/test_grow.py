@@ -187,7 +187,7 @@ def test_lambda_auto_runs_cv_inside_each_subset_through_the_protocol_runner(tiny
     subset = draw_subsets(train, settings)[1]
     x = preprocess(np.asarray(train.features[subset.indices]))
     assert five["lambda"] == select_lambda(x, train.labels[subset.indices], seed=0).lam
-    assert results.meta["probe"]["lambda"] == "auto" and results.meta["settings"]["probe"]["lam"] == "auto"
+    assert results.meta["probe"]["lambda_grid"] and results.meta["settings"]["probe"]["lam"] == "auto"
 
 
 def test_settings_are_validated_once_and_name_the_parameter():

@@ -41,7 +41,9 @@ def test_run_probe_with_baselines_and_ci_labels_rows_and_groups_the_summary(trai
         assert s["ci_low"] <= s["mean"] <= s["ci_high"] and s["mean"] > 60  # chance is 25
     assert {r["k"] for r in results.rows if r["classifier"] == "knn" and r["subset"] == "1-shot"} == {1}
     assert results.meta["data"] == "/data/nette"  # the dataset, not its train/ folder
-    assert results.meta["ci"]["n_boot"] == 200 and results.meta["classifiers"] == ["logistic", "knn", "ncm"]
+    recorded = results.meta["settings"]["probe"]
+    assert recorded["n_boot"] == 200 and recorded["classifiers"] == ["logistic", "knn", "ncm"]
+    assert not {"sampling", "classifiers", "limit"} & set(results.meta) and "n_boot" not in results.meta["ci"]
     again = run_probe(train, test, shots=(1, 5), percents=(), seeds=2, classifiers=("logistic", "knn", "ncm"),
                       ci=True, n_boot=200)
     assert again.summary == results.summary  # seeded: the same intervals every time

@@ -96,7 +96,7 @@ def test_quick_results_score_the_limited_test_images_and_say_so(tiny_model, data
     with pytest.raises(DataError, match="or probe with the --limit it was extracted with"):
         run_probe(run.train.features, run.test.features, FULL)
     quick = run_probe(run.train.features, run.test.features, QUICK)
-    assert quick.meta["limit"] == 2 and quick.meta["n_test"] == 6 and quick.meta["n_train_pool"] == 6
+    assert quick.meta["n_test"] == 6 and quick.meta["n_train_pool"] == 6
     assert quick.meta["settings"]["probe"]["limit"] == 2 and all(r["n_test"] == 6 for r in quick.rows)
     assert quick.to_markdown().startswith("**quick run: --limit 2 images per class, not the protocol**")
     # the same quick numbers from an entry that holds the whole test split (a full run grew it)
@@ -129,7 +129,7 @@ def test_cli_limit_extract_probe_and_report_baseline_refusal(tiny_model, data, c
     probed = runner.invoke(app, ["probe", "--shots", "1,2", "--percent", "0", "--seeds", "2", "--limit", "2",
                                  "--output", str(out)])
     assert probed.exit_code == 0, probed.output
-    assert json.loads(out.read_text())["meta"]["limit"] == 2
+    assert json.loads(out.read_text())["meta"]["settings"]["probe"]["limit"] == 2
     refused = runner.invoke(app, ["report", str(out), "--baseline", str(out)])
     assert refused.exit_code == 2 and "is a quick run (--limit 2 images per class)" in refused.output
     assert "Traceback" not in refused.output

@@ -35,7 +35,7 @@ def results(model="deit-tiny-patch16-224", *, classifiers=("logistic",), seeds=3
                 intervals[f"{classifier}/{subset}"] = {"ci_low": mean - 1.4, "ci_high": mean + 1.3}
     meta = {"model": f"/work/shared/data/models/{model}", "data": "/work/shared/data/datasets/imagenette2-224",
             "test_split": "val", "n_test": 3925, "n_classes": 10, "feature": "cls-prenorm", "dtype": "float32",
-            "transform": {"name": "msn"}, "probe": {"lambda": lam}, "sampling": {"seeds": seeds}}
+            "transform": {"name": "msn"}, "settings": {"probe": {"lam": lam, "seeds": seeds}}}
     return Results(meta, rows, intervals)
 
 
@@ -192,7 +192,7 @@ def test_report_and_wide_through_the_cli_at_80_columns(tmp_path, monkeypatch):
 
 def test_a_quick_run_says_so_above_the_probe_table():
     r = results()
-    r.meta["limit"] = 5
+    r.meta["settings"]["probe"]["limit"] = 5
     lines = lines_of(results_table(r))
     assert " ".join(lines[:2]).startswith("quick run: --limit 5 images per class, not the protocol")  # wrapped
     assert_fits(lines)

@@ -31,8 +31,9 @@ def make_results(model: str, means: dict, *, classifiers=("logistic",), lam=0.00
     meta = {"model": f"/models/{model}", "data": "/data/imagenette2-224", "test_split": "val", "n_test": 500,
             "n_classes": 10, "n_train_pool": 9469, "test_fingerprint": "abc", "train_fingerprint": "def",
             "feature": "cls-prenorm", "dtype": "float32", "device": "cpu", "transform": {"name": "msn", "resize": 256},
-            "probe": {"backend": "torch", "lambda": lam, "preprocess": "row-centre + L2"},
-            "sampling": {"seeds": seeds, "split_files": [], "allow_fewer": False}}
+            "probe": {"preprocess": "row-centre + L2"},
+            "settings": {"probe": {"backend": "torch", "lam": lam, "seeds": seeds, "split_files": [],
+                                   "allow_fewer": False}}}
     return {"meta": meta, "rows": rows}
 
 

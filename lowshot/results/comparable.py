@@ -8,23 +8,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lowshot.results.rows import Results, name_of
+from lowshot.results.rows import Results, name_of, settings_of
 
 
 def protocol(results: Results) -> dict[str, object]:
     """The settings that must match for two results to be compared (None where an older file lacks one)."""
     m = results.meta
-    probe = m.get("probe") or {}
-    sampling = m.get("sampling") or {}
+    probe, settings = m.get("probe") or {}, settings_of(m)
     return {
         "test split": m.get("test_split"), "test images": m.get("n_test"), "classes": m.get("n_classes"),
         "train pool": m.get("n_train_pool"), "test set": m.get("test_fingerprint"),
         "train set": m.get("train_fingerprint"), "feature": m.get("feature"), "transform": m.get("transform"),
-        "preprocessing": probe.get("preprocess"), "objective": probe.get("objective"), "lambda": probe.get("lambda"),
-        "lambda grid": probe.get("lambda_grid"), "seeds": sampling.get("seeds"),
-        "allow fewer": sampling.get("allow_fewer"),
-        "split files": [Path(p).name for p in sampling.get("split_files") or []] or None,
-        "k-NN": m.get("knn"), "NCM": m.get("ncm"), "limit": m.get("limit"),
+        "preprocessing": probe.get("preprocess"), "objective": probe.get("objective"), "lambda": settings.get("lam"),
+        "lambda grid": probe.get("lambda_grid"), "seeds": settings.get("seeds"),
+        "allow fewer": settings.get("allow_fewer"),
+        "split files": [Path(p).name for p in settings.get("split_files") or []] or None,
+        "k-NN": m.get("knn"), "NCM": m.get("ncm"), "limit": settings.get("limit"),
     }
 
 
@@ -32,7 +31,7 @@ def environment(results: Results) -> dict[str, object]:
     """Settings that may differ between compared results (they are noted, not refused)."""
     m = results.meta
     return {"model": m.get("model"), "data": name_of(m.get("data")), "dtype": m.get("dtype"),
-            "device": m.get("device"), "solver": (m.get("probe") or {}).get("backend"),
+            "device": m.get("device"), "solver": settings_of(m).get("backend"),
             "lowshot": m.get("lowshot_version")}
 
 

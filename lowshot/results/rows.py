@@ -260,15 +260,21 @@ def over_seeds(counts) -> str:
     return f"mean ± std over {'/'.join(map(str, counts)) or 'the'} seeds"
 
 
+def settings_of(meta: dict, part: str = "probe") -> dict:
+    """The settings a result was run with, as recorded once: ``meta["settings"][part]``, the ``to_dict()`` of its
+    ProbeSettings (``part="probe"``) or ExtractSettings (``"extract"``); empty where a file lacks them."""
+    return (meta.get("settings") or {}).get(part) or {}
+
+
 def quick_run(meta: dict) -> str | None:
-    """What results of a quick run say first (``limit`` in their meta): not the protocol, so never gated."""
-    limit = meta.get("limit")
+    """What results of a quick run say first (a ``limit`` in their settings): not the protocol, so never gated."""
+    limit = settings_of(meta).get("limit")
     return None if limit is None else f"quick run: --limit {limit} images per class, not the protocol"
 
 
 def require_full_run(results: Results, name: str, *, refused_by: str) -> None:
     """Refuse a quick run (``--limit``) where only the protocol's numbers belong (the gate, a model card)."""
-    limit = results.meta.get("limit")
+    limit = settings_of(results.meta).get("limit")
     if limit is not None:
         raise ProtocolMismatchError(f"{name} is a quick run (--limit {limit} images per class), not the protocol: "
                                     f"{refused_by}; rerun without --limit")

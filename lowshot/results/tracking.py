@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowshot.errors import BadInputError, MissingDependencyError, ProtocolMismatchError
-from lowshot.results.rows import DEFAULT_CLASSIFIER, name_of
+from lowshot.results.rows import DEFAULT_CLASSIFIER, name_of, settings_of
 from lowshot.results.stats import METRICS
 
 if TYPE_CHECKING:
@@ -161,16 +161,16 @@ def params_of(results: Results) -> dict[str, str]:
     the checkpoints of one training run share one run's params; MLflow refuses to log results under other settings
     into a run that already has params."""
     meta = results.meta
-    sampling, probe = meta.get("sampling") or {}, meta.get("probe") or {}
+    settings = settings_of(meta)
     transform = meta.get("transform")
     values = {"data": name_of(meta.get("data")), "train_split": meta.get("train_split"),
               "test_split": meta.get("test_split"), "readout": meta.get("feature"),
               "transform": transform.get("name") if isinstance(transform, dict) else transform,
-              "dtype": meta.get("dtype"), "classifiers": meta.get("classifiers") or results.classifiers,
-              "lambda": probe.get("lambda"), "shots": sampling.get("shots"), "percents": sampling.get("percents"),
-              "seeds": sampling.get("seeds"), "split_files": sampling.get("split_files"),
+              "dtype": meta.get("dtype"), "classifiers": settings.get("classifiers") or results.classifiers,
+              "lambda": settings.get("lam"), "shots": settings.get("shots"), "percents": settings.get("percents"),
+              "seeds": settings.get("seeds"), "split_files": settings.get("split_files"),
               "train_fingerprint": meta.get("train_fingerprint"), "test_fingerprint": meta.get("test_fingerprint"),
-              "limit": meta.get("limit")}
+              "limit": settings.get("limit")}
     return {f"{PREFIX}/{name}": _text(value) for name, value in values.items() if value not in (None, [], "")}
 
 

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from lowshot.errors import BadInputError, MissingDependencyError, ProtocolMismatchError
+from lowshot.errors import BadInputError, LowshotError, MissingDependencyError, ProtocolMismatchError
 from lowshot.results.rows import Results
 from lowshot.results.tracking import LogTarget, open_tracker, params_of, parse_log_target, scalars_of
 
@@ -232,3 +232,23 @@ def test_a_bad_step_is_one_line(tmp_path, step):
 def test_an_unknown_target_object_is_one_line_naming_its_type(tmp_path):
     with pytest.raises(BadInputError, match="log target of type dict: expected a string"):
         results_file(tmp_path).log_to({"dir": "runs"})
+
+
+def test_a_folder_as_mlflow_store_is_refused_up_front_where_mlflow_would_refuse_it_after_the_run(monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setattr("lowshot.results.tracking._mlflow_refuses_file_store", lambda: True)
+    for spec in ("mlflow:./mlruns", "mlflow:file:///tmp/mlruns"):
+        with pytest.raises(BadInputError, match="MLFLOW_ALLOW_FILE_STORE=true; use a database, e.g. mlflow:sqlite"):
+            parse_log_target(spec)
+    assert parse_log_target("mlflow:http://localhost:5000").where == "http://localhost:5000"
+
+
+def test_a_store_mlflow_refuses_while_logging_is_one_line_naming_it(tmp_path, mlflow_uri, monkeypatch):
+    from lowshot.results.tracking import _mlflow_refuses_file_store
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    if not _mlflow_refuses_file_store():
+        pytest.skip("this MLflow still opens a folder store")
+    with pytest.raises(LowshotError, match=rf"^logging to MLflow at {tmp_path}/mlruns: .*maintenance mode") as error:
+        results_file(tmp_path).log_to(LogTarget("mlflow", str(tmp_path / "mlruns")))  # past parse_log_target's check
+    assert "\n" not in str(error.value)

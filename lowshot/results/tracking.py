@@ -14,7 +14,9 @@ extracts anything.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import numbers
 import os
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lowshot.errors import BadInputError, MissingDependencyError, ProtocolMismatchError
+from lowshot.errors import BadInputError, LowshotError, MissingDependencyError, ProtocolMismatchError
 from lowshot.results.rows import DEFAULT_CLASSIFIER, name_of, settings_of
 from lowshot.results.stats import METRICS
 
@@ -76,12 +78,34 @@ def parse_log_target(spec: str) -> LogTarget:
                                 "tensorboard:DIR")
         if Path(where).expanduser().exists() and not Path(where).expanduser().is_dir():
             raise BadInputError(f"log target {spec!r}: {where} is a file, not a folder for TensorBoard's events")
-    if tracker == "mlflow" and where and where.startswith("sqlite:///"):
-        folder = Path(where[len("sqlite:///"):]).expanduser().parent
+    _require(tracker, find_only=True)
+    if tracker == "mlflow" and where:
+        _check_mlflow_uri(spec, where)
+    return LogTarget(tracker, where)
+
+
+def _check_mlflow_uri(spec: str, uri: str) -> None:
+    """Refuse up front what MLflow would refuse only after the run: a SQLite file in a missing folder, and a folder
+    as the store (``./mlruns``, ``file:…``), which MLflow 3.13 and later open only with MLFLOW_ALLOW_FILE_STORE=true."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).expanduser().parent
         if not folder.is_dir():
             raise BadInputError(f"log target {spec!r}: no folder {folder} for the SQLite file")
-    _require(tracker, find_only=True)
-    return LogTarget(tracker, where)
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    if (scheme is None or scheme.group(1).lower() == "file") and _mlflow_refuses_file_store():
+        raise BadInputError(f"log target {spec!r}: MLflow {importlib.metadata.version('mlflow')} opens a folder "
+                            "store only with MLFLOW_ALLOW_FILE_STORE=true; use a database, e.g. "
+                            "mlflow:sqlite:///mlflow.db")
+
+
+def _mlflow_refuses_file_store() -> bool:
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true":
+        return False
+    try:
+        major, minor = (int(part) for part in importlib.metadata.version("mlflow").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (3, 13)
 
 
 def log_results(results: Results, target: Any, *, step: int | None = None) -> None:
@@ -229,9 +253,14 @@ class _MLflow(Tracker):
         active = mlflow.active_run()
         if active is not None and target.where in (None, mlflow.get_tracking_uri()):
             return cls(mlflow.tracking.MlflowClient(), run_id=active.info.run_id, owned=False)
-        return cls(mlflow.tracking.MlflowClient(tracking_uri=target.where), run_id=None, owned=True)
+        with _mlflow_errors(target.where or mlflow.get_tracking_uri()):
+            return cls(mlflow.tracking.MlflowClient(tracking_uri=target.where), run_id=None, owned=True)
 
     def _write(self, results: Results, step: int) -> None:
+        with _mlflow_errors(self.client.tracking_uri):
+            self._log(results, step)
+
+    def _log(self, results: Results, step: int) -> None:
         from mlflow.entities import Metric, Param
 
         if self.run_id is None:  # opened lazily: the run is named after the first results logged into it
@@ -255,7 +284,19 @@ class _MLflow(Tracker):
 
     def close(self) -> None:
         if self.owned and self.run_id is not None:
-            self.client.set_terminated(self.run_id)
+            with _mlflow_errors(self.client.tracking_uri):
+                self.client.set_terminated(self.run_id)
+
+
+@contextlib.contextmanager
+def _mlflow_errors(uri: str):
+    """MLflow's own errors (a store it refuses, a server that does not answer) as one line naming the URI."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise LowshotError(f"logging to MLflow at {uri}: {' '.join(str(exc.message).split())}") from exc
 
 
 class _WandB(Tracker):

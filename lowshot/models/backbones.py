@@ -347,13 +347,16 @@ class ForwardPlan:
     dtype_reason: str
 
 
-def plan_forward(ref: ModelRef, *, feature: str = readouts.AUTO, engine: str = "auto", device: str = "auto",
-                 dtype: str = "auto", input_size: int = PROTOCOL_INPUT) -> ForwardPlan:
+def plan_forward(ref: ModelRef, *, feature: str = readouts.AUTO, engine: str = "auto",
+                 device: str | torch.device = "auto", dtype: str = "auto",
+                 input_size: int = PROTOCOL_INPUT) -> ForwardPlan:
     """Readout, engine and dtype for ``ref``. ``dtype="auto"`` runs reduced precision only on the fast engine
-    (its float32 norms and residuals keep cosine >= 0.999 to float32); the stock engine then runs float32."""
+    (its float32 norms and residuals keep cosine >= 0.999 to float32); the stock engine then runs float32.
+    ``device``: a resolved ``torch.device`` is taken as is."""
     if engine not in ENGINES:  # a Python caller's plain string (load_backbone), not only ExtractSettings.engine
         raise BadInputError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
-    torch_dtype, dtype_reason = resolve_dtype(dtype, resolve_device(device))
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    torch_dtype, dtype_reason = resolve_dtype(dtype, torch_device)
     net = _meta_net(ref.config, name=ref.name)
     spec = resolve_readout(ref.family, ref.config, feature, input_size=input_size, forward=net.forward)
     engine_used, engine_reason = choose_engine(net, spec, engine, name=ref.name)
@@ -385,11 +388,12 @@ def load_backbone(
     model: str | ModelRef = DEFAULT_MODEL,
     *,
     revision: str | None = None,
-    device: str = "auto",
+    device: str | torch.device = "auto",
     dtype: str = "auto",
     feature: str = readouts.AUTO,
     engine: str = "auto",
     input_size: int = PROTOCOL_INPUT,
+    forward: ForwardPlan | None = None,
 ) -> Backbone:
     """Load ``model`` frozen and in eval mode, ready for :meth:`Backbone.embed` on ``input_size`` pixels.
 
@@ -397,10 +401,13 @@ def load_backbone(
     runs :mod:`lowshot.models.engine` (an error if it does not cover the model and readout), ``"stock"`` the
     transformers forward, ``"auto"`` the fast path where it covers them and the stock one elsewhere. Every problem
     (not a vision model, a readout it lacks, weights that do not load, a forward that fails on one image) is one
-    :class:`ModelLoadError` or :class:`BadInputError`, raised before any feature is written."""
-    torch_device = resolve_device(device)
+    :class:`ModelLoadError` or :class:`BadInputError`, raised before any feature is written. ``forward``: the
+    :func:`plan_forward` already made for ``model`` on ``device`` (an extraction makes it once, for the cache key);
+    ``feature``, ``engine`` and ``dtype`` are then its own."""
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     ref = model if isinstance(model, ModelRef) else resolve_model(model, revision=revision)
-    plan = plan_forward(ref, feature=feature, engine=engine, device=device, dtype=dtype, input_size=input_size)
+    plan = forward or plan_forward(ref, feature=feature, engine=engine, device=torch_device, dtype=dtype,
+                                   input_size=input_size)
     net = _load_weights(ref)
     if "pixel_values" not in inspect.signature(net.forward).parameters:
         raise ModelLoadError(f"--model {ref.name}: {type(net).__name__} does not take images (no pixel_values)")
@@ -411,7 +418,8 @@ def load_backbone(
     info = {**ref.info, "class": type(net).__name__}
     backbone = Backbone(net, ref.name, ref.folder, ref.identity, torch_device, plan.dtype, plan.readout.name,
                         plan.dtype_reason, info, readout=plan.readout, family=ref.family)
-    use_engine(backbone, engine)  # from the float32 weights: the fast path keeps norms and residuals in float32
+    # from the float32 weights: the fast path keeps norms and residuals in float32
+    use_engine(backbone, plan.engine, reason=plan.engine_reason)
     net.to(plan.dtype)
     backbone.width = _measure_width(backbone, input_size)
     return backbone
@@ -455,14 +463,15 @@ def _measure_width(backbone: Backbone, input_size: int) -> int:
     return int(out.shape[1])
 
 
-def use_engine(backbone: Backbone, engine: str = "auto") -> Backbone:
-    """Set up ``backbone`` to run on ``engine`` (see :func:`load_backbone`) with a forward batch that fits."""
+def use_engine(backbone: Backbone, engine: str = "auto", *, reason: str | None = None) -> Backbone:
+    """Set up ``backbone`` to run on ``engine`` (see :func:`load_backbone`) with a forward batch that fits.
+    ``reason``: the engine ("fast" or "stock") was already chosen, for this reason, by :func:`plan_forward`."""
     net = backbone.model
     family = backbone.family or readouts.family_of(net.config.model_type)
     spec = backbone.readout or resolve_readout(family, net.config, backbone.feature,
                                                input_size=readouts.native_size(net.config) or PROTOCOL_INPUT,
                                                forward=net.forward)
-    used, why = choose_engine(net, spec, engine, name=backbone.name)
+    used, why = (engine, reason) if reason is not None else choose_engine(net, spec, engine, name=backbone.name)
     tokens = model_tokens(net, input_size=spec.input_size)
     backbone.forward_batch = choose_forward_batch(net, tokens=tokens, device=backbone.device, dtype=backbone.dtype,
                                                   stock=used == "stock")

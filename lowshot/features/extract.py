@@ -1,8 +1,11 @@
 """Extraction: the images a protocol uses through the backbone once, into the feature cache.
 
 The whole test split, and of the train split only the images the labelled subsets draw (or all of it, ``--all``).
-Each split's entry grows by image: what is already there is never encoded again. Resumable (shards), locked per
-cache key, split between torchrun ranks, and a request the cache covers decodes no image and loads no model.
+This module plans (the cache keys, which images each split needs) and computes (decode + forward); the feature
+store (:meth:`FeatureCache.ensure`) does the rest: it finds what is missing, locks the key, hands out resumable
+shards (split between torchrun ranks) and grows the entry, so what is already cached is never encoded again and a
+request the cache covers decodes no image and loads no model. The device and the forward plan (readout, engine,
+dtype) are resolved once per extraction, for the cache key, and the model is loaded with them.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from lowshot.data.subsets import Listing, needed_indices, scored_indices
 from lowshot.data.transforms import ImageTransform, named_transform
 from lowshot.errors import BadInputError, CacheError, DataError, LowshotError
 from lowshot.features import distributed
-from lowshot.features.store import FeatureCache, Features, ShardStore, shard_rows
+from lowshot.features.store import FeatureCache, Features, Need, Work
 from lowshot.io import now_iso, write_json_atomic
 from lowshot.models.backbones import (
     DEFAULT_MODEL,
     Backbone,
+    ForwardPlan,
     ModelRef,
     load_backbone,
     plan_forward,
@@ -56,8 +60,6 @@ DECODE_AHEAD_CPU = int(os.environ.get("LOWSHOT_DECODE_AHEAD_CPU", "0"))
 
 Progress = Callable[[str, int, int], None]
 """``progress(task, done, total)``: called as images finish; the CLI draws it, the library stays silent."""
-Need = Callable[[Listing], "np.ndarray | None"]
-"""Which listing indices of a split must be encoded (None: all of them), given what is known to be unreadable."""
 
 
 class ExtractionInterrupted(KeyboardInterrupt):
@@ -100,6 +102,8 @@ class Plan:
     settings: dict
     keys: dict[str, str]
     options: ExtractSettings
+    device: torch.device  # resolved once: the key's device type, and where the model runs
+    forward: ForwardPlan  # readout, engine and dtype, decided once: in the key, and the model is loaded with it
 
     @functools.cached_property
     def origin(self) -> dict:
@@ -138,7 +142,7 @@ def plan_extraction(model: str, data: str | os.PathLike | None, settings: Extrac
     tf = named_transform(settings.transform, ref.folder)
     # The readout resolved for this model and input size, the engine, and the dtype (auto: reduced precision only on
     # the fast engine): all decided before any weight is loaded, as the key needs them.
-    forward = plan_forward(ref, feature=settings.feature, engine=settings.engine, device=settings.device,
+    forward = plan_forward(ref, feature=settings.feature, engine=settings.engine, device=torch_device,
                            dtype=settings.dtype, input_size=tf.crop)
     resolved = {"feature": forward.readout.name, "readout": forward.readout.record(),
                 "dtype": str(forward.dtype).removeprefix("torch."), "dtype_reason": forward.dtype_reason,
@@ -150,7 +154,7 @@ def plan_extraction(model: str, data: str | os.PathLike | None, settings: Extrac
         if forward.readout.key():  # readouts computed as before keep their keys (and cached entries)
             inputs["readout"] = forward.readout.key()
         keys[split.name] = cache.key_for(inputs)
-    return Plan(ref, dataset, tf, resolved, keys, settings)
+    return Plan(ref, dataset, tf, resolved, keys, settings, torch_device, forward)
 
 
 def extract_features(
@@ -187,8 +191,7 @@ def extract_features(
 
         def backbone() -> Backbone:
             if "model" not in state:
-                state["model"] = load_backbone(plan.ref, device=device, dtype=settings.dtype,
-                                               feature=settings.feature, engine=settings.engine,
+                state["model"] = load_backbone(plan.ref, device=plan.device, forward=plan.forward,
                                                input_size=plan.transform.crop)
             return state["model"]
 
@@ -260,74 +263,39 @@ def _extract_settings(settings: ExtractSettings | None, options: dict) -> Extrac
     return settings if settings is not None else ExtractSettings(**options)
 
 
-def _listing_of(split: Split, found: Features | None) -> Listing:
-    unreadable = found.listing().unreadable if found is not None else frozenset()
-    return Listing(split.ids, split.labels, split.classes, unreadable)
-
-
-def _missing(split: Split, need: Need, found: Features | None) -> np.ndarray:
-    """Listing indices the request needs that the entry neither holds nor knows to be unreadable (sorted)."""
-    wanted = need(_listing_of(split, found))
-    wanted = np.arange(len(split), dtype=np.int64) if wanted is None else np.asarray(wanted, dtype=np.int64)
-    if found is None:
-        return wanted
-    known = np.fromiter(found.listing().unreadable, dtype=np.int64, count=len(found.listing().unreadable))
-    held = found.rows if found.rows is not None else np.arange(len(found))
-    return np.setdiff1d(wanted, np.concatenate([held, known]))
-
-
 def _ensure_split(split: Split, need: Need, plan: Plan, cache: FeatureCache, dist, backbone: Callable[[], Backbone],
                   *, progress: Progress | None) -> SplitFeatures:
-    """Bring the split's entry up to what ``need`` asks for: load it, encode only what is missing (resumable,
-    locked, split between ranks), grow the entry, and repeat while newly found unreadable images make a subset
-    reach further into its class's order."""
-    key = plan.keys[split.name]
+    """The split's entry, holding what ``need`` picks: the store computes only what is missing, with an encoder."""
     started = time.perf_counter()
-    found = cache.load(key)
-    missing = dist.broadcast(_missing(split, need, found) if dist.is_main else None)
-    if len(missing) == 0:  # rank 0 decides, so every rank takes the same path
-        found = found if found is not None else cache.load(key)
-        return SplitFeatures(split.name, found, cached=True, skipped=found.manifest.get("skipped", {}),
-                             needed=_needed(split, need, found))
-    embedded, grown = 0, False
-    model = backbone()
-    with contextlib.ExitStack() as stack:
-        if not dist.active:
-            stack.enter_context(cache.lock(key))  # one process per entry; the others wait, then reuse it
-        while True:
-            step = None
-            if dist.is_main:
-                found = cache.load(key)  # another process may have grown it while we waited
-                missing = _missing(split, need, found)
-                if len(missing):
-                    store = ShardStore(cache.partial_dir(key), dim=model.dim)
-                    step = (missing, np.setdiff1d(missing, store.covered()))
-                else:
-                    step = (missing, missing)
-            missing, todo = dist.broadcast(step)
-            if len(missing) == 0:
-                break
-            if not dist.is_main:
-                store = ShardStore(cache.partial_dir(key), dim=model.dim)  # rank 0 wrote meta.json: nothing reset
-            shards = [todo[lo:lo + SHARD_TARGET] for lo in range(0, len(todo), SHARD_TARGET)]
-            task = f"{split.name} ({len(missing):,} of {len(split):,} images)"
-            mine = _compute_shards(model, split, plan, store, shards[dist.rank::dist.world_size], task=task,
-                                   done=len(missing) - len(todo), total=len(missing), progress=progress,
-                                   progress_scale=dist.world_size)
-            embedded += dist.total(mine)  # also the barrier: every rank has written its shards
-            if dist.is_main:
-                with cache.lock(key) if dist.active else contextlib.nullcontext():
-                    cache.grow(key, cache.load(key), store, ids=split.ids, labels=split.labels,
-                               manifest=_manifest(split, plan, model, found))
-                store.discard()
-            grown = True
-            dist.barrier()
-    found = cache.load(key)
-    if found is None:
-        raise CacheError(f"rank {dist.rank}: cache entry {key} was not written (see rank 0's error)")
-    # not grown: another process encoded what we needed while we waited for the lock, and we reuse it
-    return SplitFeatures(split.name, found, cached=not grown, seconds=time.perf_counter() - started, images=embedded,
-                         skipped=found.manifest.get("skipped", {}), needed=_needed(split, need, found))
+    done = cache.ensure(plan.keys[split.name], need, listing=_listing(split),
+                        compute=_Encoder(split, plan, backbone, progress),
+                        manifest=lambda: _manifest(split, plan, backbone()), dist=dist, shard_size=SHARD_TARGET)
+    # not grown: the entry held every image (perhaps once another process, which we waited for, encoded them)
+    return SplitFeatures(split.name, done.features, cached=not done.grown, seconds=time.perf_counter() - started,
+                         images=done.computed, skipped=done.features.manifest.get("skipped", {}), needed=done.needed)
+
+
+def _listing(split: Split) -> Listing:
+    return Listing(split.ids, split.labels, split.classes)
+
+
+@dataclass
+class _Encoder:
+    """Computes a split's missing rows for the store (its ``compute``): decode + forward, shard by shard. The model
+    is loaded on first use (``backbone``), once for all splits."""
+
+    split: Split
+    plan: Plan
+    backbone: Callable[[], Backbone]
+    progress: Progress | None
+
+    @property
+    def dim(self) -> int:
+        return self.backbone().dim
+
+    def __call__(self, work: Work) -> int:
+        task = f"{self.split.name} ({work.total:,} of {len(self.split):,} images)"
+        return _compute_shards(self.backbone(), self.split, self.plan, work, task=task, progress=self.progress)
 
 
 def _kept(plan: Plan, cache: FeatureCache, needs: dict[str, Need]) -> str:
@@ -337,30 +305,21 @@ def _kept(plan: Plan, cache: FeatureCache, needs: dict[str, Need]) -> str:
     try:
         counts = []
         for split in plan.dataset.splits():
-            key = plan.keys[split.name]
-            found = cache.load(key)
-            missing = np.setdiff1d(_missing(split, needs[split.name], found), shard_rows(cache.partial_dir(key)))
-            needed = _needed(split, needs[split.name], found)
-            counts.append(f"{split.name} {needed - len(missing):,} of {needed:,}")
+            kept, needed = cache.kept(plan.keys[split.name], needs[split.name], listing=_listing(split))
+            counts.append(f"{split.name} {kept:,} of {needed:,}")
     except (OSError, ValueError, KeyError, LowshotError):
         return f"finished shards are kept in the cache; {resume}"
     return f"images kept in the cache: {', '.join(counts)}; {resume} (it encodes only the rest)"
 
 
-def _needed(split: Split, need: Need, found: Features | None) -> int:
-    wanted = need(_listing_of(split, found))
-    return len(split) if wanted is None else len(wanted)
-
-
-def _manifest(split: Split, plan: Plan, backbone: Backbone, previous: Features | None) -> dict:
+def _manifest(split: Split, plan: Plan, backbone: Backbone) -> dict:
+    """What a new version of the split's entry records (the store adds counts, checksums and dates)."""
     return {
         "classes": split.classes, "split": split.name, "data": split.source, "data_identity": split.identity,
         "model": plan.origin["model"], "model_identity": plan.ref.identity, "model_info": plan.ref.info,
         **plan.settings,
         "extract_settings": plan.options.to_dict(), "engine": backbone.engine,
         "forward_batch": backbone.forward_batch,
-        "created": previous.manifest.get("created", now_iso()) if previous is not None else now_iso(),
-        "updated": now_iso(),
         # Pillow decodes and resizes, and its version can move pixels: 13.0 resizes a photo more than twice as tall
         # as wide vertical pass first, 12.x horizontal first (some pixels differ by 1). Recorded, not keyed.
         "versions": {"lowshot": __version__, "torch": torch.__version__, "transformers": _version("transformers"),
@@ -400,12 +359,12 @@ def _batched_decode(split: Split, transform: ImageTransform, chunks: list[np.nda
             yield [f.result() for f in pending.popleft()]
 
 
-def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardStore, shards: list[np.ndarray], *,
-                    task: str, done: int, total: int, progress: Progress | None, progress_scale: int = 1) -> int:
-    """Embed the images of ``shards`` (arrays of listing indices) and write each shard as it finishes; returns the
-    images embedded. ``done``/``total``: the request's progress so far (resumed shards count as done).
-    ``progress_scale``: with N ranks, rank 0 reports its own count x N as the global estimate."""
-    options = plan.options
+def _compute_shards(backbone: Backbone, split: Split, plan: Plan, work: Work, *, task: str,
+                    progress: Progress | None) -> int:
+    """Embed the images of ``work.shards`` (arrays of listing indices) and write each shard as it finishes; returns
+    the images embedded. Progress counts from ``work.done`` (resumed shards) to ``work.total``; with N ranks,
+    rank 0 reports its own count x N as the global estimate."""
+    options, shards, done, total, progress_scale = plan.options, work.shards, work.done, work.total, work.ranks
     if progress:
         progress(task, done, total)
     workers = options.workers or default_workers()
@@ -440,7 +399,7 @@ def _compute_shards(backbone: Backbone, split: Split, plan: Plan, store: ShardSt
             local += len(images)
             if progress:
                 progress(task, min(total, done + local * progress_scale), total)
-        store.write(shard, shard_features, failed)
+        work.write(shard, shard_features, failed)
     if progress:
         progress(task, done + local if progress_scale == 1 else total, total)
     return embedded

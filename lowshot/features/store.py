@@ -13,6 +13,11 @@ The key is the sha256 of everything that changes the features (weights and confi
 layer, dtype, device type, data identity, cache format). An entry grows by image: a request that needs images the
 entry lacks encodes only those into shards, then a new version of the entry (old rows + new rows, in listing order,
 streamed) replaces the old one by directory renames, so a reader sees the old entry or the new one, never a part.
+
+:meth:`FeatureCache.ensure` is that whole choreography behind one call: given which rows a request needs and how
+to compute missing ones, it takes the key's lock (other processes wait, then reuse what it wrote), hands out the
+rows that neither the entry nor a finished shard holds (a run killed with ``kill -9`` resumes from its shards),
+grows the entry and swaps it in. The caller only computes rows into the shards it is handed.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -35,9 +41,13 @@ from lowshot.data.subsets import Listing
 from lowshot.errors import CacheError
 from lowshot.io import digest, file_sha256, now_iso, save_npy_atomic, write_json_atomic
 
+if TYPE_CHECKING:
+    from lowshot.features.distributed import Dist
+
 # Bump when the on-disk layout or the meaning of a key input changes: the key changes with it, so entries of another
 # format are never read as this one (they are rebuilt). 2: an entry holds any subset of its split (rows.npy).
 CACHE_FORMAT = 2
+SHARD_SIZE = 1024  # rows per resumable shard unless the caller says otherwise
 MERGE_BLOCK = 65_536  # rows gathered per block when an entry grows (64k x 384 float32 = 96 MB at most)
 ENV_CACHE_DIR = "LOWSHOT_CACHE_DIR"
 
@@ -107,6 +117,50 @@ class Features:
         if self.rows is None:
             return True
         return len(self) + len(self.manifest.get("skipped_rows", {})) == int(self.manifest["n_listed"])
+
+
+Need = Callable[[Listing], "np.ndarray | None"]
+"""Which listing indices a request uses (None: all of them), given the listing with the items known to be unreadable
+(a subset passes over those to the next image of its class, so the answer can change as an entry learns of more)."""
+
+
+@dataclass(frozen=True)
+class Work:
+    """The rows one process computes in one round of :meth:`FeatureCache.ensure`. Each array of ``shards`` holds
+    listing indices and becomes one shard through :meth:`write`, called as soon as the shard is done (what a killed
+    run keeps). Of the rows the request misses (``total``), finished shards already cover ``done``; ``ranks``
+    processes share the round, each computing every ``ranks``-th shard."""
+
+    shards: list[np.ndarray]
+    done: int
+    total: int
+    ranks: int
+    store: ShardStore = field(repr=False)
+
+    def write(self, rows: np.ndarray, features: np.ndarray, failed: dict[int, str]) -> None:
+        """Finish one shard: ``features`` has a row per item of ``rows``; ``failed`` maps unreadable rows to why."""
+        self.store.write(rows, features, failed)
+
+
+class Compute(Protocol):
+    """How :meth:`FeatureCache.ensure` gets missing rows: ``dim`` is their width (asked only once rows are missing,
+    so reading it may load a model); calling it writes every shard of a :class:`Work` and returns how many rows it
+    computed (unreadable items are written as failed, not counted)."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def __call__(self, work: Work) -> int: ...
+
+
+@dataclass
+class Ensured:
+    """What :meth:`FeatureCache.ensure` leaves: the entry, and what this call did to it."""
+
+    features: Features
+    needed: int  # rows the request uses (known-unreadable items passed over)
+    computed: int  # rows computed by this call, over all ranks (0: the entry held them all)
+    grown: bool  # this call wrote a new version (False: nothing was missing, perhaps after waiting for another run)
 
 
 def write_listing(path: Path, ids: list[str], labels: np.ndarray) -> None:
@@ -199,11 +253,72 @@ class FeatureCache:
                 continue
         return False
 
+    # -- growing an entry ------------------------------------------------------------------------------------------
+    def ensure(self, key: str, need: Need, *, listing: Listing, compute: Compute, manifest: Callable[[], dict],
+               dist: Dist | None = None, shard_size: int = SHARD_SIZE) -> Ensured:
+        """Make sure entry ``key`` holds the rows ``need`` picks from ``listing`` (the split: every id and label, in
+        order), computing only the missing ones with ``compute``, and return the entry.
+
+        One process per key computes (the others wait on the lock, then reuse its rows); missing rows are handed out
+        in shards of ``shard_size``, skipping those a finished shard already holds (an interrupted run resumes);
+        the new version (old rows + new rows, in listing order) replaces the old one atomically, described by
+        ``manifest()`` plus the store's own record (counts, unreadable items, checksums, dates). When rows turn out
+        unreadable, ``need`` is asked again and any rows it now reaches for are computed in a further round. With
+        ``dist`` (torchrun ranks) rank 0 decides, every rank computes its share, rank 0 writes the entry."""
+        if dist is None:
+            from lowshot.features.distributed import Dist
+
+            dist = Dist()
+        found = self.load(key)
+        missing = dist.broadcast(_missing(need, listing, found) if dist.is_main else None)
+        if len(missing) == 0:  # rank 0 decides, so every rank takes the same path
+            found = found if found is not None else self.load(key)
+            return Ensured(found, _needed(need, listing, found), computed=0, grown=False)
+        dim = compute.dim  # before the lock: a model that does not load fails here, on every rank, holding nothing
+        computed, grown = 0, False
+        with nullcontext() if dist.active else self.lock(key):  # ranks cannot share a file lock: rank 0 takes it
+            while True:
+                step = None
+                if dist.is_main:
+                    found = self.load(key)  # another process may have grown it while we waited
+                    missing = _missing(need, listing, found)
+                    store = ShardStore(self.partial_dir(key), dim=dim) if len(missing) else None
+                    step = (missing, missing if store is None else np.setdiff1d(missing, store.covered()))
+                missing, todo = dist.broadcast(step)
+                if len(missing) == 0:
+                    break
+                if not dist.is_main:
+                    store = ShardStore(self.partial_dir(key), dim=dim)  # rank 0 wrote meta.json: nothing reset
+                shards = [todo[lo:lo + shard_size] for lo in range(0, len(todo), shard_size)]
+                work = Work(shards[dist.rank::dist.world_size], done=len(missing) - len(todo), total=len(missing),
+                            ranks=dist.world_size, store=store)
+                computed += dist.total(compute(work))  # also the barrier: every rank has written its shards
+                if dist.is_main:
+                    with self.lock(key) if dist.active else nullcontext():
+                        self.grow(key, self.load(key), store, ids=list(listing.ids), labels=listing.labels,
+                                  manifest=manifest())
+                    store.discard()
+                grown = True
+                dist.barrier()
+        found = self.load(key)
+        if found is None:
+            raise CacheError(f"rank {dist.rank}: cache entry {key} was not written (see rank 0's error)")
+        return Ensured(found, _needed(need, listing, found), computed=computed, grown=grown)
+
+    def kept(self, key: str, need: Need, *, listing: Listing) -> tuple[int, int]:
+        """(rows of the request that the entry or a finished shard holds, rows the request needs): what an
+        interrupted :meth:`ensure` leaves for a rerun (which computes only the others)."""
+        found = self.load(key)
+        missing = np.setdiff1d(_missing(need, listing, found), shard_rows(self.partial_dir(key)))
+        needed = _needed(need, listing, found)
+        return needed - len(missing), needed
+
     def grow(self, key: str, old: Features | None, store: ShardStore, *, ids: list[str], labels: np.ndarray,
              manifest: dict) -> Features:
         """Write a new version of entry ``key``: the rows of ``old`` plus every finished shard of ``store``, in
         listing order, streamed block by block (memory does not grow with the entry). ``ids``/``labels`` are the
-        split's listing; ``manifest`` describes the new version (this adds counts, unreadable items, checksums).
+        split's listing; ``manifest`` describes the new version (this adds counts, unreadable items, checksums, the
+        first version's creation date and this one's).
         The version replaces the old one by two renames; :meth:`load` undoes a half-done swap."""
         final = self.entry_dir(key)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -228,11 +343,13 @@ class FeatureCache:
             skipped = {int(i): reason for i, reason in skipped.items() if i not in held}
             added = int(len(listed) - (len(old) if old is not None else 0))
             history = list(old.manifest.get("history", [])) if old is not None else []
-            manifest = {**manifest, "cache_format": CACHE_FORMAT, "key": key, "n": int(len(listed)),
+            now = now_iso()
+            manifest = {**manifest, "created": old.manifest.get("created", now) if old is not None else now,
+                        "updated": now, "cache_format": CACHE_FORMAT, "key": key, "n": int(len(listed)),
                         "n_listed": len(ids), "dim": dim,
                         "skipped": {ids[i]: reason for i, reason in sorted(skipped.items())},
                         "skipped_rows": {str(i): reason for i, reason in skipped.items()},
-                        "history": [*history, {"added": added, "date": now_iso()}],
+                        "history": [*history, {"added": added, "date": now}],
                         "sha256": {name: file_sha256(tmp / name)
                                    for name in ("features.npy", "labels.npy", "rows.npy", "listing.json")}}
             for name in ("features.npy", "labels.npy", "rows.npy"):
@@ -408,6 +525,29 @@ def shard_rows(folder: Path) -> np.ndarray:
     rows = [np.asarray(json.loads((folder / f"{name}.json").read_text())["rows"], dtype=np.int64)
             for name in finished_shards(folder)]
     return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
+
+
+def _known(listing: Listing, found: Features | None) -> Listing:
+    """``listing`` with the items ``found`` knows to be unreadable."""
+    unreadable = found.listing().unreadable if found is not None else frozenset()
+    return Listing(listing.ids, listing.labels, listing.classes, unreadable)
+
+
+def _needed(need: Need, listing: Listing, found: Features | None) -> int:
+    wanted = need(_known(listing, found))
+    return len(listing) if wanted is None else len(wanted)
+
+
+def _missing(need: Need, listing: Listing, found: Features | None) -> np.ndarray:
+    """Listing indices ``need`` picks that ``found`` neither holds nor knows to be unreadable (sorted)."""
+    wanted = need(_known(listing, found))
+    wanted = np.arange(len(listing), dtype=np.int64) if wanted is None else np.asarray(wanted, dtype=np.int64)
+    if found is None:
+        return wanted
+    unreadable = found.listing().unreadable
+    known = np.fromiter(unreadable, dtype=np.int64, count=len(unreadable))
+    held = found.rows if found.rows is not None else np.arange(len(found))
+    return np.setdiff1d(wanted, np.concatenate([held, known]))
 
 
 def _gather(old: Features | None, store: ShardStore) -> tuple[list[np.ndarray], np.ndarray, dict[int, str]]:

@@ -474,17 +474,19 @@ def probe(
     split_file: SplitFile = None,
     allow_fewer: AllowFewer = False,
     limit: Limit = None,
-    model: Annotated[str | None, _option(
+    model: Annotated[list[str] | None, _option(
         "--model", "-m", help="Probe this model's features, encoding the images the protocol needs that are not "
-                              "cached yet (default: the most recent extraction, nothing encoded). " + MODEL_HELP)
-    ] = None,
+                              "cached yet (default: the most recent extraction, nothing encoded). Repeatable, or a "
+                              "quoted glob ('run/checkpoint-*'): every model on one protocol, one table of models x "
+                              "subsets, in training-step order where their names give it (checkpoint-5000, "
+                              "step_5000, epoch-10). " + MODEL_HELP)] = None,
     data: Data = None,
     extract: ExtractSettings | None = None,
     backend: Annotated[str, _option(help="Solver: torch (full-batch L-BFGS) or sklearn (reference).")] = "torch",
     classifier: Annotated[str, _option(
         "--classifier", help="Comma-separated: logistic (the MSN probe), knn (cosine k-NN, k by leave-one-out on "
-                             "the labelled shots), ncm (nearest class mean). Baselines show what the probe "
-                             "adds.")] = "logistic",
+                             "the labelled shots), ncm (nearest class mean). The neighbour classifiers show what "
+                             "the probe adds.")] = "logistic",
     ci: Annotated[bool, _option(
         "--ci", help="Add seeded bootstrap 95% confidence intervals over the test images to rows and "
                      "summary.")] = False,
@@ -492,15 +494,30 @@ def probe(
     ci_seed: Annotated[int, _option("--ci-seed", help="Seed of the bootstrap for --ci.")] = 0,
     fmt: Annotated[str, _option("--format", "-f", help="table, json, csv or markdown (to stdout).")] = "table",
     output: Annotated[Path | None, _option(
-        "--output", "-o", help="Also write the results: .json (full: meta, rows, summary), .csv or .md.")] = None,
+        "--output", "-o", help="Also write the results: .json (full: meta, rows, summary), .csv or .md. With several "
+                               "models, a folder: one <model folder's name>.json each.")] = None,
+    plot: Annotated[Path | None, _option(
+        "--plot", metavar="PLOT.png", help="Save a plot (.png, .svg, .pdf or .jpg; needs 'lowshot[plot]'): for a "
+                                           "run's checkpoints, top-1 per subset against the training step; else "
+                                           "accuracy against labels per class.")] = None,
+    log: Annotated[list[str] | None, _option(
+        "--log", metavar="TARGET", help="Also log each model's results into an experiment tracker at its training "
+                                        "step (read from its name, else 0): tensorboard:DIR, mlflow, mlflow:URI "
+                                        "(e.g. mlflow:sqlite:///runs/mlflow.db), wandb or wandb:PROJECT. "
+                                        "Repeatable; checked before any work, logged once the table is out and the "
+                                        "files are written.")] = None,
     wide: Wide = False,
     cache_dir: CacheDir = None,
 ) -> None:
     """Fit the MSN logistic probe on k-shot / percent subsets of the train features and report top-1 on the whole
     test split, mean ± std over seeds. With --model/--data, first encode whatever the protocol needs that is not
     cached yet (one command from images to the table; the extraction options are extract's and apply only
-    then)."""
-    from lowshot.io import RESULT_SUFFIXES, check_writable, output_format
+    then). Several --model (a training run's checkpoints): each on the same protocol, one table, one curve.
+
+    Exit status: 0, or 1 when an output could not be written (its content is kept in a file the error names), or
+    2 for bad input.
+    """
+    from lowshot.io import RESULT_SUFFIXES, check_folder, check_writable, output_format
     from lowshot.render import progress_callback, results_table
     from lowshot.results.rows import FORMATS
 
@@ -516,27 +533,123 @@ def probe(
     classifiers = tuple(c for c in classifier.replace(" ", "").split(",") if c)
     settings = _probe_settings(shots, percent, seeds, split_file, allow_fewer, lam=lam_value, backend=backend,
                                classifiers=classifiers, ci=ci, n_boot=n_boot, ci_seed=ci_seed, limit=limit)
-    if output is not None:  # checked now, not after a probe that may take minutes
-        output_format(output, RESULT_SUFFIXES)
-        check_writable(output)
-    if model is not None or data is not None:
+    models = _expand_models(model or [])
+    targets = _log_targets(log or [])  # every check before any work: nothing is extracted for a bad option
+    if output is not None:
+        if len(models) > 1:
+            _file_names(models, check_folder(output, flag="--output"))
+        else:
+            output_format(output, RESULT_SUFFIXES)
+            check_writable(output)
+    if plot is not None:
+        _check_plot(plot)
+    if models or data is not None:
         from lowshot.protocol import evaluate
 
-        with progress_callback(err, unit="it") as progress:
-            results = evaluate(model or DEFAULT_MODEL, data, extract=extract, probe=settings, cache_dir=cache_dir,
-                               progress=progress, extracted=_report_if_encoded)
+        results = []
+        for name in models or [DEFAULT_MODEL]:
+            with progress_callback(err, unit="it") as progress:
+                results.append(evaluate(name, data, extract=extract, probe=settings, cache_dir=cache_dir,
+                                        progress=progress, extracted=_report_if_encoded))
     else:
-        results = _probe_cached(settings, cache_dir=cache_dir)
-    for row in results.rows:
-        if row.get("missing"):
-            err.print(f"{row['split_file']}: {row['missing']} listed file(s) are not in the train split or "
-                      f"unreadable (used {row['n_train']})", highlight=False)
-    if fmt == "table":  # the table first: a file that fails to write must not take it down too
-        out.print(results_table(results, width=out.width, wide=wide), crop=False)
+        results = [_probe_cached(settings, cache_dir=cache_dir)]
+    for one in results:
+        for row in one.rows:
+            if row.get("missing"):
+                err.print(f"{row['split_file']}: {row['missing']} listed file(s) are not in the train split or "
+                          f"unreadable (used {row['n_train']})", highlight=False)
+    comparison = _comparison(results, models) if len(results) > 1 or plot is not None else None
+    if len(results) > 1:
+        _print_comparisons([comparison], fmt, wide=wide)
+    elif fmt == "table":  # the table first: a file that fails to write must not take it down too
+        out.print(results_table(results[0], width=out.width, wide=wide), crop=False)
     else:
-        sys.stdout.write(results.render(fmt))
+        sys.stdout.write(results[0].render(fmt))
+    unsaved = []
     if output is not None:
-        err.print(f"wrote {results.save(output)}", highlight=False)
+        paths = [output] if len(results) == 1 else _file_names(models, output)
+        for one, path in zip(results, paths, strict=True):
+            unsaved += _save(lambda one=one, path=path: one.save(path))
+    if plot is not None:
+        from lowshot.results.plot import plot_comparison
+
+        unsaved += _save(lambda: plot_comparison(comparison, plot))
+    _log_all(results, models, targets, comparison)
+    _gate_verdict([], unsaved)
+
+
+def _comparison(results: list, models: list[str]):
+    """Several models' results in one table (a series, in step order, where their names give steps)."""
+    from lowshot.results.compare import build_report
+
+    return build_report(results, sources=models[:len(results)])
+
+
+def _expand_models(values: list[str]) -> list[str]:
+    """--model values with each glob pattern (a value with * ? or [ that names no file) replaced by what it matches,
+    in training-step order (names without a step after, by name); the same model once."""
+    import glob
+
+    from lowshot.results.series import step_of
+
+    models: list[str] = []
+    for value in values:
+        if any(c in value for c in "*?[") and not Path(value).expanduser().exists():
+            found = glob.glob(os.path.expanduser(value))
+            if not found:
+                raise BadInputError(f"--model {value!r}: the pattern matches nothing")
+            models += sorted(found, key=lambda m: (step_of(m) is None, step_of(m) or 0, m))
+        else:
+            models.append(value)
+    return list(dict.fromkeys(models))
+
+
+def _file_names(models: list[str], folder: Path) -> list[Path]:
+    """``<folder>/<model folder's name>.json`` for each model, refused up front when two models share a name."""
+    from lowshot.results.rows import name_of
+
+    names = [(name_of(m) or "results").replace("/", "--") for m in models]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise BadInputError(f"--output {folder}: several models are named {twice[0]} (one <name>.json each); "
+                            "probe them in separate commands")
+    return [folder / f"{n}.json" for n in names]
+
+
+def _check_plot(plot: Path) -> None:
+    from lowshot.io import check_writable, output_format
+    from lowshot.results.plot import PLOT_SUFFIXES, require_matplotlib
+
+    output_format(plot, PLOT_SUFFIXES, flag="--plot")
+    require_matplotlib()
+    check_writable(plot, flag="--plot")
+
+
+def _log_targets(specs: list[str]) -> list:
+    """Each --log target checked (its form, its tracker's package) before any work."""
+    if not specs:
+        return []
+    from lowshot.results.tracking import parse_log_target
+
+    return [parse_log_target(spec) for spec in specs]
+
+
+def _log_all(results: list, models: list[str], targets: list, comparison) -> None:
+    """Log every model's results into each target, one tracker run per target, at the model's training step: the
+    series' step where the models make one, else the step its name gives, else the results' own (0)."""
+    if not targets:
+        return
+    from lowshot.results.compare import label_of
+    from lowshot.results.series import step_of
+    from lowshot.results.tracking import open_tracker
+
+    steps = comparison.steps if comparison is not None else {}
+    names = models if len(models) == len(results) else [None] * len(results)
+    for target in targets:
+        with open_tracker(target) as tracker:
+            for one, name in zip(results, names, strict=True):
+                tracker.log(one, step=steps.get(label_of(one)) if steps else step_of(name))
+        err.print(f"logged {len(results)} result(s) to {target}", highlight=False)
 
 
 @app.command()
@@ -592,7 +705,6 @@ def report(
     --force) or an input is bad.
     """
     from lowshot.io import REPORT_SUFFIXES, check_writable, output_format
-    from lowshot.render import comparison_table, paired_table
     from lowshot.results.compare import REPORT_FORMATS, build_report, load_all
     from lowshot.results.rows import Results
     from lowshot.results.stats import parse_metrics
@@ -606,11 +718,7 @@ def report(
         output_format(output, REPORT_SUFFIXES)
         check_writable(output)
     if plot is not None:
-        from lowshot.results.plot import PLOT_SUFFIXES, require_matplotlib
-
-        output_format(plot, PLOT_SUFFIXES, flag="--plot")
-        require_matplotlib()
-        check_writable(plot, flag="--plot")
+        _check_plot(plot)
     loaded = load_all(results)
     if fmt == "model-index" or card is not None:
         _model_index(loaded, results, fmt=fmt, card=card, metrics=metrics, label=label, source_url=source_url)
@@ -620,7 +728,24 @@ def report(
     comparisons = [build_report(loaded, labels=label, sources=[str(p) for p in results], published=published,
                                 baseline=base, baseline_name=str(baseline), max_drop=max_drop, force=force,
                                 metric=m, significant=significant, n_boot=n_boot) for m in metrics]
-    if fmt == "table":  # the tables first: a file that fails to write must not take them down too
+    _print_comparisons(comparisons, fmt, wide=wide)  # first: a file that fails to write must not take them down
+    unsaved = []
+    if output is not None:
+        from lowshot.results.compare import save_comparisons
+
+        unsaved += _save(lambda: save_comparisons(comparisons, output))
+    if plot is not None:
+        from lowshot.results.plot import plot_comparison
+
+        unsaved += _save(lambda: plot_comparison(comparisons, plot))
+    _gate_verdict(comparisons, unsaved)
+
+
+def _print_comparisons(comparisons, fmt: str, *, wide: bool) -> None:
+    """Comparisons on stdout: each table with its notes and paired differences, or one document in ``fmt``."""
+    if fmt == "table":
+        from lowshot.render import comparison_table, paired_table
+
         for comparison in comparisons:
             out.print(comparison_table(comparison, width=out.width, wide=wide), crop=False)
             for note in comparison.notes:
@@ -633,16 +758,6 @@ def report(
         from lowshot.results.compare import render_comparisons
 
         sys.stdout.write(render_comparisons(comparisons, fmt))
-    unsaved = []
-    if output is not None:
-        from lowshot.results.compare import save_comparisons
-
-        unsaved += _save(lambda: save_comparisons(comparisons, output))
-    if plot is not None:
-        from lowshot.results.plot import plot_comparison
-
-        unsaved += _save(lambda: plot_comparison(comparisons, plot))
-    _gate_verdict(comparisons, unsaved)
 
 
 def _save(write) -> list:

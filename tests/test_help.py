@@ -77,7 +77,7 @@ def test_the_words_chosen_for_the_main_values():
 
 @pytest.mark.parametrize(("args", "message"), [
     (["probe", "--seeds", "abc"], "error: invalid value for '--seeds'"),
-    (["probe", "--bogus"], "error: no such option: --bogus; see 'lowshot probe --help'"),
+    (["probe", "--xyzzy"], "error: no such option: --xyzzy; see 'lowshot probe --help'"),  # near no option's name
     (["report"], "error: missing argument 'RESULTS.json'; see 'lowshot report --help'"),
     (["frobnicate"], "error: no such command 'frobnicate'"),
     (["cache", "rm", "--bogus"], "error: no such option: --bogus; see 'lowshot cache rm --help'"),

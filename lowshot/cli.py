@@ -503,7 +503,7 @@ def probe(
     log: Annotated[list[str] | None, _option(
         "--log", metavar="TARGET", help="Also log each model's results into an experiment tracker at its training "
                                         "step (read from its name, else 0): tensorboard:DIR, mlflow, mlflow:URI "
-                                        "(e.g. mlflow:sqlite:///runs/mlflow.db), wandb or wandb:PROJECT. "
+                                        "(a tracking URI, e.g. sqlite:///mlflow.db), wandb or wandb:PROJECT. "
                                         "Repeatable; checked before any work, logged once the table is out and the "
                                         "files are written.")] = None,
     wide: Wide = False,

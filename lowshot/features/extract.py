@@ -102,8 +102,10 @@ class Plan:
     settings: dict
     keys: dict[str, str]
     options: ExtractSettings
-    device: torch.device  # resolved once: the key's device type, and where the model runs
-    forward: ForwardPlan  # readout, engine and dtype, decided once: in the key, and the model is loaded with it
+    # Resolved once by plan_extraction (None only in a Plan built by hand): the device (its type is in the key; the
+    # model runs there) and the forward plan (readout, engine, dtype: in the key; the model is loaded with it).
+    device: torch.device | None = None
+    forward: ForwardPlan | None = None
 
     @functools.cached_property
     def origin(self) -> dict:

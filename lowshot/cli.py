@@ -605,10 +605,10 @@ def _expand_models(values: list[str]) -> list[str]:
 
 
 def _file_names(models: list[str], folder: Path) -> list[Path]:
-    """``<folder>/<model folder's name>.json`` for each model, refused up front when two models share a name."""
-    from lowshot.results.rows import name_of
-
-    names = [(name_of(m) or "results").replace("/", "--") for m in models]
+    """``<folder>/<name>.json`` for each model (a folder's or checkpoint's own name, a hub id with -- for its
+    slash), refused up front when two models share a name."""
+    names = [Path(m).expanduser().name if Path(m).expanduser().exists() else m.strip("/").replace("/", "--")
+             for m in models]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise BadInputError(f"--output {folder}: several models are named {twice[0]} (one <name>.json each); "

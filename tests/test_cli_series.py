@@ -29,13 +29,14 @@ def run_folder(tmp_path_factory):
 
 
 def test_a_glob_of_checkpoints_gives_one_file_each_one_table_in_step_order_the_curve_and_tensorboard_scalars(
-        run_folder, image_data, cache_dir, tmp_path):
+        run_folder, image_data, cache_dir, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     pytest.importorskip("tensorboard")
     from .test_tracking import read_tensorboard
 
     out, plot, board = tmp_path / "out", tmp_path / "curve.png", tmp_path / "tb"
-    result = invoke("probe", "--model", run_folder / "checkpoint-*", "--data", image_data, *QUICK,
+    monkeypatch.chdir(run_folder.parent)  # a relative pattern, as typed: run/checkpoint-*, files named checkpoint-…
+    result = invoke("probe", "--model", f"{run_folder.name}/checkpoint-*", "--data", image_data, *QUICK,
                     "--output", out, "--plot", plot, "--log", f"tensorboard:{board}")
     assert result.exit_code == 0, result.output
     names = ["checkpoint-100", "checkpoint-200", "checkpoint-300"]

@@ -82,7 +82,7 @@ def family_fidelity(pixels: torch.Tensor, families: tuple[str, ...]) -> dict:
                 else:
                     os.environ[ENV_CPU_FLAGS] = saved
             whole_bf16 = load_backbone(path, device="cpu", dtype="bfloat16", engine="stock").embed(pixels).float()
-            out[name] = {"class": reference.info["class"], "readout": reference.feature, "dim": reference.dim,
+            out[name] = {"class": reference.info["class"], "readout": reference.readout_name, "dim": reference.dim,
                          "positions": reference.readout.position_embeddings, "auto_engine": auto.engine,
                          "auto_dtype": str(auto.dtype).removeprefix("torch."), "auto": cosines(auto_feats, ref),
                          "stock_bfloat16": cosines(whole_bf16, ref), "seconds": time.perf_counter() - start}

@@ -33,7 +33,7 @@ def noise_results(seed: int, *, classes: int, per_class: int, test_per_class: in
         x = np.random.default_rng(draw).normal(size=(len(labels), 16)).astype(np.float32)
         names = [f"c{c}" for c in range(classes)]
         return Features(f"{split}-{draw}", x, labels, [f"{names[c]}/{split}{i}.jpg" for i, c in enumerate(labels)],
-                        names, {"split": split, "feature": "noise"})
+                        names, {"split": split, "readout": {"name": "noise"}})
 
     return run_probe(features("train", per_class, seed), features("val", test_per_class, seed + 99),
                      shots=(1, 5), percents=(), seeds=3)

@@ -51,8 +51,8 @@ PLOT_NAME = "plot.png"
 # [extract] takes any ExtractSettings field but these (set per model or at the top level); the settings object
 # checks the values. TOML names of the probe settings that differ from their field names:
 EXTRACT_KEYS = {f.name: bool if isinstance(f.default, bool) else object for f in dataclasses.fields(ExtractSettings)
-                if f.name not in ("revision", "train_split", "test_split")} | {"readout": object}
-TOML_NAMES = {"lam": "lambda", "feature": "readout"}  # [extract] readout = "…" (as the CLI's --readout; or feature)
+                if f.name not in ("revision", "train_split", "test_split")}
+TOML_NAMES = {"lam": "lambda"}
 MODEL_KEYS = {"name": str, "path": str, "baseline": str, "revision": str}
 DATASET_KEYS = {"name": str, "data": str, "train_split": str, "test_split": str}
 DATASET_PLACEHOLDER = "{dataset}"  # in a model's baseline path: one baseline file per dataset
@@ -154,12 +154,7 @@ def load_config(path: str | os.PathLike) -> BenchConfig:
             **{field: data[TOML_NAMES.get(field, field)] for field in
                ("seeds", "lam", "classifiers", "ci", "n_boot", "backend", "allow_fewer", "limit")
                if TOML_NAMES.get(field, field) in data})
-        extract_keys = dict(data.get("extract", {}))
-        if "readout" in extract_keys:
-            if "feature" in extract_keys:
-                raise BadInputError(f"{where} [extract]: give 'readout' or its old name 'feature', not both")
-            extract_keys["feature"] = extract_keys.pop("readout")
-        extract = ExtractSettings(**extract_keys, train_split=data.get("train_split", "train"),
+        extract = ExtractSettings(**data.get("extract", {}), train_split=data.get("train_split", "train"),
                                   test_split=data.get("test_split"))
     except SettingError as exc:  # checked here, so a bad value fails before any extraction
         raise BadInputError(f"{where}: {exc.spelled(TOML_NAMES.get(exc.param, exc.param))}") from None

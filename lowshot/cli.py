@@ -137,8 +137,7 @@ def _paragraphs(doc: str | None) -> str | None:
 
 # The core names a bad setting by its parameter (ExtractSettings / ProbeSettings field); the CLI says its flag: the
 # field's name with dashes (batch_size: --batch-size), but for these.
-FLAGS = {"percents": "--percent", "split_files": "--split-file", "lam": "--lambda", "classifiers": "--classifier",
-         "feature": "--readout"}
+FLAGS = {"percents": "--percent", "split_files": "--split-file", "lam": "--lambda", "classifiers": "--classifier"}
 
 
 def _flag(param: str) -> str:
@@ -191,8 +190,8 @@ EXTRACT_OPTIONS = {
         help="msn: full decode, shorter side 256 (bilinear), center crop 224, ImageNet mean/std (the MSN protocol). "
              "msn-draft: the same, but big JPEGs are decoded at 1/2-1/8 scale first (faster, slightly different "
              "pixels). processor: the model's preprocessor_config.json (HF ViT: resize straight to 224x224).")],
-    "feature": Annotated[str, _option(
-        "--readout", help="Which vector is the feature. auto: the family's default (cls-prenorm with a CLS token, "
+    "readout": Annotated[str, _option(
+        help="Which vector is the feature. auto: the family's default (cls-prenorm with a CLS token, "
                           "else pooled); cls-prenorm: CLS before the final norm (MSN); cls-postnorm; avgpool: mean "
                           "of the normed patch tokens; cls+avgpool; last4-cls: normed CLS of the last 4 blocks "
                           "(DINOv2); pooled: the model's own pooled output.")],
@@ -337,7 +336,7 @@ def _report_extraction(run) -> None:
     """What an extraction did, on stderr: settings, then per split what it holds and what was encoded."""
     s = run.settings
     ranks = f" · {s['world_size']} processes" if s.get("world_size", 1) > 1 else ""
-    err.print(f"model {run.model} · {s['feature']} · {s['dtype']} ({s['dtype_reason']}) · {s['device']} · "
+    err.print(f"model {run.model} · {s['readout']['name']} · {s['dtype']} ({s['dtype_reason']}) · {s['device']} · "
               f"engine {s['engine']} ({s['engine_reason']}) · transform {s['transform']['name']}{ranks}",
               highlight=False)
     _readout_notes(s.get("readout"))
@@ -385,7 +384,7 @@ def _readout_notes(readout: dict | None) -> None:
     """Say what the readout resolved to where it is not the plain case: equal to another, interpolated, unmasked."""
     readout = readout or {}
     if readout.get("same_as"):
-        err.print(f"note: readout {readout['readout']} equals {readout['same_as']} for this model", highlight=False)
+        err.print(f"note: readout {readout['name']} equals {readout['same_as']} for this model", highlight=False)
     if readout.get("position_embeddings", "native") not in ("native", "any size"):
         err.print(f"note: {readout['family']} trained at {readout['native_size']} px runs at {readout['input_size']} "
                   f"px, position embeddings {readout['position_embeddings']}", highlight=False)
@@ -444,7 +443,7 @@ def _probe_cached(settings, *, cache_dir):
             return run_probe(train, test, settings, progress=progress)  # model and data: the features' origin
     except MissingFeaturesError as exc:
         recorded = run.get("extract_settings") or {}
-        extra = "".join(f" {_flag(name)} {recorded[name]}" for name in ("transform", "feature", "dtype")
+        extra = "".join(f" {_flag(name)} {recorded[name]}" for name in ("transform", "readout", "dtype")
                         if recorded.get(name) not in (None, getattr(ExtractSettings(), name)))
         raise MissingFeaturesError(f"{exc}; encode them with: lowshot probe --model {run['model']} --data "
                                    f"{run['data']}{extra} {_protocol_flags(settings)}", model=exc.model,

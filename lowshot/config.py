@@ -14,9 +14,6 @@ from pathlib import Path
 from lowshot.errors import SettingError
 
 DEFAULT_MODEL = "facebook/vit-msn-small"  # the MSN ViT-S/16 the product is built around
-FEATURE_PRENORM = "cls-prenorm"  # MSN logistic_eval.py: CLS of the last block before the final LayerNorm
-FEATURE_POSTNORM = "cls-postnorm"  # last_hidden_state[:, 0]
-FEATURES = (FEATURE_PRENORM, FEATURE_POSTNORM)
 DEFAULT_READOUT = "auto"  # the family's default readout (models.readouts): cls-prenorm with a CLS token, else pooled
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # images above this are refused as decompression bombs (PIL's own error level)
 DEFAULT_LAMBDA = 0.0025  # MSN README, logistic_eval.py example for 5 images per class
@@ -39,8 +36,8 @@ DEFAULT_N_BOOT = 1000  # bootstrap replicates (torchgeo-bench and most papers: 1
 class ExtractSettings:
     """How images become features: everything ``lowshot extract`` needs besides the model, the data and the cache.
 
-    ``transform``, ``feature``, ``dtype`` and ``device`` (as resolved) are part of the cache key; the others only
-    change how the work is done. ``feature`` is passed through as is to the backbone (which checks it)."""
+    ``transform``, ``readout``, ``dtype`` and ``device`` (as resolved) are part of the cache key; the others only
+    change how the work is done. ``readout`` is checked against what the model offers when the model is read."""
 
     revision: str | None = None
     train_split: str = "train"
@@ -48,7 +45,7 @@ class ExtractSettings:
     image_column: str | None = None
     label_column: str | None = None
     transform: str = "msn"
-    feature: str = DEFAULT_READOUT
+    readout: str = DEFAULT_READOUT
     dtype: str = "auto"
     device: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -61,8 +58,8 @@ class ExtractSettings:
         _choice("transform", self.transform, TRANSFORMS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("engine", self.engine, ENGINES)
-        if not isinstance(self.feature, str) or not self.feature:
-            raise SettingError("feature", self.feature, "expected a feature name such as " + ", ".join(FEATURES))
+        if not isinstance(self.readout, str) or not self.readout:  # which names a model offers: resolve_readout
+            raise SettingError("readout", self.readout, "expected a readout name such as auto, cls-prenorm, pooled")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise SettingError("device", self.device, "expected auto, cpu, cuda or cuda:N")
         _integer("batch_size", self.batch_size, minimum=1, reason="must be at least 1")

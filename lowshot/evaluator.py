@@ -186,7 +186,7 @@ class Evaluator:
         device, dtype = live.placement()
         manifest = {"split": split.name, "data": split.source, "classes": split.classes, "n_listed": len(split),
                     "skipped_rows": {str(i): self._stores[split.name].failed.get(i, "unreadable") for i in unreadable},
-                    "feature": live.describe()["feature"], "readout": live.describe()["readout"],
+                    "readout": live.describe()["readout"],
                     "dtype": str(dtype).removeprefix("torch."), "device": device.type,
                     "transform": self.transform.key(), "model": live.name}
         origin = {"model": live.name, "model_source": "live", "revision": None,

@@ -217,7 +217,7 @@ def build_meta(train: Features, test: Features, settings: ProbeSettings, extra: 
         "n_train_pool": len(listing) if settings.limit is None else int(np.minimum(
             np.bincount(np.asarray(listing.labels), minlength=len(listing.classes)), settings.limit).sum()),
         "n_test": len(test), "n_classes": len(train.classes), "dim": train.dim,
-        "feature": train.manifest.get("feature"), "readout": train.manifest.get("readout"),
+        "readout": train.manifest.get("readout"),
         "dtype": train.manifest.get("dtype"),
         "device": train.manifest.get("device"), "transform": train.manifest.get("transform"),
         "cache_keys": {"train": train.key, "test": test.key},

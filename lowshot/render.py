@@ -32,7 +32,17 @@ from rich.text import Text
 
 from lowshot.results.compare import PUBLISHED_SOURCE, PUBLISHED_TAG, SUITE_MEAN, Cell, Comparison
 from lowshot.results.paired import PAIRED_METHOD, format_p
-from lowshot.results.rows import Results, format_ci, format_mean, name_of, over_seeds, quick_run, setting, settings_of
+from lowshot.results.rows import (
+    Results,
+    format_ci,
+    format_mean,
+    name_of,
+    over_seeds,
+    quick_run,
+    readout_of,
+    setting,
+    settings_of,
+)
 from lowshot.results.stats import METRIC_LABELS
 
 NARROW = 80  # the width a table is laid out for when the console does not say (a pipe, a file, a test)
@@ -195,7 +205,7 @@ def results_table(results: Results, *, width: int = NARROW, wide: bool = False) 
     ]
     layout = fit(columns, width, wide=wide)
     spread = "std over seeds (n−1)" if any(s["std"] is not None for s in summary) else over_seeds([1])
-    caption = (f"feature {meta.get('feature')} · {meta.get('dtype')} · transform "
+    caption = (f"readout {readout_of(meta)} · {meta.get('dtype')} · transform "
                f"{(meta.get('transform') or {}).get('name')} · λ {settings_of(meta).get('lam')} · {spread}"
                + (" · CI: bootstrap over test images" if has_ci and "95% CI" not in layout.dropped else ""))
     model = _short(meta.get("model"))
@@ -323,7 +333,7 @@ def cache_table(manifests: list[dict], *, width: int = NARROW, wide: bool = Fals
                Column("dtype", [str(m.get("dtype")) for m in manifests], drop=2),
                Column("size", [human_size(m.get("size_bytes", 0)) for m in manifests], "right"),
                Column("dim", [str(m.get("dim")) for m in manifests], "right", drop=1),
-               Column("feature", [str(m.get("feature")) for m in manifests], wide_only=True),
+               Column("readout", [str(readout_of(m)) for m in manifests], wide_only=True),
                Column("transform", [str((m.get("transform") or {}).get("name", "–")) for m in manifests],
                       wide_only=True),
                Column("created", [str(m.get("created", ""))[:16].replace("T", " ") for m in manifests],

@@ -17,7 +17,7 @@ def make_features(split: str, *, classes: int, per_class: int, dim: int = 16, si
     names = [f"c{c}" for c in range(classes)]
     ids = [f"{names[c]}/{split}{i}.jpg" for i, c in enumerate(labels)]
     return Features(f"key-{split}-{seed}", x.astype(np.float32), labels, ids, names,
-                    {"split": split, "feature": "cls-prenorm", "data": f"/data/synthetic/{split}"})
+                    {"split": split, "readout": {"name": "cls-prenorm"}, "data": f"/data/synthetic/{split}"})
 
 
 def pair(*, classes: int = 4, per_class: int = 12, test_per_class: int = 9, signal: float = 1.0, seed: int = 0):

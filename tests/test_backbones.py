@@ -6,7 +6,8 @@ from transformers import ViTMSNModel
 
 from lowshot.errors import BadInputError, ModelLoadError
 from lowshot.models import backbones
-from lowshot.models.backbones import FEATURE_POSTNORM, load_backbone, resolve_dtype, resolve_model
+from lowshot.models.backbones import load_backbone, resolve_dtype, resolve_model
+from lowshot.models.readouts import CLS_POSTNORM
 
 
 def test_prenorm_feature_is_the_last_hidden_state_cls_before_the_final_layernorm(tiny_model):
@@ -25,7 +26,7 @@ def test_postnorm_feature_is_last_hidden_state_cls(tiny_model):
     stock = ViTMSNModel.from_pretrained(tiny_model).eval()
     with torch.no_grad():
         expected = stock(pixel_values=pixels).last_hidden_state[:, 0]
-    got = load_backbone(str(tiny_model), device="cpu", dtype="float32", feature=FEATURE_POSTNORM).embed(pixels)
+    got = load_backbone(str(tiny_model), device="cpu", dtype="float32", readout=CLS_POSTNORM).embed(pixels)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -88,7 +89,7 @@ def test_dtype_auto_runs_the_stock_engine_in_float32_even_on_a_bf16_cpu(tiny_mod
     ref = resolve_model(str(tiny_model))
     fast = plan_forward(ref, engine="auto", device="cpu", dtype="auto")
     stock = plan_forward(ref, engine="stock", device="cpu", dtype="auto")
-    other_readout = plan_forward(ref, feature="avgpool", engine="auto", device="cpu", dtype="auto")
+    other_readout = plan_forward(ref, readout="avgpool", engine="auto", device="cpu", dtype="auto")
     assert (fast.engine, fast.dtype) == ("fast", torch.bfloat16)
     assert (stock.engine, stock.dtype) == ("stock", torch.float32) and "stock engine runs float32" in stock.dtype_reason
     assert (other_readout.engine, other_readout.dtype) == ("stock", torch.float32)

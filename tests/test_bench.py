@@ -26,7 +26,7 @@ def test_committed_benchmark_config_points_at_shared_data_and_matches_its_baseli
     meta = baseline.meta
     probe = config.probe
     assert meta["settings"]["probe"] == probe.to_dict() and meta["dtype"] == config.extract.dtype
-    assert config.extract.feature == "cls-prenorm"  # spelled readout = "…" in the TOML, as the CLI's --readout
+    assert config.extract.readout == "cls-prenorm"  # readout = "…" in the TOML, as the CLI's --readout
     assert meta["n_test"] == 3925 and meta["n_train_pool"] == 9469 and protocol(baseline)["test set"]
     summary = {(s["classifier"], s["subset"]): s for s in baseline.summary}
     assert summary[("logistic", "5-shot")]["mean"] > 90  # real DeiT-Tiny features, not a placeholder
@@ -115,7 +115,7 @@ def test_bench_results_record_model_and_data_as_the_config_gives_them_and_no_mac
     ({"shots": [0]}, "shots 0"),
     ({"extract": {"dtype": "int3"}}, "dtype 'int3'"),
     ({"extract": {"batch_size": 0}}, "batch_size 0"),
-    ({"extract": {"readout": "cls-prenorm", "feature": "cls-prenorm"}}, "'readout' or its old name 'feature'"),
+    ({"extract": {"feature": "cls-prenorm"}}, "unknown key 'feature'"),  # the readout has one name
     ({"extract": {"readout": 3}}, "readout 3"),
 ])
 def test_bad_bench_configs_are_one_clear_error(tmp_path, extra, message):

@@ -81,7 +81,7 @@ def test_an_msn_checkpoint_gives_the_features_of_msns_own_vit(tmp_path, engine):
     assert backbone.info["source"] == "msn-checkpoint" and backbone.engine == engine
     torch.testing.assert_close(backbone.embed(x), msn_forward(state, x), atol=2e-5, rtol=1e-4)
     normed = F.layer_norm(msn_forward(state, x), (WIDTH,), state["norm.weight"], state["norm.bias"], eps=1e-6)
-    postnorm = load_backbone(path, device="cpu", dtype="float32", engine=engine, feature="cls-postnorm")
+    postnorm = load_backbone(path, device="cpu", dtype="float32", engine=engine, readout="cls-postnorm")
     torch.testing.assert_close(postnorm.embed(x), normed, atol=2e-5, rtol=1e-4)
 
 

@@ -45,13 +45,13 @@ def test_full_extract_then_probe_writes_json_with_meta_rows_and_summary(extracte
     assert result.exit_code == 0, result.output
     assert "most recent extraction" in result.output and "5-shot" in result.output
     data = json.loads(out.read_text())
-    assert set(data) == {"meta", "rows", "summary", "predictions"}
+    assert set(data) == {"format", "meta", "rows", "summary", "predictions"} and data["format"] == "lowshot-results/1"
     assert [s["subset"] for s in data["summary"]] == ["1-shot", "2-shot", "5-shot", "10%"]
     assert len(data["rows"]) == 8
     row = data["rows"][0]
     for field in ("subset", "shots", "percent", "seed", "top1", "n_train", "n_test", "lambda"):
         assert field in row
-    assert data["meta"]["feature"] == "cls-prenorm" and data["meta"]["n_test"] == 9
+    assert data["meta"]["readout"]["name"] == "cls-prenorm" and data["meta"]["n_test"] == 9
     assert data["meta"]["cache_keys"]["train"]
 
 

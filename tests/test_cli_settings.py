@@ -23,7 +23,7 @@ def flat(text: str) -> str:
 
 
 def flag_of(field: str) -> str:
-    return {"feature": "--readout"}.get(field, "--" + field.replace("_", "-"))
+    return "--" + field.replace("_", "-")
 
 
 def test_every_extraction_setting_is_one_option_with_one_help_in_extract_probe_and_export():
@@ -48,7 +48,7 @@ def test_feature_is_no_longer_a_second_name_for_readout(tiny_model, image_data, 
     ("export", ["--output", "x.npz", "--max-pixels", "0"], "--max-pixels 0: must be positive"),
     ("export", ["--output", "x.npz", "--strict", "--dtype", "int3"], "--dtype 'int3'"),
     ("probe", ["--max-pixels", "0"], "--max-pixels 0: must be positive"),
-    ("probe", ["--readout", ""], "--readout '': expected a feature name"),
+    ("probe", ["--readout", ""], "--readout '': expected a readout name"),
     ("extract", ["--batch-size", "0"], "--batch-size 0: must be at least 1"),
 ])
 def test_a_bad_extraction_option_is_one_line_naming_its_flag_from_every_command(tiny_model, image_data, cache_dir,

@@ -83,7 +83,8 @@ def test_results_are_saved_atomically_into_new_folders_and_refuse_unknown_extens
     from lowshot.errors import BadInputError
     from lowshot.results.rows import Results
 
-    results = Results({"model": "m"}, [{"subset": "1-shot", "seed": 0, "top1": 50.0, "n_train": 2}])
+    results = Results({"model": "m"}, [{"subset": "1-shot", "classifier": "logistic", "seed": 0, "top1": 50.0,
+                                          "n_train": 2}])
     saved = results.save(tmp_path / "new" / "deeper" / "r.json")
     assert Results.load(saved).rows == results.rows
     assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # no temp file left behind

@@ -159,8 +159,8 @@ def test_a_key_from_the_caller_names_the_features_and_a_keyless_callable_is_alwa
 def test_a_hugging_face_instance_is_read_out_as_a_saved_one_and_a_readout_it_lacks_is_one_line(evaluator):
     model = tiny_vit()
     prenorm = evaluator(model)
-    assert prenorm.meta["feature"] == "cls-prenorm" and prenorm.meta["readout"]["family"] == "ViTMSN"
-    assert evaluator(model, readout="cls-postnorm").meta["feature"] == "cls-postnorm"
+    assert prenorm.meta["readout"]["name"] == "cls-prenorm" and prenorm.meta["readout"]["family"] == "ViTMSN"
+    assert evaluator(model, readout="cls-postnorm").meta["readout"]["name"] == "cls-postnorm"
     with pytest.raises(BadInputError, match=r"^readout pooled: ViTMSN has no pooled output of its own; this model "
                                             r"offers cls-prenorm, cls-postnorm"):
         evaluator(model, readout="pooled")

@@ -1,5 +1,5 @@
 """`lowshot export` and the readout options at the CLI: features out in .npz/.parquet, --readout, one-line refusals
-that leave no cache entry behind, legacy cache keys kept."""
+that leave no cache entry behind, one cache key per resolved readout."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_export_writes_the_cached_features_ids_labels_and_classes(tiny_model, im
     np.testing.assert_array_equal(got["features"], np.asarray(cached.features))
     assert got["features"].dtype == np.float32 and got["ids"] == cached.ids
     assert [got["classes"][i] for i in got["labels"]] == [cached.classes[i] for i in cached.labels]
-    assert got["meta"]["split"] == "val" and got["meta"]["readout"]["readout"] == "cls-prenorm"
+    assert got["meta"]["split"] == "val" and got["meta"]["readout"]["name"] == "cls-prenorm"
     again = invoke("export", "--model", tiny_model, "--data", image_data, "--split", "val", "--output", out,
                    "--device", "cpu", "--dtype", "float32")
     assert "from the cache" in again.output
@@ -115,23 +115,24 @@ def test_a_readout_equal_to_another_is_said_at_extract_and_at_probe(image_data, 
     assert probed.exit_code == 0 and "note: readout cls-postnorm equals cls-prenorm" in probed.output
 
 
-def test_legacy_readouts_keep_their_cache_keys_and_changed_ones_do_not(tiny_model, image_data, cache_dir, tmp_path):
-    """Entries cached before readouts were named stay valid where the features are the same (CLS readouts; DINOv2
-    interpolated itself before too), and CLIP's cls-postnorm, which now applies post_layernorm, gets a new key."""
+def test_every_readout_and_input_size_has_its_own_cache_key(tiny_model, image_data, cache_dir, tmp_path):
+    """The key holds the whole resolved readout: two readouts, or one readout at another input size, never share
+    features, and the same request always finds the same key."""
     from lowshot.config import ExtractSettings
     from lowshot.features.extract import plan_extraction
 
     cache = FeatureCache(cache_dir)
-    clip, dinov2 = str(zoo.save("clip-vision", tmp_path)), str(zoo.save("dinov2", tmp_path))
-    for model, feature, legacy in ((str(tiny_model), "cls-prenorm", True), (str(tiny_model), "cls-postnorm", True),
-                                   (clip, "cls-prenorm", True), (clip, "cls-postnorm", False),
-                                   (dinov2, "cls-prenorm", True), (str(tiny_model), "avgpool", False)):
-        plan = plan_extraction(model, str(image_data), ExtractSettings(feature=feature, device="cpu", dtype="float32"),
-                               cache=cache)
-        split = plan.dataset.train
-        before = cache.key_for({"model": plan.ref.identity, "feature": feature, "dtype": "float32", "device": "cpu",
-                                "transform": plan.transform.key(), "data": split.identity})
-        assert (plan.keys[split.name] == before) is legacy, (model, feature)
+    clip = str(zoo.save("clip-vision", tmp_path))
+    keys = {}
+    for model, readout, transform in ((str(tiny_model), "cls-prenorm", "msn"), (str(tiny_model), "cls-postnorm", "msn"),
+                                      (str(tiny_model), "avgpool", "msn"), (clip, "cls-prenorm", "msn"),
+                                      (clip, "cls-postnorm", "msn"), (clip, "cls-prenorm", "processor")):
+        settings = ExtractSettings(readout=readout, transform=transform, device="cpu", dtype="float32")
+        plan = plan_extraction(model, str(image_data), settings, cache=cache)
+        again = plan_extraction(model, str(image_data), settings, cache=cache)
+        assert plan.keys == again.keys
+        keys[(model, readout, transform)] = plan.keys[plan.dataset.train.name]
+    assert len(set(keys.values())) == len(keys)
 
 
 def test_a_model_folder_with_its_own_code_is_refused_without_running_it(image_data, cache_dir, tmp_path):
@@ -154,10 +155,10 @@ def test_probe_picks_the_features_of_the_readout_it_is_given(tiny_model, image_d
     found = invoke("probe", "--model", tiny_model, "--data", image_data, "--device", "cpu", "--dtype", "float32",
                    "--readout", "avgpool", "--shots", "1", "--percent", "0", "--seeds", "1", "--format", "json")
     assert found.exit_code == 0, found.output
-    assert json.loads(found.stdout)["meta"]["readout"]["readout"] == "avgpool"
+    assert json.loads(found.stdout)["meta"]["readout"]["name"] == "avgpool"
     default = invoke("probe", "--model", tiny_model, "--data", image_data, "--device", "cpu", "--dtype", "float32",
                      "--shots", "1", "--percent", "0", "--seeds", "1", "--format", "json")
-    assert json.loads(default.stdout)["meta"]["readout"]["readout"] == "cls-prenorm"  # not the avgpool entry
+    assert json.loads(default.stdout)["meta"]["readout"]["name"] == "cls-prenorm"  # not the avgpool entry
 
 
 def test_an_export_records_the_model_and_data_by_absolute_path_when_given_relative_ones(tiny_model, image_data,

@@ -41,8 +41,8 @@ def test_rerun_is_a_cache_hit_that_decodes_no_image_and_loads_no_model(tiny_mode
     np.testing.assert_array_equal(first.train.features.features, second.train.features.features)
 
 
-@pytest.mark.parametrize("change", [{"transform": "processor"}, {"feature": "cls-postnorm"}, {"dtype": "bfloat16"}])
-def test_changing_transform_feature_or_dtype_misses_the_cache(tiny_model, image_data, cache_dir, change):
+@pytest.mark.parametrize("change", [{"transform": "processor"}, {"readout": "cls-postnorm"}, {"dtype": "bfloat16"}])
+def test_changing_transform_readout_or_dtype_misses_the_cache(tiny_model, image_data, cache_dir, change):
     base = run(tiny_model, image_data, cache_dir, dtype="float32")  # pinned: "auto" may mean bfloat16 here
     other = run(tiny_model, image_data, cache_dir, **change)
     assert not other.train.cached and other.train.features.key != base.train.features.key
@@ -122,7 +122,7 @@ def test_load_features_finds_the_latest_run_or_the_named_one(tiny_model, image_d
     assert train2.key == train.key
     with pytest.raises(CacheError, match="no cached features"):
         lowshot.load_features(str(tiny_model), str(image_data), cache_dir=cache_dir, device="cpu",
-                              feature="cls-postnorm")
+                              readout="cls-postnorm")
 
 
 def test_missing_empty_and_mismatched_data_are_clear_errors(tmp_path):

@@ -7,8 +7,9 @@ import torch
 from lowshot.data.transforms import msn_transform
 from lowshot.errors import ModelLoadError
 from lowshot.models import backbones
-from lowshot.models.backbones import FEATURE_POSTNORM, FEATURE_PRENORM, choose_forward_batch, load_backbone
+from lowshot.models.backbones import choose_forward_batch, load_backbone
 from lowshot.models.engine import unsupported_reason
+from lowshot.models.readouts import CLS_POSTNORM, CLS_PRENORM
 
 from .conftest import DEIT_TINY, IMAGENETTE, require_shared, save_random_msn
 
@@ -45,8 +46,8 @@ def real_pixels(n=6):
 
 
 def both(path, feature, **kw):
-    fast = load_backbone(str(path), device="cpu", dtype="float32", feature=feature, **kw)
-    stock = load_backbone(str(path), device="cpu", dtype="float32", feature=feature, engine="stock")
+    fast = load_backbone(str(path), device="cpu", dtype="float32", readout=feature, **kw)
+    stock = load_backbone(str(path), device="cpu", dtype="float32", readout=feature, engine="stock")
     assert (fast.engine, stock.engine) == ("fast", "stock")
     return fast, stock
 
@@ -57,7 +58,7 @@ def assert_agree(a, b, *, atol):
     torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)
 
 
-@pytest.mark.parametrize("feature", [FEATURE_PRENORM, FEATURE_POSTNORM])
+@pytest.mark.parametrize("feature", [CLS_PRENORM, CLS_POSTNORM])
 def test_fast_path_equals_stock_on_a_random_vitmsn(tiny_model, feature):
     fast, stock = both(tiny_model, feature)
     pixels = torch.randn(5, 3, 224, 224)
@@ -74,7 +75,7 @@ def test_fast_path_equals_stock_on_a_random_vitmsn(tiny_model, feature):
 def test_fast_path_equals_stock_on_other_vit_layouts(tmp_path, kind, overrides):
     path = save_random(tmp_path / kind, kind, **overrides)
     pixels = torch.randn(4, 3, 224, 224)
-    for feature in (FEATURE_PRENORM, FEATURE_POSTNORM):
+    for feature in (CLS_PRENORM, CLS_POSTNORM):
         fast, stock = both(path, feature)
         assert_agree(fast.embed(pixels), stock.embed(pixels), atol=1e-4)
 
@@ -91,7 +92,7 @@ def test_fast_path_equals_stock_on_dinov2_layouts(tmp_path, kind, overrides):
     """Layer scales (random here, not 1) folded into the weights, SwiGLU, registers, interpolated positions."""
     path = save_random(tmp_path / kind, kind, **overrides)
     pixels = torch.randn(3, 3, 224, 224)
-    for feature in (FEATURE_PRENORM, FEATURE_POSTNORM):
+    for feature in (CLS_PRENORM, CLS_POSTNORM):
         fast, stock = both(path, feature)
         a, b = fast.embed(pixels), stock.embed(pixels)
         assert torch.nn.functional.cosine_similarity(a, b).min() >= 0.99999
@@ -101,7 +102,7 @@ def test_fast_path_equals_stock_on_dinov2_layouts(tmp_path, kind, overrides):
 @pytest.mark.slow
 def test_fast_path_equals_stock_on_real_deit_tiny_and_real_photos():
     pixels = real_pixels()
-    fast, stock = both(DEIT_TINY, FEATURE_PRENORM)
+    fast, stock = both(DEIT_TINY, CLS_PRENORM)
     assert_agree(fast.embed(pixels), stock.embed(pixels), atol=1e-4)
 
 

@@ -17,8 +17,8 @@ def features(split: str, per_class: int, seed: int) -> Features:
     x, y = blobs(n_classes=4, per_class=per_class, dim=16, seed=0, spread=1.5)
     x = x + np.random.default_rng(seed).normal(scale=0.5, size=x.shape).astype(np.float32)  # same centres, new noise
     ids = [f"c{label}/{split}{i}.jpg" for i, label in enumerate(y)]
-    return Features(f"key-{split}", x, y, ids, ["c0", "c1", "c2", "c3"], {"split": split, "feature": "cls-prenorm",
-                                                                        "data": f"/data/nette/{split}"})
+    return Features(f"key-{split}", x, y, ids, ["c0", "c1", "c2", "c3"],
+                    {"split": split, "readout": {"name": "cls-prenorm"}, "data": f"/data/nette/{split}"})
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +69,12 @@ def test_unknown_classifier_is_a_clear_error(train_test):
         run_probe(*train_test, shots=(1,), percents=(), seeds=1, classifiers=("logistic", "svm"))
 
 
-def test_results_written_before_knn_and_subset_keys_existed_still_load_as_logistic_subsets(tmp_path):
+@pytest.mark.parametrize("found,says", [(None, "no format number"), ("lowshot-results/0", "format lowshot-results/0")])
+def test_results_of_another_format_are_refused_in_one_line_that_says_how_to_regenerate_them(tmp_path, found, says):
     old = {"meta": {"model": "m"}, "rows": [
         {"split": "1-shot", "shots": 1, "percent": None, "seed": s, "top1": 50.0 + s, "n_train": 10, "n_test": 9,
-         "lambda": 0.0025} for s in range(3)]}
+         "lambda": 0.0025} for s in range(3)], **({"format": found} if found else {})}
     (tmp_path / "old.json").write_text(json.dumps(old))
-    summary = Results.load(tmp_path / "old.json").summary
-    assert summary == [{"subset": "1-shot", "classifier": "logistic", "mean": 51.0, "std": 1.0, "n_seeds": 3,
-                        "n_train": 10.0, "lambda": 0.0025}]
+    with pytest.raises(BadInputError, match=f"old.json: results with {says}.*regenerate") as error:
+        Results.load(tmp_path / "old.json")
+    assert "\n" not in str(error.value)

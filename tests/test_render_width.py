@@ -2,7 +2,6 @@
 (labels and paths from the left), optional columns left to --wide, which shows everything."""
 
 import io
-import json
 
 from rich.console import Console
 from typer.testing import CliRunner
@@ -34,7 +33,8 @@ def results(model="deit-tiny-patch16-224", *, classifiers=("logistic",), seeds=3
             if ci:
                 intervals[f"{classifier}/{subset}"] = {"ci_low": mean - 1.4, "ci_high": mean + 1.3}
     meta = {"model": f"/work/shared/data/models/{model}", "data": "/work/shared/data/datasets/imagenette2-224",
-            "test_split": "val", "n_test": 3925, "n_classes": 10, "feature": "cls-prenorm", "dtype": "float32",
+            "test_split": "val", "n_test": 3925, "n_classes": 10, "readout": {"name": "cls-prenorm"},
+            "dtype": "float32",
             "transform": {"name": "msn"}, "settings": {"probe": {"lam": lam, "seeds": seeds}}}
     return Results(meta, rows, intervals)
 
@@ -152,7 +152,7 @@ def test_suite_table_fits_80_with_a_line_per_model_and_dataset():
 def manifest(key: str, model: str, data: str, split: str, n: int, listed: int) -> dict:
     return {"key": key, "model": model, "data": f"{data}/{split}", "split": split, "n": n, "n_listed": listed,
             "dim": 768, "dtype": "bfloat16", "size_bytes": 3 * 2 ** 30, "created": "2026-12-06T23:06:27+0000",
-            "feature": "cls-prenorm", "transform": {"name": "msn"}}
+            "readout": {"name": "cls-prenorm"}, "transform": {"name": "msn"}}
 
 
 MANIFESTS = [manifest("3f2a" * 8, "/home/someone/checkpoints/msn/vit-base-patch16-224-msn-epoch-600",
@@ -180,7 +180,7 @@ def test_report_and_wide_through_the_cli_at_80_columns(tmp_path, monkeypatch):
     for name in ("a", "b"):
         r = results(name, ci=True, classifiers=("logistic", "knn", "ncm"))
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps({"meta": r.meta, "rows": r.rows, "summary": r.summary}))
+        path.write_text(r.to_json())
         paths.append(str(path))
     narrow = runner.invoke(app, ["report", *paths, "--published"])
     assert narrow.exit_code == 0, narrow.output

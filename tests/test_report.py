@@ -11,7 +11,7 @@ from lowshot.cli import app
 from lowshot.errors import MissingDependencyError, ProtocolMismatchError
 from lowshot.results.compare import PUBLISHED, compare, subset_order
 from lowshot.results.gate import gate
-from lowshot.results.rows import Results
+from lowshot.results.rows import RESULTS_FORMAT, Results
 
 runner = CliRunner()
 SPLITS = {"1-shot": 1, "5-shot": 5, "1%": None}
@@ -30,7 +30,8 @@ def make_results(model: str, means: dict, *, classifiers=("logistic",), lam=0.00
                              "lambda": lam if classifier == "logistic" else None})
     meta = {"model": f"/models/{model}", "data": "/data/imagenette2-224", "test_split": "val", "n_test": 500,
             "n_classes": 10, "n_train_pool": 9469, "test_fingerprint": "abc", "train_fingerprint": "def",
-            "feature": "cls-prenorm", "dtype": "float32", "device": "cpu", "transform": {"name": "msn", "resize": 256},
+            "readout": {"name": "cls-prenorm"}, "dtype": "float32", "device": "cpu",
+            "transform": {"name": "msn", "resize": 256},
             "probe": {"preprocess": "row-centre + L2"},
             "settings": {"probe": {"backend": "torch", "lam": lam, "seeds": seeds, "split_files": [],
                                    "allow_fewer": False}}}
@@ -39,7 +40,7 @@ def make_results(model: str, means: dict, *, classifiers=("logistic",), lam=0.00
 
 def write(tmp_path, name, data) -> str:
     path = tmp_path / name
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps({"format": RESULTS_FORMAT, **data}))
     return str(path)
 
 
@@ -62,7 +63,7 @@ def test_comparison_markdown_has_models_as_rows_splits_as_columns_and_marks_the_
 
 def test_several_classifiers_get_a_classifier_column_and_ci_cells(tmp_path):
     data = make_results("vit-a", BASE, classifiers=("logistic", "knn"))
-    data["summary"] = [{"classifier": "logistic", "split": "1-shot", "ci_low": 78.1, "ci_high": 81.9}]
+    data["summary"] = [{"classifier": "logistic", "subset": "1-shot", "ci_low": 78.1, "ci_high": 81.9}]
     comparison = compare([Results.load(write(tmp_path, "a.json", data))])
     md = comparison.to_markdown()
     assert "| model | classifier | 1-shot | 5-shot | 1% |" in md

@@ -9,7 +9,7 @@ import types
 import pytest
 
 from lowshot.errors import BadInputError, LowshotError, MissingDependencyError, ProtocolMismatchError
-from lowshot.results.rows import Results
+from lowshot.results.rows import RESULTS_FORMAT, Results
 from lowshot.results.tracking import LogTarget, open_tracker, params_of, parse_log_target, scalars_of
 
 from .test_report import BASE, make_results
@@ -29,7 +29,7 @@ def results_file(tmp_path, *, name="vit-a", means=BASE, seeds=3, classifiers=("l
 
 
 def _write(path, data):
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps({"format": RESULTS_FORMAT, **data}))
     return path
 
 

@@ -78,19 +78,19 @@ def test_every_readout_matches_the_families_own_forward_and_the_rest_are_refused
     for readout in READOUTS:
         if readout not in GIVES[name]:
             with pytest.raises(BadInputError, match=re.escape(f"--readout {readout}: ") + ".*offers"):
-                load_backbone(str(path), device="cpu", dtype="float32", feature=readout)
+                load_backbone(str(path), device="cpu", dtype="float32", readout=readout)
             continue
-        backbone = load_backbone(str(path), device="cpu", dtype="float32", feature=readout)
+        backbone = load_backbone(str(path), device="cpu", dtype="float32", readout=readout)
         got = backbone.embed(x)
         assert backbone.dim == got.shape[1] == ref[readout].shape[1]
         torch.testing.assert_close(got, ref[readout], atol=2e-5, rtol=1e-4, msg=f"{name} {readout}")
-    assert load_backbone(str(path), device="cpu", dtype="float32").feature == DEFAULT[name]
+    assert load_backbone(str(path), device="cpu", dtype="float32").readout_name == DEFAULT[name]
 
 
 def test_clip_postnorm_and_beit_postnorm_say_what_they_equal(zoo_dir):
     clip = load_backbone(str(zoo.save("clip-vision", zoo_dir)), device="cpu", dtype="float32",
-                         feature="cls-postnorm")
-    beit = load_backbone(str(zoo.save("beit", zoo_dir)), device="cpu", dtype="float32", feature="cls-postnorm")
+                         readout="cls-postnorm")
+    beit = load_backbone(str(zoo.save("beit", zoo_dir)), device="cpu", dtype="float32", readout="cls-postnorm")
     assert clip.readout.same_as is None  # post_layernorm applied: no longer the pre-norm CLS
     assert beit.readout.same_as.startswith("cls-prenorm")  # mean pooling: BEiT has no final norm on the tokens
     x = torch.randn(1, 3, 224, 224)

@@ -144,18 +144,15 @@ def plan_extraction(model: str, data: str | os.PathLike | None, settings: Extrac
     tf = named_transform(settings.transform, ref.folder)
     # The readout resolved for this model and input size, the engine, and the dtype (auto: reduced precision only on
     # the fast engine): all decided before any weight is loaded, as the key needs them.
-    forward = plan_forward(ref, feature=settings.feature, engine=settings.engine, device=torch_device,
+    forward = plan_forward(ref, readout=settings.readout, engine=settings.engine, device=torch_device,
                            dtype=settings.dtype, input_size=tf.crop)
-    resolved = {"feature": forward.readout.name, "readout": forward.readout.record(),
+    resolved = {"readout": forward.readout.record(),
                 "dtype": str(forward.dtype).removeprefix("torch."), "dtype_reason": forward.dtype_reason,
                 "device": torch_device.type, "transform": tf.key()}
-    keys = {}
-    for split in dataset.splits():
-        inputs = {"model": ref.identity, "feature": forward.readout.name, "dtype": resolved["dtype"],
-                  "device": torch_device.type, "transform": tf.key(), "data": split.identity}
-        if forward.readout.key():  # readouts computed as before keep their keys (and cached entries)
-            inputs["readout"] = forward.readout.key()
-        keys[split.name] = cache.key_for(inputs)
+    keys = {split.name: cache.key_for({"model": ref.identity, "readout": forward.readout.key(),
+                                       "dtype": resolved["dtype"], "device": torch_device.type,
+                                       "transform": tf.key(), "data": split.identity})
+            for split in dataset.splits()}
     return Plan(ref, dataset, tf, resolved, keys, settings, torch_device, forward)
 
 

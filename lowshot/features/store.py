@@ -45,8 +45,9 @@ if TYPE_CHECKING:
     from lowshot.features.distributed import Dist
 
 # Bump when the on-disk layout or the meaning of a key input changes: the key changes with it, so entries of another
-# format are never read as this one (they are rebuilt). 2: an entry holds any subset of its split (rows.npy).
-CACHE_FORMAT = 2
+# format are never read as this one (they are rebuilt). 3: an entry holds any subset of its split (rows.npy); the
+# readout is keyed by its whole resolved spec.
+CACHE_FORMAT = 3
 SHARD_SIZE = 1024  # rows per resumable shard unless the caller says otherwise
 MERGE_BLOCK = 65_536  # rows gathered per block when an entry grows (64k x 384 float32 = 96 MB at most)
 ENV_CACHE_DIR = "LOWSHOT_CACHE_DIR"

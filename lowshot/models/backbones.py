@@ -22,14 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lowshot.config import (  # noqa: F401 (FEATURE_PRENORM, FEATURES: re-exported)
-    DEFAULT_MODEL,
-    DTYPES,
-    ENGINES,
-    FEATURE_POSTNORM,
-    FEATURE_PRENORM,
-    FEATURES,
-)
+from lowshot.config import DEFAULT_MODEL, DTYPES, ENGINES
 from lowshot.errors import BadInputError, ModelLoadError
 from lowshot.models import checkpoints, readouts
 from lowshot.models.engine import FAST_READOUTS, FastEncoder, unsupported_reason
@@ -57,14 +50,14 @@ class Backbone:
     identity: dict
     device: torch.device
     dtype: torch.dtype
-    feature: str = FEATURE_PRENORM
+    readout_name: str = readouts.CLS_PRENORM
     dtype_reason: str = ""
     info: dict = field(default_factory=dict)
     engine: str = "stock"  # which forward runs: "fast" (lowshot.models.engine) or "stock" (the transformers model)
     engine_reason: str = ""
     fast: FastEncoder | None = None
     forward_batch: int = 64  # at most this many images per forward pass (embed splits bigger batches)
-    readout: ReadoutSpec | None = None  # None: the readout named by ``feature`` at the model's own size
+    readout: ReadoutSpec | None = None  # None: ``readout_name`` at the model's own size
     family: Family | None = None
     width: int | None = None  # the feature's width, measured on load (cls+avgpool, last4-cls: a multiple)
 
@@ -81,14 +74,14 @@ class Backbone:
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.fast is not None and self.fast.accepts(pixels):  # takes float32 pixels (see FastEncoder)
-            return self.fast(pixels, postnorm=self.feature == FEATURE_POSTNORM)
+            return self.fast(pixels, postnorm=self.readout_name == readouts.CLS_POSTNORM)
         return self.stock_forward(pixels.to(self.dtype))
 
     @torch.inference_mode()
     def stock_forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """The reference: the transformers model's own forward, read out through its public outputs."""
         family = self.family or readouts.family_of(self.model.config.model_type)
-        spec = self.readout or resolve_readout(family, self.model.config, self.feature,
+        spec = self.readout or resolve_readout(family, self.model.config, self.readout_name,
                                                input_size=int(pixels.shape[-1]), forward=self.model.forward)
         return readouts.run_readout(self.model, family, spec, pixels)
 
@@ -318,22 +311,22 @@ def _hidden_size(config) -> int | None:
     return None if hidden is None else int(hidden)
 
 
-def resolve_readout(family: Family, config, feature: str, *, input_size: int, forward) -> ReadoutSpec:
-    """``feature`` (a readout name or ``auto``) resolved for this model and input size, or one clear error."""
-    if feature == readouts.AUTO:
-        feature = readouts.default_readout(family)
-    if feature not in readouts.READOUTS:
-        raise BadInputError(f"--readout {feature!r}: expected one of auto, {', '.join(readouts.READOUTS)}")
-    why_not = readouts.offered(family, config)[feature]
+def resolve_readout(family: Family, config, readout: str, *, input_size: int, forward) -> ReadoutSpec:
+    """``readout`` (a readout name or ``auto``) resolved for this model and input size, or one clear error."""
+    if readout == readouts.AUTO:
+        readout = readouts.default_readout(family)
+    if readout not in readouts.READOUTS:
+        raise BadInputError(f"--readout {readout!r}: expected one of auto, {', '.join(readouts.READOUTS)}")
+    why_not = readouts.offered(family, config)[readout]
     if why_not is not None:
         options = [r for r, reason in readouts.offered(family, config).items() if reason is None]
-        raise BadInputError(f"--readout {feature}: {why_not}; this model offers {', '.join(options)}")
+        raise BadInputError(f"--readout {readout}: {why_not}; this model offers {', '.join(options)}")
     positions = readouts.position_mode(family, config, input_size, forward)
     if positions.startswith("unsupported"):
         raise ModelLoadError(f"{family.name}: {positions}; use --transform processor (the model's own size)")
-    return ReadoutSpec(feature, family.name, input_size, readouts.native_size(config), positions,
+    return ReadoutSpec(readout, family.name, input_size, readouts.native_size(config), positions,
                        masking="off (mask_ratio 0, patch order kept)" if family.random_masking else "none",
-                       same_as=readouts.same_as(family, config, feature))
+                       same_as=readouts.same_as(family, config, readout))
 
 
 @dataclass(frozen=True)
@@ -347,7 +340,7 @@ class ForwardPlan:
     dtype_reason: str
 
 
-def plan_forward(ref: ModelRef, *, feature: str = readouts.AUTO, engine: str = "auto",
+def plan_forward(ref: ModelRef, *, readout: str = readouts.AUTO, engine: str = "auto",
                  device: str | torch.device = "auto", dtype: str = "auto",
                  input_size: int = PROTOCOL_INPUT) -> ForwardPlan:
     """Readout, engine and dtype for ``ref``. ``dtype="auto"`` runs reduced precision only on the fast engine
@@ -358,7 +351,7 @@ def plan_forward(ref: ModelRef, *, feature: str = readouts.AUTO, engine: str = "
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     torch_dtype, dtype_reason = resolve_dtype(dtype, torch_device)
     net = _meta_net(ref.config, name=ref.name)
-    spec = resolve_readout(ref.family, ref.config, feature, input_size=input_size, forward=net.forward)
+    spec = resolve_readout(ref.family, ref.config, readout, input_size=input_size, forward=net.forward)
     engine_used, engine_reason = choose_engine(net, spec, engine, name=ref.name)
     if dtype == "auto" and engine_used == "stock" and torch_dtype != torch.float32:
         torch_dtype = torch.float32
@@ -390,23 +383,23 @@ def load_backbone(
     revision: str | None = None,
     device: str | torch.device = "auto",
     dtype: str = "auto",
-    feature: str = readouts.AUTO,
+    readout: str = readouts.AUTO,
     engine: str = "auto",
     input_size: int = PROTOCOL_INPUT,
     forward: ForwardPlan | None = None,
 ) -> Backbone:
     """Load ``model`` frozen and in eval mode, ready for :meth:`Backbone.embed` on ``input_size`` pixels.
 
-    ``feature`` is the readout (:mod:`lowshot.models.readouts`; ``auto``: the family's default). ``engine``: ``"fast"``
+    ``readout``: :mod:`lowshot.models.readouts` (``auto``: the family's default). ``engine``: ``"fast"``
     runs :mod:`lowshot.models.engine` (an error if it does not cover the model and readout), ``"stock"`` the
     transformers forward, ``"auto"`` the fast path where it covers them and the stock one elsewhere. Every problem
     (not a vision model, a readout it lacks, weights that do not load, a forward that fails on one image) is one
     :class:`ModelLoadError` or :class:`BadInputError`, raised before any feature is written. ``forward``: the
     :func:`plan_forward` already made for ``model`` on ``device`` (an extraction makes it once, for the cache key);
-    ``feature``, ``engine`` and ``dtype`` are then its own."""
+    ``readout``, ``engine`` and ``dtype`` are then its own."""
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     ref = model if isinstance(model, ModelRef) else resolve_model(model, revision=revision)
-    plan = forward or plan_forward(ref, feature=feature, engine=engine, device=torch_device, dtype=dtype,
+    plan = forward or plan_forward(ref, readout=readout, engine=engine, device=torch_device, dtype=dtype,
                                    input_size=input_size)
     net = _load_weights(ref)
     if "pixel_values" not in inspect.signature(net.forward).parameters:
@@ -455,11 +448,11 @@ def _measure_width(backbone: Backbone, input_size: int) -> int:
         out = backbone.embed(blank)
     except Exception as exc:  # noqa: BLE001 - any failure of a model's forward is this model's problem
         raise ModelLoadError(f"--model {backbone.name}: a {input_size}-px image does not go through "
-                             f"{type(backbone.model).__name__} with readout {backbone.feature} "
+                             f"{type(backbone.model).__name__} with readout {backbone.readout_name} "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     if out.ndim != 2:
-        raise ModelLoadError(f"--model {backbone.name}: readout {backbone.feature} gives shape {tuple(out.shape)}, "
-                             "not one vector per image")
+        raise ModelLoadError(f"--model {backbone.name}: readout {backbone.readout_name} gives shape "
+                             f"{tuple(out.shape)}, not one vector per image")
     return int(out.shape[1])
 
 
@@ -468,7 +461,7 @@ def use_engine(backbone: Backbone, engine: str = "auto", *, reason: str | None =
     ``reason``: the engine ("fast" or "stock") was already chosen, for this reason, by :func:`plan_forward`."""
     net = backbone.model
     family = backbone.family or readouts.family_of(net.config.model_type)
-    spec = backbone.readout or resolve_readout(family, net.config, backbone.feature,
+    spec = backbone.readout or resolve_readout(family, net.config, backbone.readout_name,
                                                input_size=readouts.native_size(net.config) or PROTOCOL_INPUT,
                                                forward=net.forward)
     used, why = (engine, reason) if reason is not None else choose_engine(net, spec, engine, name=backbone.name)

@@ -72,8 +72,7 @@ class LiveModel:
     def describe(self) -> dict:
         """What the results record of the model: its name, class, readout and key."""
         return {"model": self.name, "class": type(self.module).__name__ if self.module is not None else "callable",
-                "readout": self.readout.record() if self.readout is not None else None,
-                "feature": self.readout.name if self.readout is not None else "model output",
+                "readout": self.readout.record() if self.readout is not None else {"name": "model output"},
                 "engine": self.engine}
 
 

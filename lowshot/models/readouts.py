@@ -139,24 +139,15 @@ class ReadoutSpec:
     def interpolate(self) -> bool:
         return self.position_embeddings.startswith("interpolated")
 
-    def legacy(self) -> bool:
-        """Features that lowshot computed the same way before readouts were named: their cache keys stay valid."""
-        same_positions = self.position_embeddings in ("native", BUILT_IN)  # DINOv2 always interpolated itself
-        return self.name in (CLS_PRENORM, CLS_POSTNORM) and same_positions and self.masking == "none" \
-            and (self.name == CLS_PRENORM or self.family != "CLIP vision")
-
     def key(self) -> dict:
-        """Cache-key input beyond the readout's name ({} where the features are the ones computed before)."""
-        if self.legacy():
-            return {}
-        return {"readout": self.name, "family": self.family, "input_size": self.input_size,
+        """The cache-key input: everything that changes the features (not ``same_as``, a note for people)."""
+        return {"name": self.name, "family": self.family, "input_size": self.input_size,
                 "native_size": self.native_size, "position_embeddings": self.position_embeddings,
                 "masking": self.masking}
 
     def record(self) -> dict:
-        return {"readout": self.name, "family": self.family, "input_size": self.input_size,
-                "native_size": self.native_size, "position_embeddings": self.position_embeddings,
-                "masking": self.masking, "same_as": self.same_as}
+        """What results and manifests record: the key, and which other readout gives the same vector."""
+        return {**self.key(), "same_as": self.same_as}
 
 
 def native_size(config) -> int | None:

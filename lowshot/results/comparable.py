@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lowshot.results.rows import Results, name_of, settings_of
+from lowshot.results.rows import Results, name_of, readout_of, settings_of
 
 
 def protocol(results: Results) -> dict[str, object]:
@@ -18,7 +18,7 @@ def protocol(results: Results) -> dict[str, object]:
     return {
         "test split": m.get("test_split"), "test images": m.get("n_test"), "classes": m.get("n_classes"),
         "train pool": m.get("n_train_pool"), "test set": m.get("test_fingerprint"),
-        "train set": m.get("train_fingerprint"), "feature": m.get("feature"), "transform": m.get("transform"),
+        "train set": m.get("train_fingerprint"), "readout": readout_of(m), "transform": m.get("transform"),
         "preprocessing": probe.get("preprocess"), "objective": probe.get("objective"), "lambda": settings.get("lam"),
         "lambda grid": probe.get("lambda_grid"), "seeds": settings.get("seeds"),
         "allow fewer": settings.get("allow_fewer"),

@@ -29,6 +29,7 @@ from lowshot.results.rows import (
     name_of,
     over_seeds,
     quick_run,
+    readout_of,
     settings_of,
 )
 from lowshot.results.stats import (
@@ -324,7 +325,7 @@ def compare(results: Sequence[Results], *, labels: Sequence[str] | None = None, 
     seeds = sorted({settings_of(r.meta).get("seeds") for r in results} - {None})
     context = {"test_split": m.get("test_split"), "data": name_of(m.get("data")) or "?", "n_test": m.get("n_test"),
                "n_classes": m.get("n_classes"), "seeds": "/".join(map(str, seeds)) if seeds else None,
-               "feature": m.get("feature"), "lambda": settings_of(m).get("lam"),
+               "readout": readout_of(m), "lambda": settings_of(m).get("lam"),
                "quick_run": next((quick_run(r.meta) for r in results if quick_run(r.meta)), None)}
     comparison = Comparison(columns, rows, context, labels, notes, metric=metric)
     if paired:

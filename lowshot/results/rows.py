@@ -17,8 +17,11 @@ from lowshot.results.stats import DEFAULT_METRIC, METRICS, mean_std
 
 ROW_FIELDS = ("subset", "shots", "percent", "seed", "top1", "top5", "mean_per_class", "n_train", "n_test", "lambda",
               "lambda_source", "n_iter", "seconds", "classifier", "k", "ci_low", "ci_high")
+# Bump when a results file's fields or their meaning change: a file of another format is refused in one line that
+# says how to regenerate it (there is no reader for old formats).
+RESULTS_FORMAT = "lowshot-results/1"
 PREDICTIONS_FORMAT = "lowshot-predictions/1"  # bump when the arrays or their meaning change
-DEFAULT_CLASSIFIER = "logistic"  # rows written before k-NN/NCM existed have no "classifier" field
+DEFAULT_CLASSIFIER = "logistic"  # the MSN probe; the other classifiers are opt-in
 FORMATS = ("table", "json", "csv", "markdown")
 
 
@@ -83,7 +86,7 @@ def _short_value(value: object) -> str:
 
 
 def classifier_of(row: dict) -> str:
-    return row.get("classifier") or DEFAULT_CLASSIFIER
+    return row["classifier"]
 
 
 def interval_key(classifier: str, subset: str) -> str:
@@ -151,7 +154,7 @@ class Results:
         return out
 
     def to_dict(self) -> dict:
-        data = {"meta": self.meta, "rows": self.rows, "summary": self.summary}
+        data = {"format": RESULTS_FORMAT, "meta": self.meta, "rows": self.rows, "summary": self.summary}
         if self.predictions is not None:
             data["predictions"] = self.predictions.encode()
         return data
@@ -176,7 +179,7 @@ class Results:
         what = "a logistic probe" if not several else "each classifier"
         header = (["classifier"] if several else []) + ["subset", "top-1 (%)"] + (["95% CI"] if has_ci else []) \
             + ["seeds", "train images", "λ / k" if several else "λ"]
-        lines = [f"Top-1 (%) of {what} on frozen {self.meta.get('feature', 'CLS')} features of `{model}`, "
+        lines = [f"Top-1 (%) of {what} on frozen {readout_of(self.meta) or 'CLS'} features of `{model}`, "
                  f"test split `{self.meta.get('test_split', '?')}` (n={self.meta.get('n_test', '?')}); "
                  + over_seeds(s["n_seeds"] for s in summary)
                  + ("; 95% CI: bootstrap over test images." if has_ci else "."), "",
@@ -223,23 +226,20 @@ class Results:
             raise BadInputError(f"{path}: not a lowshot results JSON ({exc})") from exc
         if not isinstance(data, dict) or "rows" not in data or "meta" not in data:
             raise BadInputError(f"{path}: not a lowshot results JSON (no 'meta' and 'rows')")
-        rows = [_renamed(r) for r in data["rows"] if isinstance(r, dict)]
-        summary = [_renamed(s) for s in data.get("summary", []) if isinstance(s, dict)]
-        intervals = {interval_key(s.get("classifier") or DEFAULT_CLASSIFIER, s["subset"]):
+        if data.get("format") != RESULTS_FORMAT:
+            found = f"format {data['format']}" if data.get("format") else "no format number (an earlier lowshot)"
+            raise BadInputError(f"{path}: results with {found}; this lowshot reads {RESULTS_FORMAT}: regenerate "
+                                "it with the command that wrote it (for a baseline: lowshot bench CONFIG "
+                                "--update-baseline)")
+        rows = [r for r in data["rows"] if isinstance(r, dict)]
+        summary = [s for s in data.get("summary", []) if isinstance(s, dict)]
+        intervals = {interval_key(s["classifier"], s["subset"]):
                      {"ci_low": s["ci_low"], "ci_high": s["ci_high"]}
                      for s in summary if "ci_low" in s and "subset" in s}
         predictions = Predictions.decode(data["predictions"], str(path)) if data.get("predictions") else None
         if predictions is not None and predictions.keys != [row_key(r) for r in rows]:
             raise BadInputError(f"{path}: its predictions do not match its rows (edited by hand?)")
         return cls(data["meta"], rows, intervals, predictions)
-
-
-def _renamed(entry: dict) -> dict:
-    """Files written before 0.2 named a row's labelled subset ``split`` (a word that also means the dataset's
-    train/val split): read it as ``subset``."""
-    if "subset" not in entry and "split" in entry:
-        entry = {("subset" if k == "split" else k): v for k, v in entry.items()}
-    return entry
 
 
 def _rounded(std: float | None) -> float | None:
@@ -264,6 +264,11 @@ def settings_of(meta: dict, part: str = "probe") -> dict:
     """The settings a result was run with, as recorded once: ``meta["settings"][part]``, the ``to_dict()`` of its
     ProbeSettings (``part="probe"``) or ExtractSettings (``"extract"``); empty where a file lacks them."""
     return (meta.get("settings") or {}).get(part) or {}
+
+
+def readout_of(meta: dict) -> str | None:
+    """The name of the readout the features were read out with (``cls-prenorm``, ``pooled``, …)."""
+    return (meta.get("readout") or {}).get("name")
 
 
 def quick_run(meta: dict) -> str | None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowshot.errors import BadInputError, LowshotError, MissingDependencyError, ProtocolMismatchError
-from lowshot.results.rows import DEFAULT_CLASSIFIER, name_of, settings_of
+from lowshot.results.rows import DEFAULT_CLASSIFIER, name_of, readout_of, settings_of
 from lowshot.results.stats import METRICS
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ def params_of(results: Results) -> dict[str, str]:
     settings = settings_of(meta)
     transform = meta.get("transform")
     values = {"data": name_of(meta.get("data")), "train_split": meta.get("train_split"),
-              "test_split": meta.get("test_split"), "readout": meta.get("feature"),
+              "test_split": meta.get("test_split"), "readout": readout_of(meta),
               "transform": transform.get("name") if isinstance(transform, dict) else transform,
               "dtype": meta.get("dtype"), "classifiers": settings.get("classifiers") or results.classifiers,
               "lambda": settings.get("lam"), "shots": settings.get("shots"), "percents": settings.get("percents"),

@@ -573,7 +573,7 @@ def probe(
         from lowshot.results.plot import plot_comparison
 
         unsaved += _save(lambda: plot_comparison(comparison, plot))
-    _log_all(results, models, targets, comparison)
+    _log_all(results, models, targets)
     _gate_verdict([], unsaved)
 
 
@@ -633,21 +633,21 @@ def _log_targets(specs: list[str]) -> list:
     return [parse_log_target(spec) for spec in specs]
 
 
-def _log_all(results: list, models: list[str], targets: list, comparison) -> None:
-    """Log every model's results into each target, one tracker run per target, at the model's training step: the
-    series' step where the models make one, else the step its name gives, else the results' own (0)."""
+def _log_all(results: list, models: list[str], targets: list) -> None:
+    """Log every model's results into each target, one tracker run per target, at the model's training step: each
+    result's step as the series reads it, else the step its model's name gives, else the results' own (0)."""
     if not targets:
         return
-    from lowshot.results.compare import label_of
-    from lowshot.results.series import step_of
+    from lowshot.results.series import find_steps, step_of
     from lowshot.results.tracking import open_tracker
 
-    steps = comparison.steps if comparison is not None else {}
-    names = models if len(models) == len(results) else [None] * len(results)
+    series = find_steps(results, sources=models[:len(results)]) if len(results) > 1 else None
+    steps = [s.value for s in series] if series else [step_of(m) for m in models[:len(results)]]
+    steps += [None] * (len(results) - len(steps))
     for target in targets:
         with open_tracker(target) as tracker:
-            for one, name in zip(results, names, strict=True):
-                tracker.log(one, step=steps.get(label_of(one)) if steps else step_of(name))
+            for one, step in zip(results, steps, strict=True):
+                tracker.log(one, step=step)
         err.print(f"logged {len(results)} result(s) to {target}", highlight=False)
 
 

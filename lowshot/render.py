@@ -291,7 +291,8 @@ PAIRED_BRIEF = ("Δ = row − reference, mean over seeds; CI: paired bootstrap o
 
 
 def paired_table(comparison: Comparison, *, width: int = NARROW, wide: bool = False) -> Group:
-    """Δ of each file vs the first, with its paired interval and p-value; significant intervals in bold."""
+    """Δ of each file vs the first (in a series: vs the checkpoint before it), with its paired interval and p-value;
+    significant intervals in bold."""
     deltas = [(label, d) for label, ds in comparison.paired.items() for d in ds]
     several = len({d.classifier for _, d in deltas}) > 1
     columns = [Column("model", [label for label, _ in deltas], shrink_to=14),
@@ -303,9 +304,12 @@ def paired_table(comparison: Comparison, *, width: int = NARROW, wide: bool = Fa
                Column("p", [format_p(d.p_value) for _, d in deltas], "right"),
                Column("B / A only", [f"{d.b_only} / {d.a_only}" for _, d in deltas], "right", drop=1)]
     layout = fit(columns, width, wide=wide)
-    reference = comparison.labels[0]
-    title = (f"Paired differences vs {reference if wide else abbreviate(reference, 30)} "
-             f"({METRIC_LABELS[comparison.metric]}, points)")
+    if comparison.steps:  # a run's checkpoints: each against the one before it
+        against = "each step vs the step before it"
+    else:
+        reference = comparison.labels[0]
+        against = f"vs {reference if wide else abbreviate(reference, 30)}"
+    title = f"Paired differences {against} ({METRIC_LABELS[comparison.metric]}, points)"
     return build(layout, title=title, caption=(PAIRED_METHOD + "; bold: the interval excludes 0") if wide
                  else PAIRED_BRIEF, width=width)
 

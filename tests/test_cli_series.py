@@ -51,6 +51,17 @@ def test_a_glob_of_checkpoints_gives_one_file_each_one_table_in_step_order_the_c
         assert top1[int(name.split("-")[1])] == pytest.approx(summary[0]["mean"], abs=1e-4)
 
 
+def test_one_checkpoint_is_logged_at_the_step_its_name_gives(run_folder, image_data, cache_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from .test_tracking import read_tensorboard
+
+    board = tmp_path / "tb"
+    result = invoke("probe", "--model", run_folder / "checkpoint-200", "--data", image_data, *QUICK,
+                    "--log", f"tensorboard:{board}")
+    assert result.exit_code == 0, result.output
+    assert [event.step for event in read_tensorboard(board)["lowshot/1-shot/top1"]] == [200]
+
+
 def test_repeated_models_are_one_table_and_the_single_model_output_stays_a_file(run_folder, image_data, cache_dir,
                                                                                 tmp_path):
     first, last = run_folder / "checkpoint-300", run_folder / "checkpoint-100"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowshot.features import extract
+from lowshot.features import extract, store
 from lowshot.models.backbones import Backbone
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.shard:
-        extract.SHARD_TARGET = args.shard
+        store.SHARD_SIZE = args.shard
 
     if args.sleep:
         embed = Backbone.embed

@@ -7,7 +7,7 @@ import pytest
 import lowshot
 from lowshot.data import datasets
 from lowshot.errors import CacheError, DataError
-from lowshot.features import extract
+from lowshot.features import extract, store
 from lowshot.features.store import FeatureCache
 
 
@@ -81,7 +81,7 @@ def test_unreadable_files_are_skipped_and_reported_and_strict_fails(tiny_model, 
 
 def test_interrupted_extraction_resumes_from_finished_shards_bit_identically(tiny_model, image_data, cache_dir,
                                                                              monkeypatch, tmp_path):
-    monkeypatch.setattr(extract, "SHARD_TARGET", 4)  # shards of one 4-image batch
+    monkeypatch.setattr(store, "SHARD_SIZE", 4)  # shards of one 4-image batch
     reference = run(tiny_model, image_data, tmp_path / "ref").train.features.features.copy()
     def stop_after_two_shards(task, done, total):
         if done >= 12 and "train" in task:  # shards 0 and 1 are written, 2 is not

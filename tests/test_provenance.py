@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import lowshot
 from lowshot.cli import app
-from lowshot.features import extract as extract_module
+from lowshot.features import store
 from lowshot.features.store import ShardStore
 
 from .conftest import REPO
@@ -87,7 +87,7 @@ def test_the_git_commit_is_none_without_a_git_binary(monkeypatch):
 def test_ctrl_c_during_extraction_says_how_many_images_per_split_are_kept_and_a_rerun_resumes(layout, cache_dir,
                                                                                               monkeypatch):
     model, _, data = layout
-    monkeypatch.setattr(extract_module, "SHARD_TARGET", 4)
+    monkeypatch.setattr(store, "SHARD_SIZE", 4)
     write = ShardStore.write
     written = []
 

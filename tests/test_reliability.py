@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 import lowshot
 from lowshot.cli import app
 from lowshot.errors import CacheError, DataError
-from lowshot.features import extract
 from lowshot.features import store as cache_module
 from lowshot.features.store import CACHE_FORMAT, FeatureCache
 from lowshot.models.backbones import Backbone
@@ -143,7 +142,7 @@ def test_an_entry_of_an_incompatible_format_is_rebuilt_not_misread(tiny_model, i
 
 def test_disk_full_is_a_clear_error_keeps_finished_shards_and_leaves_no_entry(tiny_model, image_data, cache_dir,
                                                                              monkeypatch):
-    monkeypatch.setattr(extract, "SHARD_TARGET", 4)
+    monkeypatch.setattr(cache_module, "SHARD_SIZE", 4)
     real_save = cache_module.save_npy_atomic
     calls = {"n": 0}
 

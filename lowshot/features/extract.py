@@ -48,9 +48,6 @@ from lowshot.models.backbones import (
 )
 from lowshot.models.devices import Device
 
-# Items per resumable shard, whatever the batch size or the number of ranks (so any rerun resumes). Also the unit of
-# work split between torchrun ranks; LOWSHOT_SHARD_SIZE overrides it (smaller shards balance small splits better).
-SHARD_TARGET = int(os.environ.get("LOWSHOT_SHARD_SIZE", "1024"))
 # Chunks decoded ahead of the model. On an accelerator decoding overlaps the device's work; on the CPU decode
 # threads and the model's threads share the same cores, and overlapping them costs (threads preempted mid-GEMM),
 # so the CPU decodes the next chunk only once the model is done with this one. LOWSHOT_DECODE_AHEAD_CPU sets it,
@@ -268,7 +265,7 @@ def _ensure_split(split: Split, need: Need, plan: Plan, cache: FeatureCache, dis
     started = time.perf_counter()
     done = cache.ensure(plan.keys[split.name], need, listing=_listing(split),
                         compute=_Encoder(split, plan, backbone, progress),
-                        manifest=lambda: _manifest(split, plan, backbone()), dist=dist, shard_size=SHARD_TARGET)
+                        manifest=lambda: _manifest(split, plan, backbone()), dist=dist)
     # not grown: the entry held every image (perhaps once another process, which we waited for, encoded them)
     return SplitFeatures(split.name, done.features, cached=not done.grown, seconds=time.perf_counter() - started,
                          images=done.computed, skipped=done.features.manifest.get("skipped", {}), needed=done.needed)

@@ -48,7 +48,9 @@ if TYPE_CHECKING:
 # format are never read as this one (they are rebuilt). 3: an entry holds any subset of its split (rows.npy); the
 # readout is keyed by its whole resolved spec.
 CACHE_FORMAT = 3
-SHARD_SIZE = 1024  # rows per resumable shard unless the caller says otherwise
+# Rows per resumable shard, whatever the batch size or the number of ranks (so any rerun resumes); also the unit of
+# work split between torchrun ranks. LOWSHOT_SHARD_SIZE overrides it (smaller shards balance small splits better).
+SHARD_SIZE = int(os.environ.get("LOWSHOT_SHARD_SIZE", "1024"))
 MERGE_BLOCK = 65_536  # rows gathered per block when an entry grows (64k x 384 float32 = 96 MB at most)
 ENV_CACHE_DIR = "LOWSHOT_CACHE_DIR"
 
@@ -256,13 +258,14 @@ class FeatureCache:
 
     # -- growing an entry ------------------------------------------------------------------------------------------
     def ensure(self, key: str, need: Need, *, listing: Listing, compute: Compute, manifest: Callable[[], dict],
-               dist: Dist | None = None, shard_size: int = SHARD_SIZE) -> Ensured:
+               dist: Dist | None = None, shard_size: int | None = None) -> Ensured:
         """Make sure entry ``key`` holds the rows ``need`` picks from ``listing`` (the split: every id and label, in
         order), computing only the missing ones with ``compute``, and return the entry.
 
         One process per key computes (the others wait on the lock, then reuse its rows); missing rows are handed out
-        in shards of ``shard_size``, skipping those a finished shard already holds (an interrupted run resumes);
-        the new version (old rows + new rows, in listing order) replaces the old one atomically, described by
+        in shards of ``shard_size`` (default ``SHARD_SIZE``), skipping those a finished shard already holds (an
+        interrupted run resumes); the new version (old rows + new rows, in listing order) replaces the old one
+        atomically, described by
         ``manifest()`` plus the store's own record (counts, unreadable items, checksums, dates). When rows turn out
         unreadable, ``need`` is asked again and any rows it now reaches for are computed in a further round. With
         ``dist`` (torchrun ranks) rank 0 decides, every rank computes its share, rank 0 writes the entry."""
@@ -290,7 +293,8 @@ class FeatureCache:
                     break
                 if not dist.is_main:
                     store = ShardStore(self.partial_dir(key), dim=dim)  # rank 0 wrote meta.json: nothing reset
-                shards = [todo[lo:lo + shard_size] for lo in range(0, len(todo), shard_size)]
+                size = shard_size or SHARD_SIZE
+                shards = [todo[lo:lo + size] for lo in range(0, len(todo), size)]
                 work = Work(shards[dist.rank::dist.world_size], done=len(missing) - len(todo), total=len(missing),
                             ranks=dist.world_size, store=store)
                 computed += dist.total(compute(work))  # also the barrier: every rank has written its shards

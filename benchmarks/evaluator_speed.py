@@ -50,7 +50,8 @@ def main() -> None:
 
     protocol = lowshot.ProbeSettings(shots=tuple(int(s) for s in args.shots.split(",")), percents=(),
                                      seeds=args.seeds, limit=args.limit)
-    model = AutoModel.from_pretrained(DEIT_TINY, dtype=torch.float32)
+    # no pooler: the readout (cls-prenorm) does not use it
+    model = AutoModel.from_pretrained(DEIT_TINY, dtype=torch.float32, add_pooling_layer=False)
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
         evaluator = lowshot.Evaluator(IMAGENETTE, protocol, cache_dir=cache, pixels="memory",
@@ -60,6 +61,7 @@ def main() -> None:
         first = evaluator(model, step=0)
         first_call = time.perf_counter() - start
         images = {name: len(rows) for name, rows in evaluator.images.items()}
+        counts = ", ".join(f"{n} {split}" for split, n in images.items())
         stores = evaluator._stores
         crops = {name: torch.from_numpy(stores[name].take(rows)) for name, rows in evaluator.images.items()}
         live = live_model(model, transform=evaluator.transform)
@@ -116,10 +118,10 @@ torch {info['torch']} with {info['torch_threads']} threads.
 DeiT-Tiny (`../shared/data/models/deit-tiny-patch16-224`) as a Hugging Face model instance, float32, readout
 cls-prenorm, {first.meta['live_model']['engine']} engine, on Imagenette (`../shared/data/datasets/imagenette2-224`).
 Protocol: shots {list(protocol.shots)},
-{protocol.seeds} seeds, limit {protocol.limit} images per class (test split and train pool): {images} images,
-{total:,} in all. Medians of {args.reps} interleaved repetitions; a weight changes before each call. Load average
-{info['load_average_at_start'][0]:.1f} at the start, {load_at_end[0]:.1f} at the end: on a shared machine the
-seconds move with the load, the ratio of each pair (measured back to back) much less.
+{protocol.seeds} seeds, limit {protocol.limit} images per class (test split and train pool):
+{counts} images, {total:,} in all. Medians of {args.reps} interleaved repetitions; a weight changes before
+each call. Load average {info['load_average_at_start'][0]:.1f} at the start, {load_at_end[0]:.1f} at the end: on a
+shared machine the seconds move with the load, the ratio of each pair (measured back to back) much less.
 
 | what | seconds |
 | --- | --- |

@@ -5,6 +5,8 @@
     >>> results = lowshot.run_probe(run.train.features, run.test.features, shots=(1, 2, 5))
     >>> print(results.to_markdown())
     >>> print(lowshot.compare([results, other], labels=["a", "b"]).to_markdown())
+    >>> evaluator = lowshot.Evaluator("path/to/data", shots=(1, 2, 5))   # inside a training loop
+    >>> evaluator(model, step=1000).log_to("tensorboard:runs/eval")
 
 Names are imported on first use, so ``import lowshot`` (and ``lowshot --help``) does not load torch.
 """
@@ -16,12 +18,13 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "extract_features": "features.extract", "load_features": "features.extract",
     "export_features": "features.export", "load_export": "features.export", "FeatureCache": "features.store",
-    "run_probe": "protocol", "needed_indices": "data.subsets",
+    "run_probe": "protocol", "evaluate": "protocol", "needed_indices": "data.subsets",
     "LogisticProbe": "classify.logistic", "KNNClassifier": "classify.neighbors",
     "NearestClassMean": "classify.neighbors",
     "Results": "results.rows", "compare": "results.compare", "gate": "results.gate",
     "build_report": "results.compare", "paired_differences": "results.paired",
-    "plot_comparison": "results.plot", "model_index_yaml": "results.modelcard",
+    "plot_comparison": "results.plot", "plot_series": "results.plot", "Series": "results.series",
+    "model_index_yaml": "results.modelcard",
     "load_config": "bench", "run_bench": "bench", "ExtractSettings": "config", "ProbeSettings": "config",
     "Evaluator": "evaluator",
 }

@@ -39,22 +39,26 @@ def plot_comparison(comparison: Comparison | Sequence[Comparison], path: str | P
     Imagenette is ~9.7). A series (``Comparison.steps`` set, as ``build_report`` makes for a run's checkpoints) is
     drawn by :func:`plot_series` instead."""
     require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     panels = [comparison] if isinstance(comparison, Comparison) else list(comparison)
     if panels and all(panel.steps for panel in panels):  # a training run's checkpoints: the curve against the step
         return plot_series(panels, path, dpi=dpi)
-    path = Path(path)
     fmt = output_format(path, PLOT_SUFFIXES, flag="--plot")
     for panel in panels:
         if not any(c.per_class for r in panel.rows if r.kind != "published" for c in r.cells.values()):
             raise BadInputError("nothing to plot: the results have no subsets with a known number of images per "
                                 "class")
+    return _save_panels(panels, _draw, Path(path), fmt, dpi)
+
+
+def _save_panels(panels: list[Comparison], draw, path: Path, fmt: str, dpi: int) -> Path:
+    """One figure, one panel per comparison side by side (``draw(ax, panel)``), saved atomically at ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7.5 * len(panels), 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     for i, panel in enumerate(panels):
-        _draw(fig.add_subplot(1, len(panels), i + 1), panel)
+        draw(fig.add_subplot(1, len(panels), i + 1), panel)
     return save_with(path, "wb", lambda handle: fig.savefig(handle, format=fmt, dpi=dpi), flag="--plot")
 
 
@@ -103,21 +107,13 @@ def plot_series(series: Series | Comparison | Sequence[Comparison], path: str | 
     the format its extension names. ``series`` is a :class:`~lowshot.results.series.Series`, or comparisons
     with ``steps`` (``build_report`` of checkpoints; one panel per metric)."""
     require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if isinstance(series, Series):
         series = series.comparison(paired=False)
     panels = [series] if isinstance(series, Comparison) else list(series)
-    path = Path(path)
     fmt = output_format(path, PLOT_SUFFIXES, flag="--plot")
     if not panels or not all(panel.steps for panel in panels):
         raise BadInputError("nothing to plot against the step: the results carry no training steps")
-    fig = Figure(figsize=(7.5 * len(panels), 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    for i, panel in enumerate(panels):
-        _draw_series(fig.add_subplot(1, len(panels), i + 1), panel)
-    return save_with(path, "wb", lambda handle: fig.savefig(handle, format=fmt, dpi=dpi), flag="--plot")
+    return _save_panels(panels, _draw_series, Path(path), fmt, dpi)
 
 
 def _draw_series(ax, comparison: Comparison) -> None:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import lowshot
@@ -138,7 +139,7 @@ def test_a_hub_model_is_recorded_by_id_and_resolved_revision_never_by_its_snapsh
     identity = {"weights_sha256": {"model.safetensors": "ab" * 32}, "config_sha256": "cd" * 32}
     ref = ModelRef("facebook/vit-msn-small", Path("/root/.cache/huggingface/hub/snapshots/0123abc"), identity,
                    {"source": "hub", "revision": "0123abc"})
-    origin = Plan(ref, Dataset("user/some-dataset", None, None), None, {}, {}, None).origin
+    origin = Plan(ref, Dataset("user/some-dataset", None, None), None, {}, {}, None, torch.device("cpu"), None).origin
     assert origin["model"] == "facebook/vit-msn-small" and origin["revision"] == "0123abc"
     assert origin["data"] == "user/some-dataset" and origin["identity"] == identity
     assert "snapshots" not in json.dumps(origin)

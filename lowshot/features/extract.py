@@ -99,10 +99,10 @@ class Plan:
     settings: dict
     keys: dict[str, str]
     options: ExtractSettings
-    # Resolved once by plan_extraction (None only in a Plan built by hand): the device (its type is in the key; the
-    # model runs there) and the forward plan (readout, engine, dtype: in the key; the model is loaded with it).
-    device: torch.device | None = None
-    forward: ForwardPlan | None = None
+    # Resolved once by plan_extraction: the device (its type is in the key; the model runs there) and the forward plan
+    # (readout, engine, dtype: in the key; the model is loaded with it).
+    device: torch.device
+    forward: ForwardPlan
 
     @functools.cached_property
     def origin(self) -> dict:

@@ -113,6 +113,18 @@ def test_mlflow_refuses_results_of_another_protocol_in_the_same_run_and_logs_non
     assert [m.step for m in history] == [1]
 
 
+def test_a_run_whose_work_fails_after_logging_is_ended_as_failed_not_finished(tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    results = results_file(tmp_path, name="step-100")
+    with pytest.raises(RuntimeError, match="the training step crashed"), \
+            open_tracker(f"mlflow:{mlflow_uri}") as tracker:
+        tracker.log(results, step=100)
+        raise RuntimeError("the training step crashed")
+    run = MlflowClient(tracking_uri=mlflow_uri).get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and "lowshot/1-shot/top1" in run.data.metrics
+
+
 def test_mlflow_logs_into_the_active_run_and_leaves_it_open(tmp_path, mlflow_uri, monkeypatch):
     import mlflow
 
@@ -164,8 +176,8 @@ def test_wandb_opens_a_run_logs_the_scalars_and_settings_at_the_step_and_finishe
         def log(self, values, *, step):
             calls.append(("log", values, step))
 
-        def finish(self):
-            calls.append(("finish",))
+        def finish(self, exit_code=0):
+            calls.append(("finish", exit_code))
 
     fake = types.ModuleType("wandb")
     fake.run = None
@@ -176,7 +188,7 @@ def test_wandb_opens_a_run_logs_the_scalars_and_settings_at_the_step_and_finishe
     assert calls[0] == ("init", {"project": "my-project", "name": "vit-a"})
     assert calls[1] == ("config", params_of(results))
     assert calls[2] == ("log", expected_from_json(results), 12)
-    assert calls[3:] == [("finish",)]
+    assert calls[3:] == [("finish", 0)]
     calls.clear()
     results.log_to(Run(), step=13)  # a caller's run: logged into, never finished
     assert [c[0] for c in calls] == ["config", "log"]

@@ -209,14 +209,15 @@ class Tracker:
     def _write(self, results: Results, step: int) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:
-        """Flush what was written; close or end what this tracker opened itself (never the caller's object)."""
+    def close(self, *, failed: bool = False) -> None:
+        """Flush what was written; close or end what this tracker opened itself (never the caller's object), as
+        failed when the work it logged did not finish (MLflow's FAILED status, W&B's non-zero exit code)."""
 
     def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(failed=exc_type is not None)
 
 
 class _TensorBoard(Tracker):
@@ -239,7 +240,7 @@ class _TensorBoard(Tracker):
                               + [f"| {k.split('/', 1)[1]} | {v} |" for k, v in settings.items()])
             self.writer.add_text(f"{PREFIX}/settings", table, global_step=step)
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         (self.writer.close if self.owned else self.writer.flush)()
 
 
@@ -282,10 +283,10 @@ class _MLflow(Tracker):
             self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000],
                                   params=params if start == 0 else [])
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         if self.owned and self.run_id is not None:
             with _mlflow_errors(self.client.tracking_uri):
-                self.client.set_terminated(self.run_id)
+                self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 @contextlib.contextmanager
@@ -316,9 +317,9 @@ class _WandB(Tracker):
         self.run.config.update(params_of(results), allow_val_change=False)
         self.run.log(scalars_of(results), step=step)
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         if self.owned and self.run is not None:
-            self.run.finish()
+            self.run.finish(exit_code=1 if failed else 0)
 
 
 _OPENERS = {"tensorboard": _TensorBoard.open, "mlflow": _MLflow.open, "wandb": _WandB.open}

@@ -666,6 +666,11 @@ def report(
         "--label", metavar="NAME",
         help="Row name for each results file, in order (repeatable) [default: meta label or the model folder's "
              "name].")] = None,
+    step: Annotated[list[int] | None, _option(
+        "--step", metavar="N",
+        help="Training step of each results file, in order (repeatable): the files are a run's checkpoints, shown in "
+             "step order with each against the step before, and --plot draws top-1 against the step [default: "
+             "read from the names, e.g. checkpoint-5000, when every file has one].")] = None,
     published: Annotated[bool, _option(
         "--published", help="Add the MSN paper's rows (Tables 1 and 2; ImageNet-1k, labelled as published) as a "
                             "reference.")] = False,
@@ -726,7 +731,7 @@ def report(
     base = Results.load(baseline) if baseline is not None else None
     comparisons = [build_report(loaded, labels=label, sources=[str(p) for p in results], published=published,
                                 baseline=base, baseline_name=str(baseline), max_drop=max_drop, force=force,
-                                metric=m, significant=significant, n_boot=n_boot) for m in metrics]
+                                metric=m, significant=significant, n_boot=n_boot, steps=step) for m in metrics]
     _print_comparisons(comparisons, fmt, wide=wide)  # first: a file that fails to write must not take them down
     unsaved = []
     if output is not None:

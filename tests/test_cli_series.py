@@ -98,3 +98,17 @@ def test_two_checkpoints_with_one_name_are_refused_before_any_work_with_an_outpu
     result = invoke("probe", "--model", a, "--model", b, "--data", image_data, *QUICK, "--output", tmp_path / "o")
     assert result.exit_code == 2 and "several models are named final" in result.output
     assert not (cache_dir / "entries").exists()
+
+
+def test_report_takes_the_steps_of_files_whose_names_give_none_and_orders_them(tmp_path):
+    from .test_report import BASE, make_results, write
+
+    files = [write(tmp_path, f"{name}.json", make_results(name, {k: v + i for k, v in BASE.items()}))
+             for i, name in enumerate(("late", "early", "middle"))]
+    result = invoke("report", *files, "--step", 3000, "--step", 1000, "--step", 2000, "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    rows = [line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ")][2:5]
+    assert rows == ["early", "middle", "late"]  # in step order, not the order given
+    assert "each step vs the step before" in result.stdout
+    wrong = invoke("report", *files, "--step", 1000)
+    assert wrong.exit_code == 2 and "--step given 1 time(s) for 3 results" in wrong.output

@@ -9,8 +9,8 @@ Layout under the cache root (``LOWSHOT_CACHE_DIR``, else the platform's user cac
     locks/<key>.lock          one extraction per key at a time (other processes wait)
     runs/<id>.json            which train/test entries one ``lowshot extract`` produced (for ``lowshot probe``)
 
-The key is the sha256 of everything that changes the features (weights and config hashes, transform, feature
-layer, dtype, device type, data identity, cache format). An entry grows by image: a request that needs images the
+The key is the sha256 of everything that changes the features (weights and config hashes, transform, resolved
+readout, dtype, device type, data identity, cache format). An entry grows by image: a request that needs images the
 entry lacks encodes only those into shards, then a new version of the entry (old rows + new rows, in listing order,
 streamed) replaces the old one by directory renames, so a reader sees the old entry or the new one, never a part.
 
@@ -281,10 +281,11 @@ class FeatureCache:
         dim = compute.dim  # before the lock: a model that does not load fails here, on every rank, holding nothing
         computed, grown = 0, False
         with nullcontext() if dist.active else self.lock(key):  # ranks cannot share a file lock: rank 0 takes it
+            if dist.is_main:
+                found = self.load(key)  # another process may have grown it while we waited
             while True:
                 step = None
                 if dist.is_main:
-                    found = self.load(key)  # another process may have grown it while we waited
                     missing = _missing(need, listing, found)
                     store = ShardStore(self.partial_dir(key), dim=dim) if len(missing) else None
                     step = (missing, missing if store is None else np.setdiff1d(missing, store.covered()))
@@ -299,13 +300,16 @@ class FeatureCache:
                             ranks=dist.world_size, store=store)
                 computed += dist.total(compute(work))  # also the barrier: every rank has written its shards
                 if dist.is_main:
+                    # Ranks hold the file lock only now, so another process may have grown the entry meanwhile; a
+                    # single process has held it throughout, and ``found`` is the entry as it is.
                     with self.lock(key) if dist.active else nullcontext():
-                        self.grow(key, self.load(key), store, ids=list(listing.ids), labels=listing.labels,
-                                  manifest=manifest())
+                        found = self.grow(key, self.load(key) if dist.active else found, store,
+                                          ids=list(listing.ids), labels=listing.labels, manifest=manifest())
                     store.discard()
                 grown = True
                 dist.barrier()
-        found = self.load(key)
+        if not dist.is_main:
+            found = self.load(key)
         if found is None:
             raise CacheError(f"rank {dist.rank}: cache entry {key} was not written (see rank 0's error)")
         return Ensured(found, _needed(need, listing, found), computed=computed, grown=grown)

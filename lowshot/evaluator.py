@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from lowshot.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS, ProbeSettings
-from lowshot.data.datasets import Split, open_dataset
-from lowshot.data.subsets import Listing, needed_indices, probe_settings, scored_indices
+from lowshot.data.datasets import Split, located, open_dataset
+from lowshot.data.subsets import needed_indices, probe_settings, scored_indices
 from lowshot.data.transforms import ImageTransform, msn_transform
 from lowshot.errors import BadInputError, DataError, LowshotError
+from lowshot.features.distributed import Dist, joined
 from lowshot.features.pixels import MEMORY_SHARE, WHERE, PixelStore, crop_bytes, memory_available
 from lowshot.features.store import FeatureCache, Features
 from lowshot.models.live import LiveModel, live_model
@@ -64,7 +65,7 @@ class Evaluator:
         self.transform = transform or msn_transform()
         self.batch_size, self.workers, self.max_pixels = batch_size, workers, max_pixels
         self.cache = FeatureCache(cache_dir)
-        self.rank, self.world = _rank_and_world()
+        self.dist = joined()
         dataset = open_dataset(data, train_split=train_split, test_split=test_split,
                                listing_cache=self.cache.root / "listings")
         self.source = dataset.source
@@ -83,7 +84,7 @@ class Evaluator:
         folder = self.cache.root / "pixels" / PixelStore.key(split, self.transform)
         if pixels == "disk":
             return folder
-        protocol_images = len(self.test) + len(needed_indices(self.protocol, _listing(self.train, set())))
+        protocol_images = len(self.test) + len(needed_indices(self.protocol, self.train.listing()))
         available = memory_available()
         fits = available is None or crop_bytes(protocol_images, self.transform) <= MEMORY_SHARE * available
         return None if fits else folder
@@ -93,25 +94,27 @@ class Evaluator:
         takes the next image of its class, as extraction does) until every rank has what it needs."""
         unreadable: dict[str, set[int]] = {self.train.name: set(), self.test.name: set()}
         while True:
-            wanted = self._wanted(unreadable)
+            wanted = self._wanted(self.protocol, unreadable)
             found: dict[str, dict[int, str]] = {}
             for split in (self.train, self.test):
-                mine = np.setdiff1d(wanted[split.name], np.fromiter(unreadable[split.name], dtype=np.int64))
-                found[split.name] = self._stores[split.name].fill(mine[self.rank::self.world], workers=self.workers,
+                mine = wanted[split.name][self.dist.rank::self.dist.world_size]
+                found[split.name] = self._stores[split.name].fill(mine, workers=self.workers,
                                                                   max_pixels=self.max_pixels, progress=progress)
-            new = {name: set(failed) - unreadable[name] for name, failed in _all_ranks(found, self.world).items()}
+            new = {name: set(failed) - unreadable[name] for name, failed in _all_ranks(found, self.dist).items()}
             for name, failed in new.items():
                 unreadable[name] |= failed
             if not any(new.values()):
                 break
         self.unreadable = unreadable
-        self.images = {name: np.setdiff1d(wanted[name], np.fromiter(unreadable[name], dtype=np.int64))
-                       for name in wanted}
+        self.images = wanted
 
-    def _wanted(self, unreadable: dict[str, set[int]]) -> dict[str, np.ndarray]:
-        train = needed_indices(self.protocol, _listing(self.train, unreadable[self.train.name]))
-        test = scored_indices(self.protocol, _listing(self.test, unreadable[self.test.name]))
-        return {self.train.name: train, self.test.name: np.arange(len(self.test)) if test is None else test}
+    def _wanted(self, protocol: ProbeSettings, unreadable: dict[str, set[int]]) -> dict[str, np.ndarray]:
+        """The readable listing indices ``protocol`` uses, per split, given the items known to be unreadable."""
+        train = needed_indices(protocol, self.train.listing(unreadable[self.train.name]))
+        test = scored_indices(protocol, self.test.listing(unreadable[self.test.name]))
+        test = np.arange(len(self.test)) if test is None else test
+        return {self.train.name: np.setdiff1d(train, np.fromiter(unreadable[self.train.name], dtype=np.int64)),
+                self.test.name: np.setdiff1d(test, np.fromiter(unreadable[self.test.name], dtype=np.int64))}
 
     # -- a call ---------------------------------------------------------------------------------------------------
     def __call__(self, model, *, step: int | None = None, readout: str = AUTO, key: str | None = None,
@@ -140,11 +143,11 @@ class Evaluator:
             self.features = (train, test)
             meta = {"step": step, "live_model": {**live.describe(), "key": model_key},
                     "evaluator": {"images": {k: int(len(v)) for k, v in self.images.items()},
-                                  "world_size": self.world}}
+                                  "world_size": self.dist.world_size}}
             return self._fit(train, test, settings, meta, progress)
 
     def _check(self, protocol: ProbeSettings | None, data: str | os.PathLike | None) -> ProbeSettings:
-        if data is not None and _located(data) != _located(self.source):
+        if data is not None and located(data) != located(self.source):
             raise BadInputError(f"data {data}: this evaluator was built on {self.source} and holds its images; build "
                                 "another Evaluator for other data")
         if protocol is None:
@@ -157,32 +160,28 @@ class Evaluator:
         return protocol
 
     def _lacking(self, protocol: ProbeSettings) -> dict[str, int]:
-        train = needed_indices(protocol, _listing(self.train, self.unreadable[self.train.name]))
-        test = scored_indices(protocol, _listing(self.test, self.unreadable[self.test.name]))
-        test = np.setdiff1d(np.arange(len(self.test)), np.fromiter(self.unreadable[self.test.name], dtype=np.int64)) \
-            if test is None else test
-        return {self.train.name: len(np.setdiff1d(train, self.images[self.train.name])),
-                self.test.name: len(np.setdiff1d(test, self.images[self.test.name]))}
+        return {name: len(np.setdiff1d(rows, self.images[name]))
+                for name, rows in self._wanted(protocol, self.unreadable).items()}
 
     def _features(self, live: LiveModel, forward: Callable, split: Split, model_key: str | None,
                   progress: Progress | None) -> Features:
         """This rank's share through the model, gathered from every rank: the split's features in listing order."""
         rows = self.images[split.name]
-        mine = rows[self.rank::self.world]
+        mine = rows[self.dist.rank::self.dist.world_size]
         try:
             outcome = ("ok", encode(live, self._stores[split.name], mine, forward=forward,
                                     batch_size=self.batch_size, progress=progress, task=f"forward {split.name}"))
         except LowshotError as exc:
             outcome = ("error", exc)
-        gathered = _gather(outcome, self.world)
+        gathered = self.dist.gather(outcome)
         errors = [payload for status, payload in gathered if status == "error"]
         if errors:
             raise errors[0]
         features = np.empty((len(rows), max(part.shape[1] for _, part in gathered)), dtype=np.float32)
         for r, (_, part) in enumerate(gathered):
-            features[r::self.world] = part
+            features[r::self.dist.world_size] = part
         unreadable = self.unreadable[split.name]
-        listing = _listing(split, unreadable)
+        listing = split.listing(unreadable)
         device, dtype = live.placement()
         manifest = {"split": split.name, "data": split.source, "classes": split.classes, "n_listed": len(split),
                     "skipped_rows": {str(i): self._stores[split.name].failed.get(i, "unreadable") for i in unreadable},
@@ -191,7 +190,7 @@ class Evaluator:
                     "transform": self.transform.key(), "model": live.name}
         origin = {"model": live.name, "model_source": "live", "revision": None,
                   "identity": {"state_dict_sha256" if live.key is None else "key": model_key},
-                  "data": _located(self.source)}
+                  "data": located(self.source)}
         return Features(f"live-{split.name}-{(model_key or 'unkeyed')[:16]}", features,
                         np.asarray(split.labels)[rows], [split.ids[i] for i in rows.tolist()], list(split.classes),
                         manifest, rows=rows, _listing=listing, origin=origin)
@@ -200,12 +199,12 @@ class Evaluator:
              progress: Progress | None) -> Results:
         """Rank 0 fits; every rank gets its Results (or its one-line error)."""
         outcome = None
-        if self.rank == 0:
+        if self.dist.is_main:
             try:
                 outcome = ("ok", run_probe(train, test, settings, meta=meta, progress=progress))
             except LowshotError as exc:
                 outcome = ("error", exc)
-        outcome = _broadcast(outcome, self.world)
+        outcome = self.dist.broadcast(outcome)
         if outcome[0] == "error":
             raise outcome[1]
         return outcome[1]
@@ -271,41 +270,10 @@ def preserved(module: torch.nn.Module | None) -> Iterator[None]:
             torch.cuda.set_rng_state_all(states[3])
 
 
-def _listing(split: Split, unreadable: set[int]) -> Listing:
-    return Listing(split.ids, np.asarray(split.labels), split.classes, frozenset(unreadable))
-
-
-def _located(data: str | os.PathLike) -> str:
-    path = Path(data).expanduser()
-    return str(path.resolve()) if path.exists() else str(data)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _gather(value, world: int) -> list:
-    if world == 1:
-        return [value]
-    values = [None] * world
-    torch.distributed.all_gather_object(values, value)
-    return values
-
-
-def _broadcast(value, world: int):
-    if world == 1:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_ranks(found: dict[str, dict[int, str]], world: int) -> dict[str, set[int]]:
+def _all_ranks(found: dict[str, dict[int, str]], dist: Dist) -> dict[str, set[int]]:
     """The unreadable images every rank found, per split."""
     merged: dict[str, set[int]] = {}
-    for per_rank in _gather(found, world):
+    for per_rank in dist.gather(found):
         for name, failed in per_rank.items():
             merged.setdefault(name, set()).update(failed)
     return merged

@@ -174,7 +174,7 @@ def test_decoding_runs_at_most_ahead_chunks_in_front_of_the_model(monkeypatch, a
     started: list[int] = []
     monkeypatch.setattr(extract, "_decode", lambda split, transform, i, max_pixels: started.append(i) or (i, None))
     chunks = [np.arange(k * 4, k * 4 + 4) for k in range(5)]
-    for k, chunk in enumerate(extract._batched_decode(None, None, chunks, 2, 1, ahead=ahead)):
+    for k, chunk in enumerate(extract.batched_decode(None, None, chunks, 2, 1, ahead=ahead)):
         assert [i for i, _ in chunk] == chunks[k].tolist()
         assert len(started) <= 4 * (k + 1 + ahead)  # never more than `ahead` chunks beyond the one handed over
         if ahead == 0:

@@ -20,7 +20,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lowshot.data.subsets import Listing
 from lowshot.errors import DataError, MissingDependencyError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -65,6 +66,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def listing(self, unreadable: Iterable[int] = ()) -> Listing:
+        """The split as the subset draws see it, with the items known to be unreadable."""
+        return Listing(self.ids, np.asarray(self.labels), self.classes, frozenset(unreadable))
+
     def where(self, index: int) -> str:
         """Where item ``index`` is, for a message: its file on disk (a flat folder's too), or a dataset's row."""
         if self._root is not None:
@@ -81,6 +86,12 @@ class Split:
         if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
             return Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
         raise DataError(f"row {index} of {self.source}: column {self._image_column!r} holds no image")
+
+
+def located(data: str | os.PathLike) -> str:
+    """Data as one finds it again: a local path made absolute, a hub id as it is."""
+    path = Path(data).expanduser()
+    return str(path.resolve()) if path.exists() else str(data)
 
 
 @dataclass

@@ -43,17 +43,29 @@ class Dist:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, value) -> list:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if not self.active:
+            return [value]
+        values = [None] * self.world_size
+        torch.distributed.all_gather_object(values, value)
+        return values
+
     def total(self, value: int) -> int:
         """Sum of ``value`` over all ranks."""
-        if not self.active:
-            return value
-        values = [0] * self.world_size
-        torch.distributed.all_gather_object(values, value)
-        return sum(values)
+        return sum(self.gather(value))
 
     def close(self) -> None:
         if self.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def joined() -> Dist:
+    """The process group the caller's job already runs in (a training script's), which lowshot never tears down;
+    one process when there is none."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return Dist()
 
 
 def launched_rank() -> int:

@@ -21,7 +21,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,8 +28,8 @@ from PIL import Image
 
 from lowshot import __version__
 from lowshot.config import ExtractSettings, ProbeSettings
-from lowshot.data.datasets import Dataset, Split, open_dataset
-from lowshot.data.subsets import Listing, needed_indices, scored_indices
+from lowshot.data.datasets import Dataset, Split, located, open_dataset
+from lowshot.data.subsets import needed_indices, scored_indices
 from lowshot.data.transforms import ImageTransform, named_transform
 from lowshot.errors import BadInputError, CacheError, DataError, LowshotError
 from lowshot.features import distributed
@@ -114,13 +113,7 @@ class Plan:
         hub = source == "hub"
         return {"model": self.ref.name if hub else str(self.ref.folder), "model_source": source,
                 "revision": self.ref.info.get("revision") if hub else None, "identity": self.ref.identity,
-                "data": _located(self.dataset.source)}
-
-
-def _located(data: str) -> str:
-    """A local path made absolute; a hub id as it is."""
-    path = Path(data).expanduser()
-    return str(path.resolve()) if path.exists() else data
+                "data": located(self.dataset.source)}
 
 
 def plan_extraction(model: str, data: str | os.PathLike | None, settings: ExtractSettings, *,
@@ -263,16 +256,12 @@ def _ensure_split(split: Split, need: Need, plan: Plan, cache: FeatureCache, dis
                   *, progress: Progress | None) -> SplitFeatures:
     """The split's entry, holding what ``need`` picks: the store computes only what is missing, with an encoder."""
     started = time.perf_counter()
-    done = cache.ensure(plan.keys[split.name], need, listing=_listing(split),
+    done = cache.ensure(plan.keys[split.name], need, listing=split.listing(),
                         compute=_Encoder(split, plan, backbone, progress),
                         manifest=lambda: _manifest(split, plan, backbone()), dist=dist)
     # not grown: the entry held every image (perhaps once another process, which we waited for, encoded them)
     return SplitFeatures(split.name, done.features, cached=not done.grown, seconds=time.perf_counter() - started,
                          images=done.computed, skipped=done.features.manifest.get("skipped", {}), needed=done.needed)
-
-
-def _listing(split: Split) -> Listing:
-    return Listing(split.ids, split.labels, split.classes)
 
 
 @dataclass
@@ -301,7 +290,7 @@ def _kept(plan: Plan, cache: FeatureCache, needs: dict[str, Need]) -> str:
     try:
         counts = []
         for split in plan.dataset.splits():
-            kept, needed = cache.kept(plan.keys[split.name], needs[split.name], listing=_listing(split))
+            kept, needed = cache.kept(plan.keys[split.name], needs[split.name], listing=split.listing())
             counts.append(f"{split.name} {kept:,} of {needed:,}")
     except (OSError, ValueError, KeyError, LowshotError):
         return f"finished shards are kept in the cache; {resume}"
@@ -341,7 +330,7 @@ def _decode(split: Split, transform: ImageTransform, index: int, max_pixels: int
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _batched_decode(split: Split, transform: ImageTransform, chunks: list[np.ndarray], workers: int,
+def batched_decode(split: Split, transform: ImageTransform, chunks: list[np.ndarray], workers: int,
                     max_pixels: int, *, ahead: int = 2) -> Iterator[list[tuple[np.ndarray | None, str | None]]]:
     """Decode chunk after chunk on a thread pool, keeping ``ahead`` chunks in flight ahead of the model (0: each
     chunk decoded on all workers, then handed over)."""
@@ -366,7 +355,7 @@ def _compute_shards(backbone: Backbone, split: Split, plan: Plan, work: Work, *,
     workers = options.workers or default_workers()
     batch = options.batch_size
     chunks = [shard[lo:lo + batch] for shard in shards for lo in range(0, len(shard), batch)]
-    decoded = _batched_decode(split, plan.transform, chunks, workers, options.max_pixels,
+    decoded = batched_decode(split, plan.transform, chunks, workers, options.max_pixels,
                               ahead=DECODE_AHEAD_CPU if backbone.device.type == "cpu" else DECODE_AHEAD)
     feeder = Device.for_device(backbone.device)  # pinned uint8 batches, normalised on the device, on accelerators
     embedded = local = 0

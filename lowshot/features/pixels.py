@@ -4,7 +4,7 @@ A :class:`PixelStore` holds the crops of some images of one split (the transform
 ``crop x crop x 3`` uint8, a quarter of float32's bytes; normalising at forward time gives the exact pixels
 extraction feeds a model). It lives in memory, or on disk under the cache as memory-mapped parts::
 
-    pixels/<key>/part-<digest of its rows>.u8     the crops, raw uint8 (n, crop, crop, 3)
+    pixels/<key>/part-<digest of its rows>.npy    the crops, uint8 (n, crop, crop, 3)
     pixels/<key>/part-<digest of its rows>.json   its rows (listing indices), unreadable ones, shape: written last
 
 ``key`` names the split's data and the transform, so another process (or another evaluator) on the same images
@@ -26,7 +26,7 @@ import numpy as np
 from lowshot.data.datasets import Split
 from lowshot.data.transforms import ImageTransform
 from lowshot.errors import CacheError
-from lowshot.features.extract import _batched_decode, default_workers
+from lowshot.features.extract import batched_decode, default_workers
 from lowshot.io import digest, write_json_atomic
 
 WHERE = ("auto", "memory", "disk")
@@ -147,7 +147,7 @@ class PixelStore:
         chunks = [todo[lo:lo + DECODE_CHUNK] for lo in range(0, len(todo), DECODE_CHUNK)]
         task = f"decode {self.split.name} ({len(todo):,} images)"
         done = 0
-        for chunk, images in zip(chunks, _batched_decode(self.split, self.transform, chunks,
+        for chunk, images in zip(chunks, batched_decode(self.split, self.transform, chunks,
                                                           workers or default_workers(), max_pixels, ahead=1),
                                  strict=True):
             for j, (array, reason) in enumerate(images):

@@ -21,7 +21,7 @@ from pathlib import Path
 from lowshot.errors import BadInputError, ProtocolMismatchError
 from lowshot.results.comparable import environment_notes, protocol_differences
 from lowshot.results.gate import DEFAULT_MAX_DROP, GateResult, gate, gate_markdown
-from lowshot.results.paired import PAIRED_METHOD, PairedDelta, format_p, paired_differences, unpaired_reason
+from lowshot.results.paired import PAIRED_METHOD, PairedDelta, format_p, pair_up
 from lowshot.results.rows import (
     Results,
     format_ci,
@@ -329,13 +329,9 @@ def compare(results: Sequence[Results], *, labels: Sequence[str] | None = None, 
                "quick_run": next((quick_run(r.meta) for r in results if quick_run(r.meta)), None)}
     comparison = Comparison(columns, rows, context, labels, notes, metric=metric)
     if paired:
-        for label, other in zip(labels[1:], results[1:], strict=True):
-            reason = unpaired_reason(reference, other, (labels[0], label))
-            deltas = [] if reason else paired_differences(reference, other, metric=metric, n_boot=n_boot)
-            if deltas:
-                comparison.paired[label] = deltas
-            else:
-                comparison.unpaired[label] = reason or "no subset measured with the same classifier and seeds in both"
+        comparison.paired, comparison.unpaired = pair_up(
+            ((reference, other, (labels[0], label)) for label, other in zip(labels[1:], results[1:], strict=True)),
+            metric=metric, n_boot=n_boot)
     return comparison
 
 

@@ -6,6 +6,7 @@ predictions.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,6 +95,22 @@ def paired_differences(reference: Results, other: Results, *, metric: str = DEFA
         out.append(PairedDelta(classifier, subset, metric, round(delta, 4), low, high, p_value, len(keys),
                                sum(t[1] for t in tests), sum(t[2] for t in tests)))
     return out
+
+
+def pair_up(pairs: Iterable[tuple[Results, Results, tuple[str, str]]], *, metric: str = DEFAULT_METRIC,
+            n_boot: int = DEFAULT_N_BOOT) -> tuple[dict[str, list[PairedDelta]], dict[str, str]]:
+    """For each (reference, other, (reference's name, other's name)): other's :func:`paired_differences` against
+    its reference, or why there are none, keyed by other's name (``Comparison.paired`` and ``.unpaired``)."""
+    paired: dict[str, list[PairedDelta]] = {}
+    unpaired: dict[str, str] = {}
+    for reference, other, names in pairs:
+        reason = unpaired_reason(reference, other, names)
+        deltas = [] if reason else paired_differences(reference, other, metric=metric, n_boot=n_boot, names=names)
+        if deltas:
+            paired[names[1]] = deltas
+        else:
+            unpaired[names[1]] = reason or "no subset measured with the same classifier and seeds in both"
+    return paired, unpaired
 
 
 def format_p(p: float | None) -> str:

@@ -85,18 +85,23 @@ def _draw(ax, comparison: Comparison) -> None:
                         [m + s for m, s in zip(mean, std, strict=True)], color=colour, alpha=0.12, linewidth=0)
         for px, _, _, subset in points:
             ticks.setdefault(round(px, 2), f"{px:g}" if subset.endswith("-shot") else f"{px:.3g}\n({subset})")
-    n_classes = comparison.context.get("n_classes")
-    if n_classes and comparison.metric != "top5":  # chance of top-5 is 5/C, and top-5 of <= 5 classes is 100%
-        ax.axhline(100.0 / n_classes, color="grey", linestyle=":", linewidth=1, label=f"chance (1/{n_classes})")
     ax.set_xscale("log")
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticks(sorted(ticks), [ticks[t] for t in sorted(ticks)])
     ax.set_xlabel("labelled images per class (log scale)")
+    _finish(ax, comparison, "on", "mean ± std over seeds")
+
+
+def _finish(ax, comparison: Comparison, what: str, spread: str) -> None:
+    """What every panel has: the chance line, the metric on the y axis, the title, the grid and the legend."""
+    n_classes = comparison.context.get("n_classes")
+    if n_classes and comparison.metric != "top5":  # chance of top-5 is 5/C, and top-5 of <= 5 classes is 100%
+        ax.axhline(100.0 / n_classes, color="grey", linestyle=":", linewidth=1, label=f"chance (1/{n_classes})")
     name = METRIC_LABELS[comparison.metric]
     ax.set_ylabel(f"{name} (%)")
     ctx = comparison.context
-    ax.set_title(f"Low-shot {name} on {ctx.get('data')} {ctx.get('test_split')} (n={ctx.get('n_test')}), "
-                 f"mean ± std over seeds", fontsize=10)
+    ax.set_title(f"Low-shot {name} {what} {ctx.get('data')} {ctx.get('test_split')} (n={ctx.get('n_test')}), "
+                 f"{spread}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
 
@@ -134,21 +139,12 @@ def _draw_series(ax, comparison: Comparison) -> None:
             if band:  # several seeds: mean ± std
                 ax.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
                                 color=colours[c], alpha=0.12, linewidth=0)
-    n_classes = comparison.context.get("n_classes")
-    if n_classes and comparison.metric != "top5":
-        ax.axhline(100.0 / n_classes, color="grey", linestyle=":", linewidth=1, label=f"chance (1/{n_classes})")
     steps = sorted(set(comparison.steps.values()))
     if len(steps) <= 12:
         ax.set_xticks(steps, [f"{s:,}" for s in steps])
     unit = comparison.context.get("step_unit") or "step"
     ax.set_xlabel("training step" if unit == "step" else "epoch")
-    name = METRIC_LABELS[comparison.metric]
-    ax.set_ylabel(f"{name} (%)")
-    ctx = comparison.context
-    ax.set_title(f"Low-shot {name} across a run on {ctx.get('data')} {ctx.get('test_split')} "
-                 f"(n={ctx.get('n_test')}), {comparison.over_seeds()}", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    _finish(ax, comparison, "across a run on", comparison.over_seeds())
 
 
 def _palette(n: int) -> list:

@@ -18,7 +18,7 @@ from pathlib import Path
 from lowshot.errors import BadInputError, ProtocolMismatchError
 from lowshot.results.comparable import protocol_differences
 from lowshot.results.compare import Comparison, compare, label_of
-from lowshot.results.paired import PairedDelta, paired_differences, unpaired_reason
+from lowshot.results.paired import PairedDelta, pair_up
 from lowshot.results.rows import Results
 from lowshot.results.stats import DEFAULT_METRIC, DEFAULT_N_BOOT
 
@@ -108,10 +108,9 @@ class Series:
         and ProtocolMismatchError when a result's protocol differs from the first's (unless ``force``)."""
         if not results:
             raise BadInputError("a series needs results: none given")
-        sources = [*map(_text, sources), *[None] * (len(results) - len(sources))]
         if labels is not None and len(labels) != len(results):
             raise BadInputError(f"--label given {len(labels)} time(s) for {len(results)} results file(s)")
-        names = list(labels) if labels else [label_of(r, s) for r, s in zip(results, sources, strict=True)]
+        names, sources = _names(results, labels, sources)
         found = _given_steps(steps, unit, len(results)) if steps is not None else \
             [_read_step(r, n, s) for r, n, s in zip(results, names, sources, strict=True)]
         units = {s.unit for s in found}
@@ -154,18 +153,8 @@ class Series:
                               ) -> tuple[dict[str, list[PairedDelta]], dict[str, str]]:
         """For each step after the first, ``paired_differences(previous, this)``: (label -> Δ, label -> why it
         has none), as ``Comparison.paired`` and ``Comparison.unpaired`` hold them."""
-        paired: dict[str, list[PairedDelta]] = {}
-        unpaired: dict[str, str] = {}
-        for before, after in pairwise(self.points):
-            names = (before.label, after.label)
-            reason = unpaired_reason(before.results, after.results, names)
-            deltas = [] if reason else paired_differences(before.results, after.results, metric=metric,
-                                                          n_boot=n_boot, names=names)
-            if deltas:
-                paired[after.label] = deltas
-            else:
-                unpaired[after.label] = reason or "no subset measured with the same classifier and seeds in both"
-        return paired, unpaired
+        return pair_up(((before.results, after.results, (before.label, after.label))
+                        for before, after in pairwise(self.points)), metric=metric, n_boot=n_boot)
 
     def comparison(self, *, metric: str = DEFAULT_METRIC, paired: bool = True, n_boot: int = DEFAULT_N_BOOT,
                    published: bool = False, force: bool = False) -> Comparison:
@@ -186,8 +175,7 @@ def find_steps(results: Sequence[Results], *, labels: Sequence[str] | None = Non
     more of them have one, in one unit, all different; else None: the results are not a series."""
     if len(results) < 2 or (labels is not None and len(labels) != len(results)):
         return None
-    sources = [*map(_text, sources), *[None] * (len(results) - len(sources))]
-    names = list(labels) if labels else [label_of(r, s) for r, s in zip(results, sources, strict=True)]
+    names, sources = _names(results, labels, sources)
     try:
         found = [_read_step(r, n, s) for r, n, s in zip(results, names, sources, strict=True)]
     except BadInputError:
@@ -205,6 +193,14 @@ def build_series_report(results: Sequence[Results], *, steps: Sequence[int] | No
     gates and the CLI prints; ``plot.plot_comparison`` draws such a comparison as the curve against the step."""
     series = Series.of(results, steps=steps, unit=unit, labels=labels, sources=sources, force=force)
     return series, series.comparison(metric=metric, paired=paired, n_boot=n_boot, published=published, force=force)
+
+
+def _names(results: Sequence[Results], labels: Sequence[str] | None, sources: Sequence[str | Path | None]
+           ) -> tuple[list[str], list[str | None]]:
+    """Each result's name (its label, else :func:`~lowshot.results.compare.label_of`) and source, one per result."""
+    sources = [*map(_text, sources), *[None] * (len(results) - len(sources))]
+    names = list(labels) if labels else [label_of(r, s) for r, s in zip(results, sources, strict=True)]
+    return names, sources
 
 
 def _given_steps(steps: Sequence[int], unit: str | None, n: int) -> list[Step]:
